@@ -1,0 +1,68 @@
+"""The in-process target: a transformers causal LM completing prefixes greedily, in batches."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from spd_lightning.errors import SetupError
+from spd_lightning.hf import load_pretrained
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    """The target causal LM in eval mode on `device`."""
+    if dtype not in DTYPES:
+        raise SetupError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    model = load_pretrained(AutoModelForCausalLM, path, "target model", "target.model_path", dtype=DTYPES[dtype])
+    return model.to(device).eval()
+
+
+class LocalTarget:
+    """Greedy completion with `generate`, left-padded batches, token ids in and out."""
+
+    def __init__(
+        self,
+        model_path: str,
+        max_new_tokens: int = 16,
+        batch_size: int = 64,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ) -> None:
+        self.model = load_causal_lm(model_path, dtype, device)
+        self.max_new_tokens, self.batch_size, self.device = max_new_tokens, batch_size, device
+        config = self.model.config
+        self.eos_token_id = int(config.eos_token_id)
+        self.pad_token_id = int(config.pad_token_id if config.pad_token_id is not None else config.eos_token_id)
+
+    @torch.no_grad()
+    def _complete_batch(self, prefixes: list[list[int]]) -> list[list[int]]:
+        width = max(map(len, prefixes))
+        ids = torch.full((len(prefixes), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prefixes):  # left padding: every row ends where generation starts
+            ids[b, width - len(p) :] = torch.tensor(p)
+            mask[b, width - len(p) :] = 1
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        completions = []
+        for row in out[:, width:].tolist():
+            cut = row.index(self.eos_token_id) + 1 if self.eos_token_id in row else len(row)
+            completions.append(row[:cut])
+        return completions
+
+    def complete(self, prefixes: list[list[int]]) -> list[list[int] | None]:
+        out: list[list[int] | None] = []
+        for start in range(0, len(prefixes), self.batch_size):
+            out.extend(self._complete_batch(prefixes[start : start + self.batch_size]))
+        return out
+
+    def close(self) -> None:
+        pass

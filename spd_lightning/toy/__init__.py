@@ -1,0 +1,1 @@
+"""The embedded default world: a tiny draft/target pair on a synthetic addition task."""

@@ -1,0 +1,74 @@
+"""Answer checks: does a response still reach the reference answer?
+
+Every verifier is `(response_text, reference) -> bool`. Numbers compare as numbers and
+are word-bounded, so "18" never matches "180" or "18.5".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+AnswerVerifier = Callable[[str, str], bool]
+
+# Optional sign, digits with optional thousands commas, optional decimals.
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+_NUMBER_RE = re.compile(_NUMBER)
+_HASHES_RE = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
+
+
+def _to_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def extract_final_number(text: str) -> str | None:
+    """GSM8K-style answer: the number after the last '####', else the last number in the text."""
+    marked = _HASHES_RE.findall(text)
+    if marked:
+        return marked[-1]
+    numbers = _NUMBER_RE.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def gsm8k_final_number(response: str, reference: str) -> bool:
+    answer, expected = extract_final_number(response), extract_final_number(reference)
+    if answer is None or expected is None:
+        return False
+    a, e = _to_number(answer.rstrip(",")), _to_number(expected.rstrip(","))
+    return a is not None and e is not None and a == e
+
+
+def contains(response: str, reference: str) -> bool:
+    """The reference appears in the response as a whole word (a trailing period is allowed)."""
+    ref = reference.strip()
+    if not ref:
+        return False
+    # Not preceded by a word character, a digit separator or a sign; not followed by a
+    # word character or by a decimal part, so "18" is not found in "180", "1.18" or "18.5".
+    pattern = r"(?<![\w.,-])" + re.escape(ref) + r"(?![\w]|[.,]\d)"
+    return re.search(pattern, response) is not None
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.strip().lower().split()).rstrip(".")
+
+
+def exact_match(response: str, reference: str) -> bool:
+    """Equal after trimming, lower-casing, collapsing white space and dropping a final period."""
+    return _normalise(response) == _normalise(reference)
+
+
+VERIFIERS: dict[str, AnswerVerifier] = {
+    "gsm8k": gsm8k_final_number,
+    "contains": contains,
+    "exact": exact_match,
+}
+
+
+def get_verifier(name: str) -> AnswerVerifier:
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}; choose one of {sorted(VERIFIERS)}")
+    return VERIFIERS[name]

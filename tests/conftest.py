@@ -1,0 +1,51 @@
+"""Shared fixtures: the embedded default world, built once per machine into .cache/toy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+TOY_DIR = Path(os.environ.get("SPD_LIGHTNING_CACHE", ROOT / ".cache")) / "toy"
+
+
+@pytest.fixture(scope="session")
+def toy_world() -> Path:
+    """Directory with target/, draft/ (transformers dirs with tokenizer), records.jsonl."""
+    from spd_lightning.toy.build import build_toy_world
+
+    return build_toy_world(TOY_DIR)
+
+
+CONF = ROOT / "conf"
+
+
+def _compose_train(overrides: list[str], output_dir: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from spd_lightning.config import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def compose_train():
+    """compose_train(overrides, output_dir) -> the composed train config, as run.py would see it."""
+    yield _compose_train
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()

@@ -1,0 +1,100 @@
+"""The in-process target: greedy completion of token-id prefixes (SPEC.md, step 4)."""
+
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from spd_lightning.targets.local import LocalTarget, load_causal_lm
+from spd_lightning.toy.task import make_example
+from spd_lightning.verifiers import gsm8k_final_number
+
+
+@pytest.fixture(scope="module")
+def tokenizer(toy_world):
+    return AutoTokenizer.from_pretrained(toy_world / "target")
+
+
+@pytest.fixture(scope="module")
+def target(toy_world):
+    return LocalTarget(str(toy_world / "target"), max_new_tokens=12, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def prefixes(tokenizer):
+    """Prompts and partial responses of different lengths (1- and 2-digit operands)."""
+    texts = [
+        "Q: 3+4= A:",
+        "Q: 37+45= A:",
+        "Q: 99+99= A: so",
+        "Q: 50+7= A: thus the sum",
+        "Q: 12+8= A: well our result makes",
+        "Q: 61+29= A: hence this total is 9",
+    ]
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def test_batched_equals_one_at_a_time(target, prefixes):
+    # left padding must not change any row's greedy completion
+    assert len({len(p) for p in prefixes}) > 3
+    batched = target.complete(prefixes)
+    single = [target.complete([p])[0] for p in prefixes]
+    assert batched == single
+    assert len(batched) == len(prefixes)
+
+
+def test_small_batch_size_splits_requests(toy_world, target, prefixes):
+    small = LocalTarget(str(toy_world / "target"), max_new_tokens=12, batch_size=4)
+    assert small.complete(prefixes) == target.complete(prefixes)
+
+
+def test_completion_ends_at_eos_or_budget(toy_world, target, prefixes):
+    # with enough budget every completion ends with EOS, and nothing follows it
+    for completion in target.complete(prefixes):
+        assert completion and completion[-1] == target.eos_token_id
+        assert completion.count(target.eos_token_id) == 1
+        assert len(completion) <= target.max_new_tokens
+    # a short budget: exactly max_new_tokens tokens unless EOS came first
+    short = LocalTarget(str(toy_world / "target"), max_new_tokens=3)
+    for full, cut in zip(target.complete(prefixes), short.complete(prefixes)):
+        assert cut == full[:3]
+        assert len(cut) == 3 or cut[-1] == short.eos_token_id
+
+
+def test_eos_and_pad_from_config(target, tokenizer):
+    assert target.eos_token_id == tokenizer.eos_token_id
+    assert target.pad_token_id == tokenizer.pad_token_id
+
+
+def test_prompt_completion_reaches_answer(target, tokenizer):
+    # the toy target is trained to near-perfect accuracy: greedy completions reach the sum
+    rng = random.Random(7)
+    examples = [make_example(rng) for _ in range(20)]
+    completions = target.complete([tokenizer(e.prompt).input_ids for e in examples])
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    right = sum(gsm8k_final_number(t, e.answer) for t, e in zip(texts, examples))
+    assert right >= 18, list(zip(texts, [e.answer for e in examples]))
+    text = tokenizer.decode(target.complete([tokenizer("Q: 37+45= A:").input_ids])[0], skip_special_tokens=True)
+    assert text.endswith(" 82.") and gsm8k_final_number(text, "82")
+
+
+def test_load_missing_path_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(RuntimeError) as err:
+        load_causal_lm(str(missing))
+    msg = str(err.value)
+    assert str(missing) in msg
+    assert "model_path" in msg  # says which setting to fix
+    assert "Traceback" not in msg and len(msg.splitlines()) <= 3
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # `from None`
+
+
+def test_load_directory_without_model(tmp_path):
+    with pytest.raises(RuntimeError) as err:
+        load_causal_lm(str(tmp_path))
+    assert str(tmp_path) in str(err.value) and "model_path" in str(err.value)
+
+
+def test_load_bad_dtype(toy_world):
+    with pytest.raises((ValueError, RuntimeError), match="dtype"):  # a clear error, whichever kind
+        load_causal_lm(str(toy_world / "target"), dtype="float64")
