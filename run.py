@@ -12,6 +12,8 @@ import hydra
 from omegaconf import DictConfig
 
 from spd_lightning.config import register_schemas
+from spd_lightning.errors import SPDError
+from spd_lightning.train import train
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 register_schemas()
@@ -19,9 +21,6 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from spd_lightning.errors import SPDError
-    from spd_lightning.train import train  # imported late, so that --help answers fast
-
     try:
         return train(cfg)
     except Exception as err:

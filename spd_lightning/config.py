@@ -2,116 +2,89 @@
 
 Each YAML file of a group lists its schema first in its defaults, so a misspelled key or
 a value of the wrong type, in the file or in a command-line override, fails at compose
-time with Hydra's message instead of deep inside the code.
+time with Hydra's message instead of deep inside the code. The schemas are derived from
+the constructors they configure, so a schema can never drift from its class.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import dataclasses
+import inspect
+import types
+import typing
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from spd_lightning.data import RecordDataModule
+from spd_lightning.grpo import GRPOLoss
+from spd_lightning.reward import RewardWeights
+from spd_lightning.scorer import ScoringActor
+from spd_lightning.targets import LocalTarget
+from spd_lightning.toy.build import ToyWorldSpec
+
+_PLAIN = (int, float, bool, str)
 
 
-@dataclass
-class RewardSchema:
-    _target_: str = "spd_lightning.reward.RewardWeights"
-    weight_a: float = 1.0
-    weight_b: float = -1.0
-    weight_c: float = 0.5
-    weight_d: float = 0.0
-    token_bonus: float = 0.5
-    bonus_only_if_correct: bool = True
+def _field_type(hint: Any) -> Any:
+    """The OmegaConf-checkable form of a constructor annotation."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return Optional[_field_type(inner)]
+    if hint in _PLAIN:
+        return hint
+    if dataclasses.is_dataclass(hint):
+        return schema_for(hint)
+    return Any  # objects built elsewhere (models, modules): not configured from YAML
 
 
-@dataclass
-class LossSchema:
-    _target_: str = "spd_lightning.grpo.GRPOLoss"
-    num_samples: int = 8
-    scale_std: bool = True
-    ppo_epochs: int = 1
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
+def schema_for(target: Callable) -> type:
+    """A dataclass with `_target_` and one typed field per argument of `target`."""
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    fields: list[tuple] = [("_target_", str, dataclasses.field(default=f"{target.__module__}.{target.__qualname__}"))]
+    for p in inspect.signature(target).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        typ = _field_type(hints.get(p.name, Any))
+        default = MISSING if p.default is p.empty else p.default
+        if dataclasses.is_dataclass(typ) and default is MISSING:
+            fields.append((p.name, typ, dataclasses.field(default_factory=typ)))
+        else:
+            fields.append((p.name, typ, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(f"{target.__name__}Schema", fields)
 
 
-@dataclass
-class DataSchema:
-    _target_: str = "spd_lightning.data.RecordDataModule"
-    path: str = "???"
-    val_path: Optional[str] = None
-    val_fraction: float = 0.1
-    max_val_records: Optional[int] = None
-    batch_size: int = 8
-    val_batch_size: int = 64
-    seed: int = 0
-    num_workers: int = 0
+ScorerSchema = schema_for(ScoringActor.from_pretrained)
 
 
-@dataclass
-class LocalTargetSchema:
-    _target_: str = "spd_lightning.targets.LocalTarget"
-    model_path: str = "???"
-    max_new_tokens: int = 16
-    batch_size: int = 64
-    dtype: str = "float32"
-    device: str = "cpu"
-
-
-@dataclass
-class ScorerSchema:
-    _target_: str = "spd_lightning.scorer.ScoringActor.from_pretrained"
-    path: str = "???"
-    init_accept_prob: float = 0.5
-    head_hidden: Optional[int] = None
-
-
-@dataclass
+@dataclasses.dataclass
 class ModelSchema:
-    scorer: ScorerSchema = field(default_factory=ScorerSchema)
-    tokenizer: str = "???"
+    scorer: ScorerSchema = dataclasses.field(default_factory=ScorerSchema)  # type: ignore[valid-type]
+    tokenizer: str = MISSING
 
 
-@dataclass
+@dataclasses.dataclass
 class VerifierSchema:
-    _target_: str = "???"
+    _target_: str = MISSING
     _partial_: bool = True
 
 
-@dataclass
-class LMSpecSchema:
-    _target_: str = "spd_lightning.toy.train_lm.LMSpec"
-    hidden_size: int = 128
-    num_layers: int = 3
-    num_heads: int = 4
-    steps: int = 1500
-    lr: float = 3e-3
-    batch_size: int = 64
-    seed: int = 0
+ToySpecSchema = schema_for(ToyWorldSpec)
 
 
-@dataclass
-class ToySpecSchema:
-    _target_: str = "spd_lightning.toy.build.ToyWorldSpec"
-    target: LMSpecSchema = field(default_factory=LMSpecSchema)
-    draft: LMSpecSchema = field(default_factory=LMSpecSchema)
-    num_prompts: int = 600
-    block_size: int = 4
-    seed: int = 0
-
-
-@dataclass
+@dataclasses.dataclass
 class ToySchema:
-    out: str = "???"
-    spec: ToySpecSchema = field(default_factory=ToySpecSchema)
+    out: str = MISSING
+    spec: ToySpecSchema = dataclasses.field(default_factory=ToySpecSchema)  # type: ignore[valid-type]
 
 
 SCHEMAS: dict[str, Any] = {
-    "reward": RewardSchema,
-    "loss": LossSchema,
-    "data": DataSchema,
-    "target": LocalTargetSchema,
+    "reward": schema_for(RewardWeights),
+    "loss": schema_for(GRPOLoss),
+    "data": schema_for(RecordDataModule),
+    "target": schema_for(LocalTarget),
     "model": ModelSchema,
     "verifier": VerifierSchema,
     "toy": ToySchema,

@@ -18,6 +18,7 @@ from spd_lightning.errors import SetupError
 from spd_lightning.hf import load_pretrained
 from spd_lightning.module import VAL_POLICIES, SPDModule
 from spd_lightning.rollout import HybridVerifier
+from spd_lightning.plots import plot_training_curves
 from spd_lightning.summary import print_summary
 from spd_lightning.toy.build import build_toy_world
 
@@ -112,6 +113,9 @@ def train(cfg: DictConfig) -> float | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-        print_summary(summary, [p for p in VAL_POLICIES], out / "summary.json")
+        metrics_csv = out / "csv" / "metrics.csv"
+        if metrics_csv.is_file():
+            plot_training_curves(metrics_csv, out / "training_curves.png")
+        print_summary(summary, list(VAL_POLICIES), out / "summary.json")
     module.verifier.target.close()
     return summary.get(cfg.optimized_metric)

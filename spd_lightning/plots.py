@@ -1,0 +1,55 @@
+"""Training curves from the CSV logger's metrics.csv, as one PNG a person can glance at."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training node
+import matplotlib.pyplot as plt  # noqa: E402
+
+VAL_POLICIES = {"val/": "SPD scorer", "val/standard_sd/": "standard SD", "val/accept_all/": "accept all"}
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.csv -> {metric: [(step, value), ...]}, skipping empty cells."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def _plot(ax, points: list[tuple[int, float]], label: str, **kwargs) -> None:
+    if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, label=label, **kwargs)
+
+
+def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
+    series = read_metrics(metrics_csv)
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    _plot(axes[0], series.get("train/reward", []), "train reward")
+    _plot(axes[0], series.get("val/reward", []), "val reward (scorer)", marker="o")
+    axes[0].set_title("reward")
+    for s in "ABCD":
+        _plot(axes[1], series.get(f"train/scenario_{s}", []), s)
+    axes[1].set_title("scenario shares (A acc+right, B acc+wrong, C rej+right, D rej+wrong)", fontsize=8)
+    for prefix, name in VAL_POLICIES.items():
+        _plot(axes[2], series.get(f"{prefix}accept_len", []), name, marker="o")
+        _plot(axes[3], series.get(f"{prefix}accuracy", []), name, marker="o")
+    axes[2].set_title("val: draft tokens accepted per block")
+    axes[3].set_title("val: accuracy")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
