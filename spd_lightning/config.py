@@ -12,7 +12,8 @@ import dataclasses
 import inspect
 import types
 import typing
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -22,6 +23,7 @@ from spd_lightning.grpo import GRPOLoss
 from spd_lightning.reward import RewardWeights
 from spd_lightning.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
+from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.toy.build import ToyWorldSpec
 
 _PLAIN = (int, float, bool, str)
@@ -32,9 +34,11 @@ def _field_type(hint: Any) -> Any:
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
-        return Optional[_field_type(inner)]
+        return Optional[_field_type(inner)]  # noqa: UP045 (OmegaConf reads typing.Optional, not X | None)
     if hint in _PLAIN:
         return hint
+    if typing.get_origin(hint) is list:
+        return list[_field_type(args[0])]
     if dataclasses.is_dataclass(hint):
         return schema_for(hint)
     return Any  # objects built elsewhere (models, modules): not configured from YAML
@@ -85,6 +89,7 @@ SCHEMAS: dict[str, Any] = {
     "loss": schema_for(GRPOLoss),
     "data": schema_for(RecordDataModule),
     "target": schema_for(LocalTarget),
+    "target_vllm": schema_for(VLLMTarget),
     "model": ModelSchema,
     "verifier": VerifierSchema,
     "toy": ToySchema,
@@ -93,5 +98,6 @@ SCHEMAS: dict[str, Any] = {
 
 def register_schemas() -> None:
     cs = ConfigStore.instance()
-    for group, node in SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    for key, node in SCHEMAS.items():
+        group = key.split("_")[0]  # target_vllm: a second schema of the target group
+        cs.store(group=group, name=f"{key}_schema", node=node)

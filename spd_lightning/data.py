@@ -191,12 +191,20 @@ class RecordDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.train_records, batch_size=self.batch_size, shuffle=True, generator=gen,
-            collate_fn=collate_records, num_workers=self.num_workers, drop_last=True,
+            self.train_records,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=gen,
+            collate_fn=collate_records,
+            num_workers=self.num_workers,
+            drop_last=True,
         )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.val_records, batch_size=self.val_batch_size, shuffle=False,
-            collate_fn=collate_records, num_workers=self.num_workers,
+            self.val_records,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            collate_fn=collate_records,
+            num_workers=self.num_workers,
         )

@@ -11,3 +11,7 @@ class RecordError(SPDError, ValueError):
 
 class SetupError(SPDError, RuntimeError):
     """A model, tokenizer or target that cannot be used as configured."""
+
+
+class VerificationError(SPDError):
+    """Too many samples could not be verified: the target backend is failing."""

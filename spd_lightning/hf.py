@@ -12,7 +12,7 @@ def load_pretrained(loader, path: str, what: str, config_key: str, **kwargs):
     and the config key to point at a local copy."""
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         where = "a local directory that" if Path(path).exists() else "not a local directory, and the hub"
         raise SetupError(
             f"cannot load the {what} {path!r} ({where} did not provide it): {str(err).splitlines()[0]}\n"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spd_lightning.data import Record
+from spd_lightning.errors import VerificationError
 from spd_lightning.sampling import hybrid_prefix
 from spd_lightning.targets.base import Target
 from spd_lightning.verifiers import AnswerVerifier
@@ -53,10 +54,18 @@ class Verification:
 class HybridVerifier:
     """Builds hybrid prefixes, completes the distinct ones, decodes responses and checks them."""
 
-    def __init__(self, target: Target, tokenizer, answer_verifier: AnswerVerifier, cache_size: int = 100_000):
+    def __init__(
+        self,
+        target: Target,
+        tokenizer,
+        answer_verifier: AnswerVerifier,
+        cache_size: int = 100_000,
+        max_invalid_fraction: float = 0.5,
+    ):
         self.target, self.tokenizer, self.answer_verifier = target, tokenizer, answer_verifier
         self.cache = CompletionCache(cache_size)
-        self.eos = target.eos_token_id
+        self.max_invalid_fraction = max_invalid_fraction
+        self.eos = tokenizer.eos_token_id
 
     def response_text(self, record: Record, prefix: list[int], completion: list[int]) -> str:
         """Everything after the prompt, cut at the first EOS: generation ends there."""
@@ -78,7 +87,7 @@ class HybridVerifier:
                 done[key], hits = cached, hits + 1
             else:
                 to_send.append(key)
-        start = time.perf_counter()
+        start, requests_before = time.perf_counter(), self.target.num_requests
         results = self.target.complete([list(k) for k in to_send]) if to_send else []
         for key, completion in zip(to_send, results):
             done[key] = completion
@@ -88,6 +97,7 @@ class HybridVerifier:
             "unique_prefixes": len(prefixes),
             "cache_hits": hits,
             "completions": len(to_send),
+            "requests": self.target.num_requests - requests_before,
             "latency_s": time.perf_counter() - start,
         }
         return done, stats
@@ -117,4 +127,10 @@ class HybridVerifier:
         correct = torch.tensor([[bool(verdict[(b, j)]) for j in row] for b, row in enumerate(j_rows)])
         valid = torch.tensor([[verdict[(b, j)] is not None for j in row] for b, row in enumerate(j_rows)])
         stats["invalid"] = int((~valid).sum())
+        if stats["invalid"] > self.max_invalid_fraction * valid.numel():
+            raise VerificationError(
+                f"{stats['invalid']} of {valid.numel()} samples could not be verified (the target failed after "
+                f"its retries), more than verify.max_invalid_fraction={self.max_invalid_fraction}. "
+                "Check the target server's log and health."
+            )
         return Verification(correct.to(accept_len.device), valid.to(accept_len.device), texts, stats)

@@ -32,7 +32,7 @@ class ScoringActor(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str, init_accept_prob: float = 0.5, head_hidden: int | None = None, **backbone_kwargs
-    ) -> "ScoringActor":
+    ) -> ScoringActor:
         backbone = load_pretrained(AutoModel, path, "scorer backbone", "model.scorer.path", **backbone_kwargs)
         return cls(backbone, init_accept_prob=init_accept_prob, head_hidden=head_hidden)
 

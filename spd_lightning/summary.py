@@ -7,7 +7,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-POLICY_NAMES = {"": "SPD scorer (trained)", "standard_sd/": "standard SD (reject mismatches)", "accept_all/": "accept all"}
+POLICY_NAMES = {
+    "": "SPD scorer (trained)",
+    "standard_sd/": "standard SD (reject mismatches)",
+    "accept_all/": "accept all",
+}
 
 
 def print_summary(summary: dict[str, float], policies: list[str], path: Path) -> None:

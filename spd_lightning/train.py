@@ -14,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from spd_lightning.data import RecordDataModule, check_vocab
-from spd_lightning.errors import SetupError
+from spd_lightning.errors import SetupError, VerificationError
 from spd_lightning.hf import load_pretrained
 from spd_lightning.module import VAL_POLICIES, SPDModule
-from spd_lightning.rollout import HybridVerifier
 from spd_lightning.plots import plot_training_curves
+from spd_lightning.rollout import HybridVerifier
 from spd_lightning.summary import print_summary
 from spd_lightning.toy.build import build_toy_world
 
@@ -44,18 +44,14 @@ def route_lightning_logs_through_hydra() -> None:
 
 def check_shared_vocab(tokenizer, scorer, target) -> None:
     """Draft, target and scorer must share one vocabulary: speculative decoding compares token ids."""
-    sizes = {
-        "tokenizer": len(tokenizer),
-        "scorer backbone": scorer.backbone.config.vocab_size,
-        "target model": target.model.config.vocab_size if hasattr(target, "model") else len(tokenizer),
-    }
-    # Models may pad their embedding table past the tokenizer, never below it.
-    short = {k: v for k, v in sizes.items() if v < sizes["tokenizer"]}
-    if short or target.eos_token_id != tokenizer.eos_token_id:
+    vocab = scorer.backbone.config.vocab_size
+    # A model may pad its embedding table past the tokenizer, never below it.
+    if vocab < len(tokenizer):
         raise SetupError(
-            f"tokenizer mismatch: vocabulary sizes {sizes}, EOS ids target={target.eos_token_id} "
-            f"tokenizer={tokenizer.eos_token_id}. Draft, target and scorer must share one tokenizer."
+            f"tokenizer mismatch: the scorer backbone has {vocab} embeddings, the tokenizer {len(tokenizer)} "
+            "tokens. Draft, target and scorer must share one tokenizer."
         )
+    target.check_tokenizer(tokenizer)
 
 
 def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
@@ -68,7 +64,9 @@ def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
     scorer = instantiate(cfg.model.scorer)
     target = instantiate(cfg.target)
     check_shared_vocab(tokenizer, scorer, target)
-    verifier = HybridVerifier(target, tokenizer, instantiate(cfg.verifier), cfg.verify.cache_size)
+    verifier = HybridVerifier(
+        target, tokenizer, instantiate(cfg.verifier), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
+    )
     module = SPDModule(
         scorer=scorer,
         verifier=verifier,
@@ -102,10 +100,27 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         log.info(
             "records: %d train, %d val, K=%d; output: %s",
-            len(datamodule.train_records), len(datamodule.val_records), datamodule.block_size, out,
+            len(datamodule.train_records),
+            len(datamodule.val_records),
+            datamodule.block_size,
+            out,
         )
+    try:
+        return fit_and_summarise(cfg, trainer, module, datamodule, out)
+    finally:
+        module.verifier.target.close()
+
+
+def fit_and_summarise(
+    cfg: DictConfig, trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, out: Path
+) -> float | None:
     initial = validation_metrics(trainer, module, datamodule) if cfg.validate_before_fit else {}
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except VerificationError as err:
+        ckpt = out / "checkpoints" / "last.ckpt"
+        hint = f"The last checkpoint is intact: resume with ckpt_path={ckpt}" if ckpt.is_file() else ""
+        raise VerificationError(f"{err}\n{hint}".strip()) from None
     final = validation_metrics(trainer, module, datamodule)
     summary = {**final, **{f"initial/{k}": v for k, v in initial.items()}}
     summary["train/steps"] = trainer.global_step
@@ -117,5 +132,4 @@ def train(cfg: DictConfig) -> float | None:
         if metrics_csv.is_file():
             plot_training_curves(metrics_csv, out / "training_curves.png")
         print_summary(summary, list(VAL_POLICIES), out / "summary.json")
-    module.verifier.target.close()
     return summary.get(cfg.optimized_metric)

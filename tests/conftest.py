@@ -49,3 +49,13 @@ def compose_train():
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def fake_vllm(toy_world):
+    """A loopback imitation of a vLLM server serving "toy-target" (tests/fake_vllm.py)."""
+    from fake_vllm import FakeVLLM
+
+    server = FakeVLLM(toy_world / "target", served_model="toy-target")
+    yield server
+    server.stop()

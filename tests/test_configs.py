@@ -13,6 +13,7 @@ from spd_lightning.grpo import GRPOLoss
 from spd_lightning.reward import RewardWeights
 from spd_lightning.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
+from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.train import instantiate_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -30,15 +31,19 @@ def test_every_group_file_is_tested():
 
 
 @pytest.mark.parametrize("rel", GROUP_FILES, ids=str)
-def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_path: Path, compose_train):
+def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_path: Path, compose_train, request):
     overrides = [override_for(rel), f"toy.out={toy_world}"]
+    if rel.as_posix() == "target/vllm.yaml":  # a live server to check at start-up: the suite's fake one
+        overrides += [f"target.url={request.getfixturevalue('fake_vllm').url}", "target.model=toy-target"]
     if rel.parent.as_posix() == "data" and rel.stem == "jsonl":
         overrides.append(f"data.path={toy_world / 'records.jsonl'}")
     cfg = compose_train(overrides, tmp_path)
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)
     assert isinstance(instantiate(cfg.model.scorer), ScoringActor)
-    assert isinstance(instantiate(cfg.target), LocalTarget)
+    target = instantiate(cfg.target)
+    assert isinstance(target, (LocalTarget, VLLMTarget))
+    target.close()
     assert instantiate(cfg.verifier)("82", "82") is True
     assert isinstance(instantiate(cfg.reward), RewardWeights)
     assert isinstance(instantiate(cfg.loss), GRPOLoss)

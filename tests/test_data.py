@@ -78,7 +78,8 @@ def test_not_json_and_not_object_say_so(tmp_path):
 
 def test_block_size_must_agree_with_earlier_lines(tmp_path):
     # each line is valid alone; the second has K=3 while the first has K=2
-    path = write_lines(tmp_path / "k.jsonl", [json.dumps(rec()), json.dumps(rec(draft_ids=[1, 2, 3], target_ids=[1, 2, 4]))])
+    second = rec(draft_ids=[1, 2, 3], target_ids=[1, 2, 4])
+    path = write_lines(tmp_path / "k.jsonl", [json.dumps(rec()), json.dumps(second)])
     with pytest.raises(RecordError, match=r"K=3.*K=2") as err:
         load_records(path)
     assert f"{path}:2" in str(err.value) and "draft_ids" in str(err.value)

@@ -52,7 +52,6 @@ def test_grpo_steps_learn_accept_harmless_reject_harmful(toy_world: Path, tmp_pa
     after = accept_probs_at(module, batch, first)
 
     changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before_params, module.scorer.parameters()))
-    print(f"harmless {before[harmless].mean():.3f}->{after[harmless].mean():.3f} (n={int(harmless.sum())}), harmful {before[harmful].mean():.3f}->{after[harmful].mean():.3f} (n={int(harmful.sum())})")
     assert changed > 0
     # Harmless mismatches become more likely to be accepted, harmful ones less.
     assert after[harmless].mean() > before[harmless].mean() + 0.05

@@ -16,6 +16,8 @@ FIVE = [30, 15, 31, EOS]  # " 5." then EOS
 
 
 class FakeTokenizer:
+    eos_token_id = EOS
+
     def __init__(self):
         self.calls = []
 
@@ -27,13 +29,16 @@ class FakeTokenizer:
 class FakeTarget:
     """Records every prefix it is asked for; answers " 4." unless told otherwise, None for `fail`."""
 
-    eos_token_id = EOS
     max_new_tokens = 8
 
     def __init__(self, answers=None, fail=()):
         self.answers = {tuple(k): v for k, v in (answers or {}).items()}
         self.fail = {tuple(p) for p in fail}
         self.calls: list[list[list[int]]] = []
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.calls)
 
     def complete(self, prefixes):
         self.calls.append([list(p) for p in prefixes])
@@ -48,16 +53,19 @@ class FakeTarget:
 
 
 # prompt "Q: 2+2=", response so far " so"; mismatches at positions 1 and 2
-REC = Record(context_ids=[20, 21, 22], prompt_len=2, draft_ids=[23, 24, 27, 30], target_ids=[23, 26, 25, 30], reference="4")
+REC = Record(
+    context_ids=[20, 21, 22], prompt_len=2, draft_ids=[23, 24, 27, 30], target_ids=[23, 26, 25, 30], reference="4"
+)
 
 
 def prefix(r: Record, j: int) -> tuple[int, ...]:
     return tuple(hybrid_prefix(r.context_ids, r.draft_ids, r.target_ids, j))
 
 
-def make(target=None):
+def make(target=None, max_invalid_fraction=1.0):
     target = target or FakeTarget()
-    return HybridVerifier(target, FakeTokenizer(), gsm8k_final_number), target
+    verifier = HybridVerifier(target, FakeTokenizer(), gsm8k_final_number, max_invalid_fraction=max_invalid_fraction)
+    return verifier, target
 
 
 def test_each_distinct_prefix_sent_once():

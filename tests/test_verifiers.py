@@ -2,7 +2,14 @@
 
 import pytest
 
-from spd_lightning.verifiers import VERIFIERS, contains, exact_match, extract_final_number, get_verifier, gsm8k_final_number
+from spd_lightning.verifiers import (
+    VERIFIERS,
+    contains,
+    exact_match,
+    extract_final_number,
+    get_verifier,
+    gsm8k_final_number,
+)
 
 # ---------------------------------------------------------------- gsm8k_final_number
 

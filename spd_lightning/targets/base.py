@@ -14,8 +14,12 @@ class Target(Protocol):
     marks the samples that used it invalid: they are excluded, never scored 0.
     """
 
-    eos_token_id: int
     max_new_tokens: int
+    # Requests sent to the backend so far (HTTP requests, or generate() calls in-process).
+    num_requests: int
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raises SetupError unless the backend uses the same vocabulary as `tokenizer`."""
 
     def complete(self, prefixes: list[list[int]]) -> list[list[int] | None]: ...
 

@@ -35,9 +35,21 @@ class LocalTarget:
         config = self.model.config
         self.eos_token_id = int(config.eos_token_id)
         self.pad_token_id = int(config.pad_token_id if config.pad_token_id is not None else config.eos_token_id)
+        self.num_requests = 0
+
+    def check_tokenizer(self, tokenizer) -> None:
+        vocab = self.model.config.vocab_size
+        # A model may pad its embedding table past the tokenizer, never below it.
+        if vocab < len(tokenizer) or self.eos_token_id != tokenizer.eos_token_id:
+            raise SetupError(
+                f"tokenizer mismatch: the target model has {vocab} embeddings and EOS id {self.eos_token_id}, "
+                f"the tokenizer {len(tokenizer)} tokens and EOS id {tokenizer.eos_token_id}. "
+                "Draft, target and scorer must share one tokenizer."
+            )
 
     @torch.no_grad()
     def _complete_batch(self, prefixes: list[list[int]]) -> list[list[int]]:
+        self.num_requests += 1
         width = max(map(len, prefixes))
         ids = torch.full((len(prefixes), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

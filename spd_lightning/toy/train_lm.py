@@ -70,7 +70,7 @@ def train_lm(spec: LMSpec, tokenizer: PreTrainedTokenizerFast, desc: str) -> Lla
     bar = tqdm(range(spec.steps), desc=desc, leave=False)
     for _ in bar:
         ids, labels = example_batch(rng, tokenizer, spec.batch_size)
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
+        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

