@@ -109,7 +109,9 @@ class SPDModule(L.LightningModule):
         self.log("reward", metrics["train/reward"], prog_bar=True, logger=False, batch_size=len(accept_len))
         self.log("accept_len", metrics["train/accept_len"], prog_bar=True, logger=False, batch_size=len(accept_len))
 
-    def validation_step(self, batch: RecordBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: RecordBatch, batch_idx: int) -> dict:
+        """Logs the three policies' metrics; returns what callbacks need for dashboards
+        (accept probabilities, decisions, responses and verdicts of this batch)."""
         k = batch.draft_ids.shape[1]
         mismatch = mismatch_mask(batch.draft_ids, batch.target_ids)  # [B, K]
         probs = torch.sigmoid(self.accept_logits(batch))  # [B, K]
@@ -135,6 +137,14 @@ class SPDModule(L.LightningModule):
                 f"val/{name}reward": (rewards[:, col] * valid).sum() / n,
             }
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True, prog_bar=name == "")
+        return {
+            "accept_probs": probs.detach(),  # [B, K]
+            "mismatch": mismatch,  # [B, K]
+            "accept_len": accept_len,  # [B, 3], columns in VAL_POLICIES order
+            "correct": result.correct,  # [B, 3]
+            "rewards": rewards,  # [B, 3]
+            "texts": result.texts,  # (record index, j) -> response text
+        }
 
     def configure_optimizers(self):
         head = list(self.scorer.head.parameters())

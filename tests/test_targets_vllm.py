@@ -143,6 +143,20 @@ def test_two_replicas_both_receive_requests(fake_vllm, toy_world, make, local, p
     assert fake_vllm.counts["/health"] == 1 and second.counts["/health"] == 1  # both checked at start-up
 
 
+def test_a_small_step_is_split_over_the_replicas(fake_vllm, toy_world, local, prefixes):
+    # 6 prefixes fit one request of 64, but two servers each get half of them.
+    with FakeVLLM(toy_world / "target", served_model="toy-target") as second:
+        target = VLLMTarget(urls=[fake_vllm.url, second.url], model="toy-target", max_new_tokens=MAX_NEW,
+                            prompts_per_request=64, api_key_env=KEY_ENV)
+        try:
+            out = target.complete(prefixes[:6])
+        finally:
+            target.close()
+    assert out == local.complete(prefixes[:6])
+    assert fake_vllm.counts["/v1/completions"] == 1 and second.counts["/v1/completions"] == 1
+    assert target.num_requests == 2
+
+
 def test_requests_run_concurrently(fake_vllm, make, prefixes):
     fast = make(fake_vllm, prompts_per_request=1, concurrency=4, max_new_tokens=1)
     serial = make(fake_vllm, prompts_per_request=1, concurrency=1, max_new_tokens=1)

@@ -162,7 +162,9 @@ class VLLMTarget:
             return [None] * len(prompts)
 
     def complete(self, prefixes: list[list[int]]) -> list[list[int] | None]:
-        chunks = [prefixes[i : i + self.prompts_per_request] for i in range(0, len(prefixes), self.prompts_per_request)]
+        # Small steps still use every replica: at least one chunk per server when there is work.
+        size = max(1, min(self.prompts_per_request, -(-len(prefixes) // len(self.bases))))
+        chunks = [prefixes[i : i + size] for i in range(0, len(prefixes), size)]
         replicas = itertools.cycle(self.bases)
         futures = [self.pool.submit(self._request, next(replicas), chunk) for chunk in chunks]
         self.num_requests += len(chunks)
