@@ -21,6 +21,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_FILES = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.parent != CONF)
 
 
+# Extra overrides a file needs to instantiate here (no GPU, no weights, no network). "{toy}" is the
+# toy world's directory, "{fake_vllm}" the URL of the suite's loopback vLLM server.
+EXTRA_OVERRIDES: dict[str, list[str]] = {
+    "data/jsonl.yaml": ["data.path={toy}/records.jsonl"],
+    "target/vllm.yaml": ["target.url={fake_vllm}", "target.model=toy-target"],
+}
+
+
 def override_for(rel: Path) -> str:
     group, name = rel.parent.as_posix(), rel.stem
     return f"{group}={name}"
@@ -32,12 +40,10 @@ def test_every_group_file_is_tested():
 
 @pytest.mark.parametrize("rel", GROUP_FILES, ids=str)
 def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_path: Path, compose_train, request):
-    overrides = [override_for(rel), f"toy.out={toy_world}"]
-    if rel.as_posix() == "target/vllm.yaml":  # a live server to check at start-up: the suite's fake one
-        overrides += [f"target.url={request.getfixturevalue('fake_vllm').url}", "target.model=toy-target"]
-    if rel.parent.as_posix() == "data" and rel.stem == "jsonl":
-        overrides.append(f"data.path={toy_world / 'records.jsonl'}")
-    cfg = compose_train(overrides, tmp_path)
+    extra = EXTRA_OVERRIDES.get(rel.as_posix(), [])
+    fake_url = request.getfixturevalue("fake_vllm").url if any("{fake_vllm}" in o for o in extra) else ""
+    extra = [o.replace("{toy}", str(toy_world)).replace("{fake_vllm}", fake_url) for o in extra]
+    cfg = compose_train([override_for(rel), f"toy.out={toy_world}", *extra], tmp_path)
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)
     assert isinstance(instantiate(cfg.model.scorer), ScoringActor)
