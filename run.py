@@ -2,33 +2,69 @@
 
     python run.py                                    # embedded default world, CPU, minutes
     python run.py loss.num_samples=4 reward.weight_b=-2
-    python run.py -m reward.weight_c=0.25,0.5        # a Hydra multirun
+    python run.py -m reward.weight_c=0.25,0.5        # a Hydra multirun (more in sweeps/README.md)
+    python run.py hparams_search=optuna              # an Optuna search of reward weights and lr
+
+Returns cfg.optimized_metric to Hydra's sweeper. A single run that fails stops: a user error
+as one line (exit 1), anything else with its traceback. In a multirun a failing job is logged
+and returns None (Optuna counts the trial as failed), and the other jobs go on. Either way an
+open wandb run is finished, so the next job starts its own.
 """
 
+import logging
 import os
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
+from spd_lightning.callbacks import finish_wandb
 from spd_lightning.config import register_schemas
 from spd_lightning.errors import SPDError
 from spd_lightning.train import train
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 register_schemas()
+log = logging.getLogger("run")
+
+
+def user_error(err: Exception) -> str | None:
+    """The message of the user error behind `err` (Hydra's instantiate wraps what a target
+    raised); None when `err` is not one."""
+    cause = err if isinstance(err, SPDError) else err.__cause__
+    if isinstance(cause, SPDError):
+        return str(cause)
+    if isinstance(err, MissingMandatoryValue):  # a `???` in the config that nobody set
+        return f"{err.full_key} must be set: python run.py {err.full_key}=..."
+    return None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    failed = True
     try:
-        return train(cfg)
+        metric = train(cfg)
+        failed = False
+        return metric
     except Exception as err:
-        # Hydra's instantiate wraps what a target raised; a user error prints alone, no traceback.
-        cause = err if isinstance(err, SPDError) else err.__cause__
-        if isinstance(cause, SPDError):
-            raise SystemExit(f"error: {cause}") from None
+        message = user_error(err)
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # One bad job must not end the sweep: log it, return no metric, let the others run.
+            if message is not None:
+                log.error("job %s failed: %s", hydra_cfg.job.num, message)
+            else:
+                log.exception("job %s failed", hydra_cfg.job.num)
+            return None
+        if message is not None:
+            raise SystemExit(f"error: {message}") from None
         raise
+    finally:
+        # train() finishes it too; this also covers a failure before its fit started.
+        finish_wandb(crashed=failed)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from spd_lightning.data import RecordDataModule
 from spd_lightning.grpo import GRPOLoss
@@ -60,13 +61,24 @@ def schema_for(target: Callable) -> type:
     return dataclasses.make_dataclass(f"{target.__name__}Schema", fields)
 
 
-ScorerSchema = schema_for(ScoringActor.from_pretrained)
-
-
 @dataclasses.dataclass
-class ModelSchema:
-    scorer: ScorerSchema = dataclasses.field(default_factory=ScorerSchema)  # type: ignore[valid-type]
+class ModelSchema(schema_for(ScoringActor.from_pretrained)):  # type: ignore[misc]
+    """The `model` group: the arguments of ScoringActor.from_pretrained, plus the keys below."""
+
+    # Tokenizer shared by draft, target and scorer.
     tokenizer: str = MISSING
+    # The name a vLLM server must report for the target in /v1/models (target=vllm reads it).
+    served_model_name: Optional[str] = None  # noqa: UP045
+
+
+# Keys of the model group that are not arguments of ScoringActor.from_pretrained.
+MODEL_ONLY_KEYS = ("tokenizer", "served_model_name")
+
+
+def build_scorer(model: DictConfig) -> ScoringActor:
+    """ScoringActor.from_pretrained with the `model` group's arguments (`lora` becomes a LoraSpec)."""
+    node = OmegaConf.to_container(model, resolve=True)
+    return instantiate({k: v for k, v in node.items() if k not in MODEL_ONLY_KEYS}, _convert_="all")
 
 
 @dataclasses.dataclass

@@ -7,13 +7,45 @@ from pathlib import Path
 from spd_lightning.errors import SetupError
 
 
-def load_pretrained(loader, path: str, what: str, config_key: str, **kwargs):
+def local_copy(path: str) -> str | None:
+    """`path` itself when it is a local directory, else its snapshot in the local Hugging Face
+    cache, else None. Never touches the network."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            cached = try_to_load_from_cache(path, name)
+        except ValueError:  # not a valid hub id either (e.g. a missing local path)
+            return None
+        if isinstance(cached, str):
+            return str(Path(cached).parent)
+    return None
+
+
+def load_pretrained(loader, path: str, what: str, config_key: str, offline_key: str | None = None, **kwargs):
     """`loader.from_pretrained(path, **kwargs)`; on failure a SetupError naming `what`, the path
-    and the config key to point at a local copy."""
+    and the config key to point at a local copy.
+
+    With `offline_key` (the config key that turned downloads off) only a local directory or the
+    local Hugging Face cache is used: a missing model fails at once, with no network retries
+    (transformers' own local_files_only still probes the hub for adapter files)."""
+    source = path
+    if offline_key is not None:
+        source = local_copy(path)
+        if source is None:
+            raise SetupError(
+                f"cannot load the {what} {path!r}: it is not a local directory and not in the local "
+                f"Hugging Face cache, and downloads are off ({offline_key}=true).\n"
+                f"Point it at a local copy: {config_key}=/local/dir (a transformers directory: config.json, "
+                f"weights, tokenizer files), or set {offline_key}=false to download it from the hub."
+            )
+        kwargs = {**kwargs, "local_files_only": True}
     try:
-        return loader.from_pretrained(path, **kwargs)
+        return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        where = "a local directory that" if Path(path).exists() else "not a local directory, and the hub"
+        where = "a local directory that" if Path(source).exists() else "not a local directory, and the hub"
         raise SetupError(
             f"cannot load the {what} {path!r} ({where} did not provide it): {str(err).splitlines()[0]}\n"
             f"Point {config_key} at a local directory holding it (config.json, weights, tokenizer files)."

@@ -14,7 +14,7 @@ import torch
 from spd_lightning.data import RecordBatch
 from spd_lightning.grpo import GRPOLoss
 from spd_lightning.reward import RewardWeights, compute_reward_tensor, scenario_counts
-from spd_lightning.rollout import HybridVerifier
+from spd_lightning.rollout import HybridVerifier, Verification
 from spd_lightning.sampling import (
     accepted_any_mismatch,
     first_reject,
@@ -41,14 +41,28 @@ class SPDModule(L.LightningModule):
         grad_clip: float = 1.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["scorer", "verifier", "reward", "loss"])
+        # The resolved Hydra config is what loggers record (train.py); checkpoints keep only plain
+        # values here, so they load with torch's weights_only default (no optimizer partial).
+        self.save_hyperparameters(ignore=["scorer", "verifier", "reward", "loss", "optimizer"], logger=False)
+        self.optimizer_factory = optimizer
         # Several PPO epochs reuse one (costly) verification, so the optimiser is stepped by hand.
         self.automatic_optimization = False
         self.scorer, self.verifier, self.reward, self.loss_fn = scorer, verifier, reward, loss
         self.scorer.train()  # from_pretrained returns eval mode
+        if backbone_lr_scale <= 0:  # before any strategy wraps it: DDP must not expect its gradients
+            self.scorer.backbone.requires_grad_(False)
         self.ref_scorer = None
         if loss.kl_coef > 0:
             self.ref_scorer = copy.deepcopy(scorer).eval().requires_grad_(False)
+
+    def verified(self, batch: RecordBatch, accept_len: torch.Tensor) -> Verification:
+        """Verifies this rank's samples; the invalid share is checked over all ranks at once, so
+        that every rank stops together instead of one waiting for the others forever."""
+        result = self.verifier.verify(batch.records, accept_len, check_invalid=False)
+        counts = torch.tensor([result.stats["invalid"], accept_len.numel()], device=self.device)
+        invalid, total = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        self.verifier.check_invalid(int(invalid), int(total))
+        return result
 
     def accept_logits(self, batch: RecordBatch, scorer: ScoringActor | None = None) -> torch.Tensor:
         """[B, K] accept logits for a batch."""
@@ -61,7 +75,7 @@ class SPDModule(L.LightningModule):
         logits = self.accept_logits(batch)  # [B, K]
         decisions = sample_decisions(torch.sigmoid(logits.detach()), mismatch, self.loss_fn.num_samples)
         accept_len = first_reject(decisions)  # [B, N]
-        result = self.verifier.verify(batch.records, accept_len)
+        result = self.verified(batch, accept_len)
         accepted = accepted_any_mismatch(accept_len, mismatch)  # [B, N]
         rewards = compute_reward_tensor(accepted, result.correct, accept_len, k, self.reward)  # [B, N]
         advantages, zero_var = self.loss_fn.advantages(rewards, result.valid)
@@ -82,9 +96,18 @@ class SPDModule(L.LightningModule):
             stats = self.loss_fn(logits, old_logits, accept_len, mismatch, advantages, valid, ref_logits)
             opt.zero_grad()
             self.manual_backward(stats.loss)
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            self._clip_gradients(opt)
             opt.step()
         return stats
+
+    def _clip_gradients(self, opt) -> None:
+        if self.hparams.grad_clip <= 0:
+            return
+        wrapped = self.trainer.strategy.model
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP (v1): only it knows the norm over all shards
+            wrapped.clip_grad_norm_(self.hparams.grad_clip)
+        else:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
 
     def _log_train(self, logits, mismatch, accept_len, accepted, result, rewards, zero_var, stats, k) -> None:
         valid = result.valid
@@ -101,13 +124,20 @@ class SPDModule(L.LightningModule):
             "train/accuracy": (result.correct & valid).sum() / n_valid,
             "train/accept_len": (accept_len.float() * valid).sum() / n_valid,
             "train/accept_prob": probs.mean() if probs.numel() else torch.tensor(0.0),
-            "train/zero_variance_groups": zero_var.float().sum(),
             **{f"train/scenario_{s}": v / n_valid for s, v in counts.items()},
-            **{f"verify/{name}": float(v) for name, v in result.stats.items()},
+            "verify/latency_s": float(result.stats["latency_s"]),
         }
-        self.log_dict(metrics, batch_size=len(accept_len))
-        self.log("reward", metrics["train/reward"], prog_bar=True, logger=False, batch_size=len(accept_len))
-        self.log("accept_len", metrics["train/accept_len"], prog_bar=True, logger=False, batch_size=len(accept_len))
+        # Counts of one step: under DDP/FSDP the total over all processes (each has its own records).
+        totals = {
+            "train/zero_variance_groups": zero_var.float().sum(),
+            **{f"verify/{name}": float(v) for name, v in result.stats.items() if name != "latency_s"},
+        }
+        size = len(accept_len)
+        # sync_dist: averaged (totals: summed) over the processes; a no-op in a single process.
+        self.log_dict(metrics, batch_size=size, sync_dist=True)
+        self.log_dict(totals, batch_size=size, sync_dist=True, reduce_fx="sum")
+        for name in ("reward", "accept_len"):
+            self.log(name, metrics[f"train/{name}"], prog_bar=True, logger=False, batch_size=size, sync_dist=True)
 
     def validation_step(self, batch: RecordBatch, batch_idx: int) -> dict:
         """Logs the three policies' metrics; returns what callbacks need for dashboards
@@ -125,7 +155,7 @@ class SPDModule(L.LightningModule):
         )  # [B, 3, K]
         accept_len = first_reject(decisions)  # [B, 3]
         # The three policies are three "samples" of each record, so shared prefixes are verified once.
-        result = self.verifier.verify(batch.records, accept_len)
+        result = self.verified(batch, accept_len)
         accepted = accepted_any_mismatch(accept_len, mismatch)  # [B, 3]
         rewards = compute_reward_tensor(accepted, result.correct, accept_len, k, self.reward)  # [B, 3]
         for col, name in enumerate(VAL_POLICIES):
@@ -146,13 +176,35 @@ class SPDModule(L.LightningModule):
             "texts": result.texts,  # (record index, j) -> response text
         }
 
+    def configure_model(self) -> None:
+        """FSDP2 (trainer=fsdp2): ModelParallelStrategy sets `device_mesh` and calls this hook before
+        every fit/validate, so it must be idempotent; other strategies leave the model as it is.
+        Each transformer block of the backbone becomes its own FSDP unit, then each scorer as a
+        whole: the embedding stays in the scorer's unit, which is gathered for its whole forward
+        (the embedding is used twice there: input tokens and the target's alternatives)."""
+        if self.device_mesh is None:
+            return
+        try:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for scorer in (self.scorer, self.ref_scorer):
+            if scorer is None or isinstance(scorer, FSDPModule):
+                continue
+            # transformers names the block classes that must not be split (the decoder layers).
+            blocks = set(getattr(scorer.backbone, "_no_split_modules", None) or ())
+            for module in scorer.backbone.modules():
+                if type(module).__name__ in blocks:
+                    fully_shard(module, mesh=mesh)
+            fully_shard(scorer, mesh=mesh)
+
     def configure_optimizers(self):
         head = list(self.scorer.head.parameters())
         backbone = [p for p in self.scorer.backbone.parameters() if p.requires_grad]
         groups = [{"params": head}]
-        if self.hparams.backbone_lr_scale > 0 and backbone:
-            lr = self.hparams.optimizer.keywords["lr"] * self.hparams.backbone_lr_scale
+        if backbone:
+            lr = self.optimizer_factory.keywords["lr"] * self.hparams.backbone_lr_scale
             groups.append({"params": backbone, "lr": lr})
-        else:
-            self.scorer.backbone.requires_grad_(False)
-        return self.hparams.optimizer(params=groups)
+        return self.optimizer_factory(params=groups)

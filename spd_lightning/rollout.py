@@ -102,8 +102,20 @@ class HybridVerifier:
         }
         return done, stats
 
-    def verify(self, records: list[Record], accept_len: torch.Tensor) -> Verification:
-        """accept_len: [B, N] first-reject positions j -> correctness of every sample."""
+    def check_invalid(self, invalid: int, total: int) -> None:
+        """Raises VerificationError when more than max_invalid_fraction of the samples are invalid."""
+        if invalid > self.max_invalid_fraction * total:
+            raise VerificationError(
+                f"{invalid} of {total} samples could not be verified (the target failed after its retries), "
+                f"more than verify.max_invalid_fraction={self.max_invalid_fraction}. "
+                "Check the target server's log and health."
+            )
+
+    def verify(self, records: list[Record], accept_len: torch.Tensor, check_invalid: bool = True) -> Verification:
+        """accept_len: [B, N] first-reject positions j -> correctness of every sample.
+
+        check_invalid=False leaves the invalid-share check to the caller: under DDP the counts
+        of all ranks must be summed first, or one rank stops while the others wait for it."""
         j_rows = accept_len.tolist()
         prefix_of = {
             (b, j): tuple(hybrid_prefix(r.context_ids, r.draft_ids, r.target_ids, j))
@@ -127,10 +139,6 @@ class HybridVerifier:
         correct = torch.tensor([[bool(verdict[(b, j)]) for j in row] for b, row in enumerate(j_rows)])
         valid = torch.tensor([[verdict[(b, j)] is not None for j in row] for b, row in enumerate(j_rows)])
         stats["invalid"] = int((~valid).sum())
-        if stats["invalid"] > self.max_invalid_fraction * valid.numel():
-            raise VerificationError(
-                f"{stats['invalid']} of {valid.numel()} samples could not be verified (the target failed after "
-                f"its retries), more than verify.max_invalid_fraction={self.max_invalid_fraction}. "
-                "Check the target server's log and health."
-            )
+        if check_invalid:
+            self.check_invalid(stats["invalid"], valid.numel())
         return Verification(correct.to(accept_len.device), valid.to(accept_len.device), texts, stats)

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
+from spd_lightning.errors import SetupError
 from spd_lightning.hf import load_pretrained
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters on the backbone (peft, Hu et al. 2021): only they and the score head train."""
+
+    # Rank of the low-rank update; 0 is no LoRA (so that `model.lora.r=16` alone turns it on).
+    r: int = 0
+    # The update is scaled by alpha / r.
+    alpha: float = 16.0
+    dropout: float = 0.05
+    # Module names to adapt (e.g. [q_proj, v_proj]); null: peft's default for the architecture.
+    target_modules: list[str] | None = None
+
+
+def add_lora(backbone: PreTrainedModel, lora: LoraSpec) -> nn.Module:
+    """The backbone wrapped by peft: its own weights frozen, LoRA adapters trainable."""
+    from peft import LoraConfig, get_peft_model  # imported only when LoRA is asked for
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+    return get_peft_model(backbone, config)
 
 
 class ScoringActor(nn.Module):
@@ -31,9 +56,22 @@ class ScoringActor(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, init_accept_prob: float = 0.5, head_hidden: int | None = None, **backbone_kwargs
+        cls,
+        path: str,
+        init_accept_prob: float = 0.5,
+        head_hidden: int | None = None,
+        dtype: str = "float32",
+        lora: LoraSpec | None = None,
+        local_files_only: bool = True,
     ) -> ScoringActor:
-        backbone = load_pretrained(AutoModel, path, "scorer backbone", "model.scorer.path", **backbone_kwargs)
+        """The backbone from `path` (a local directory, or a hub id: from the local cache only
+        unless local_files_only is false), optionally with LoRA; the head is new and float32."""
+        if dtype not in DTYPES:
+            raise SetupError(f"model.dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        offline_key = "model.local_files_only" if local_files_only else None
+        backbone = load_pretrained(AutoModel, path, "scorer backbone", "model.path", offline_key, dtype=DTYPES[dtype])
+        if lora is not None and lora.r > 0:
+            backbone = add_lora(backbone, lora)
         return cls(backbone, init_accept_prob=init_accept_prob, head_hidden=head_hidden)
 
     def forward(
@@ -50,4 +88,5 @@ class ScoringActor(nn.Module):
         at_draft = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, K, H]
         alternative = self.backbone.get_input_embeddings()(target_ids)  # [B, K, H]
         features = torch.cat([at_draft, alternative.to(at_draft.dtype)], dim=-1)  # [B, K, 2H]
-        return self.head(features).squeeze(-1).float()  # [B, K]
+        # The head keeps its own dtype (float32) under a bfloat16/float16 backbone.
+        return self.head(features.to(self.head[0].weight.dtype)).squeeze(-1).float()  # [B, K]

@@ -14,6 +14,15 @@ POLICY_NAMES = {
 }
 
 
+def accept_len_at_parity(summary: dict[str, float], tolerance: float) -> float:
+    """The trained scorer's draft tokens kept per block, or 0 when its accuracy falls more than
+    `tolerance` below standard speculative decoding's. Unlike val/reward it does not depend on
+    the reward weights, so sweeps over those weights can rank trials by it."""
+    if summary["val/accuracy"] < summary["val/standard_sd/accuracy"] - tolerance:
+        return 0.0
+    return summary["val/accept_len"]
+
+
 def print_summary(summary: dict[str, float], policies: list[str], path: Path) -> None:
     table = Table(title="Validation: accuracy vs draft tokens accepted per block")
     for col in ("policy", "accuracy", "accept_len", "reward"):

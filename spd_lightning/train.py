@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import os
+import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from omegaconf import DictConfig, OmegaConf, read_write
 from transformers import AutoTokenizer
 
+from spd_lightning.callbacks import finish_wandb, log_config, log_images
+from spd_lightning.config import build_scorer
 from spd_lightning.data import RecordDataModule, check_vocab
 from spd_lightning.errors import SetupError, VerificationError
 from spd_lightning.hf import load_pretrained
 from spd_lightning.module import VAL_POLICIES, SPDModule
 from spd_lightning.plots import plot_training_curves
 from spd_lightning.rollout import HybridVerifier
-from spd_lightning.summary import print_summary
+from spd_lightning.summary import accept_len_at_parity, print_summary
 from spd_lightning.toy.build import build_toy_world
 
 log = logging.getLogger(__name__)
@@ -55,13 +66,17 @@ def check_shared_vocab(tokenizer, scorer, target) -> None:
 
 
 def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
+    # A scorer from outside the toy world loads first: a missing model stops the run in seconds.
+    in_toy_world = bool(cfg.get("toy")) and str(cfg.model.path).startswith(str(cfg.toy.out))
+    scorer = None if in_toy_world else build_scorer(cfg.model)
     if cfg.get("toy"):
         build_toy_world(cfg.toy.out, instantiate(cfg.toy.spec))
+    scorer = scorer if scorer is not None else build_scorer(cfg.model)
     datamodule: RecordDataModule = instantiate(cfg.data)
     datamodule.setup("fit")
-    tokenizer = load_pretrained(AutoTokenizer, cfg.model.tokenizer, "tokenizer", "model.tokenizer")
+    offline_key = "model.local_files_only" if cfg.model.local_files_only else None
+    tokenizer = load_pretrained(AutoTokenizer, cfg.model.tokenizer, "tokenizer", "model.tokenizer", offline_key)
     check_vocab(datamodule.train_records + datamodule.val_records, len(tokenizer), cfg.data.path)
-    scorer = instantiate(cfg.model.scorer)
     target = instantiate(cfg.target)
     check_shared_vocab(tokenizer, scorer, target)
     verifier = HybridVerifier(
@@ -88,6 +103,47 @@ def validation_metrics(trainer: L.Trainer, module: SPDModule, datamodule: Record
     return {k: float(v) for k, v in results[0].items()}
 
 
+def learn_csv_columns(trainer: L.Trainer) -> None:
+    """trainer=ddp_spawn runs every trainer call in new processes that log into copies of this
+    process's loggers: tell its CSV writer the columns they wrote, or the next call would
+    rewrite metrics.csv with a header that lacks them (and fail)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and os.path.isfile(logger.experiment.metrics_file_path):
+            with open(logger.experiment.metrics_file_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
+
+
+def children_run_this_job(trainer: L.Trainer) -> Callable[[], None]:
+    """trainer=ddp/fsdp2 start the other ranks by running run.py again: Lightning passes on sys.argv
+    plus `hydra.run.dir=<hydra.run.dir>`. In a multirun job that would re-run the whole sweep in
+    every child, into directories of its own. Here each child runs just this job (its overrides,
+    RUN mode) into this job's directory. Returns what undoes it once the job is done, so that the
+    sweep's next job starts processes of its own."""
+    strategy = trainer.strategy
+    launches = isinstance(strategy.launcher, _SubprocessScriptLauncher)
+    if not launches or strategy.cluster_environment.creates_processes_externally:
+        return lambda: None  # one process, spawned processes, or ranks started by torchrun/Slurm
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return lambda: None  # a single run: Lightning's command is right
+    hydra_cfg, argv = HydraConfig.get(), sys.argv
+    args = get_args_parser().parse_args(argv[1:])
+    flags = [f"--config-{k}={v}" for k in ("path", "name", "dir") if (v := getattr(args, f"config_{k}"))]
+    sys.argv = [argv[0], *flags, *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+    def undo() -> None:
+        sys.argv = argv
+        # What Lightning's launcher left for this job's processes (their group, its address).
+        for var in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            os.environ.pop(var, None)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    return undo
+
+
 def train(cfg: DictConfig) -> float | None:
     route_lightning_logs_through_hydra()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -96,6 +152,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger"))
     )
+    undo_launch = children_run_this_job(trainer)
     out = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         log.info(
@@ -106,30 +163,50 @@ def train(cfg: DictConfig) -> float | None:
             out,
         )
     try:
+        # The resolved config is the run's hyperparameters, on every logger (the module logs none).
+        log_config(trainer.loggers, OmegaConf.to_container(cfg, resolve=True))
         return fit_and_summarise(cfg, trainer, module, datamodule, out)
     finally:
         module.verifier.target.close()
+        # Always end the wandb run (failed on a crash), so a multirun's next job gets its own.
+        finish_wandb(crashed=sys.exc_info()[0] is not None)
+        undo_launch()
 
 
 def fit_and_summarise(
     cfg: DictConfig, trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, out: Path
 ) -> float | None:
+    spawned = isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)  # trainer=ddp_spawn
     initial = validation_metrics(trainer, module, datamodule) if cfg.validate_before_fit else {}
+    if spawned:
+        learn_csv_columns(trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except VerificationError as err:
-        ckpt = out / "checkpoints" / "last.ckpt"
-        hint = f"The last checkpoint is intact: resume with ckpt_path={ckpt}" if ckpt.is_file() else ""
+        ckpt = out / "checkpoints" / "last.ckpt"  # a folder under trainer=fsdp2
+        hint = f"The last checkpoint is intact: resume with ckpt_path={ckpt}" if ckpt.exists() else ""
         raise VerificationError(f"{err}\n{hint}".strip()) from None
+    steps = trainer.global_step
+    if spawned:
+        learn_csv_columns(trainer)
+        # Lightning hands the spawned processes' weights and metrics back, not their step count.
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            steps = torch.load(best, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    # Every rank gets the same values: validation metrics are reduced over the processes (sync_dist).
     final = validation_metrics(trainer, module, datamodule)
     summary = {**final, **{f"initial/{k}": v for k, v in initial.items()}}
-    summary["train/steps"] = trainer.global_step
+    summary["train/steps"] = steps
+    summary["val/accept_len_at_parity"] = accept_len_at_parity(summary, cfg.parity_tolerance)
     if trainer.is_global_zero:
+        for logger in trainer.loggers:  # so that W&B sweeps can optimise it too
+            logger.log_metrics({"val/accept_len_at_parity": summary["val/accept_len_at_parity"]}, step=steps)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         metrics_csv = out / "csv" / "metrics.csv"
         if metrics_csv.is_file():
             plot_training_curves(metrics_csv, out / "training_curves.png")
+        log_images(trainer.loggers, sorted(out.glob("*.png")), step=steps)
         print_summary(summary, list(VAL_POLICIES), out / "summary.json")
     return summary.get(cfg.optimized_metric)

@@ -9,6 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
+from spd_lightning.config import build_scorer
 from spd_lightning.grpo import GRPOLoss
 from spd_lightning.reward import RewardWeights
 from spd_lightning.scorer import ScoringActor
@@ -26,6 +27,24 @@ GROUP_FILES = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.pare
 EXTRA_OVERRIDES: dict[str, list[str]] = {
     "data/jsonl.yaml": ["data.path={toy}/records.jsonl"],
     "target/vllm.yaml": ["target.url={fake_vllm}", "target.model=toy-target"],
+    # Real-model files: the toy draft stands in for the hub weights.
+    "model/_base.yaml": ["model.path={toy}/draft"],
+    "model/llama3_8b.yaml": ["model.path={toy}/draft"],
+    "model/llama3_2_1b.yaml": ["model.path={toy}/draft"],
+    "model/qwen2_5_0_5b.yaml": ["model.path={toy}/draft"],
+    "model/qwen2_5_7b.yaml": ["model.path={toy}/draft"],
+    # toy=default brings back the toy group the experiment turns off, for toy.out and toy.spec here.
+    "experiment/llama3_8b_vllm.yaml": [
+        "toy=default", "data.path={toy}/records.jsonl", "model.path={toy}/draft", "target.url={fake_vllm}",
+        "target.model=toy-target", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+        "logger.wandb.mode=disabled",
+    ],
+    # Never online from a test (WandbLogger only starts a run when first used, but to be sure).
+    "logger/wandb.yaml": ["logger.wandb.mode=offline"],
+    # GPU files on this CPU machine. Lightning refuses FSDP1 on a CPU, so its strategy is left out
+    # here; tests/test_distributed.py builds that strategy by itself.
+    "trainer/gpu.yaml": ["trainer.accelerator=cpu"],
+    "trainer/fsdp.yaml": ["trainer.accelerator=cpu", "~trainer.strategy"],
 }
 
 
@@ -46,7 +65,7 @@ def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_pa
     cfg = compose_train([override_for(rel), f"toy.out={toy_world}", *extra], tmp_path)
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)
-    assert isinstance(instantiate(cfg.model.scorer), ScoringActor)
+    assert isinstance(build_scorer(cfg.model), ScoringActor)
     target = instantiate(cfg.target)
     assert isinstance(target, (LocalTarget, VLLMTarget))
     target.close()

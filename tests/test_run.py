@@ -70,3 +70,18 @@ def test_missing_target_model_is_one_clear_error(tmp_path: Path, toy_world: Path
     assert proc.returncode == 1
     assert "no-such-model" in proc.stderr and "target.model_path" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_from_last_checkpoint(tmp_path: Path, toy_world: Path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d in (first, second):
+        d.mkdir()
+    budget = ["trainer.val_check_interval=5", "data.max_val_records=64", "validate_before_fit=false"]
+    proc = run(["trainer.max_steps=10", *budget], first, toy_world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = first / "checkpoints" / "last.ckpt"
+    proc = run(["trainer.max_steps=15", f"ckpt_path={ckpt}", *budget], second, toy_world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The resumed run continues from step 10 instead of starting over.
+    assert json.loads((second / "summary.json").read_text())["train/steps"] == 15
