@@ -55,6 +55,18 @@ class SPDModule(L.LightningModule):
         if loss.kl_coef > 0:
             self.ref_scorer = copy.deepcopy(scorer).eval().requires_grad_(False)
 
+    def on_fit_start(self) -> None:
+        self._place_target()
+
+    def on_validation_start(self) -> None:
+        self._place_target()
+
+    def _place_target(self) -> None:
+        """An in-process target with device=auto runs where this rank's scorer runs."""
+        target = self.verifier.target
+        if getattr(target, "follows_module", False) and target.device != str(self.device):
+            target.to(self.device)
+
     def verified(self, batch: RecordBatch, accept_len: torch.Tensor) -> Verification:
         """Verifies this rank's samples; the invalid share is checked over all ranks at once, so
         that every rank stops together instead of one waiting for the others forever."""

@@ -20,6 +20,31 @@ def toy_world() -> Path:
     return build_toy_world(TOY_DIR)
 
 
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_world: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_world / "target")
+
+
+@pytest.fixture(scope="session")
+def toy_prefixes(toy_tokenizer) -> list[list[int]]:
+    """Prompts and partial responses of different lengths (1- and 2-digit operands)."""
+    texts = [
+        "Q: 3+4= A:",
+        "Q: 37+45= A:",
+        "Q: 99+99= A: so",
+        "Q: 50+7= A: thus the sum",
+        "Q: 12+8= A: well our result makes",
+        "Q: 61+29= A: hence this total is 9",
+        "Q: 5+5= A: so",
+        "Q: 18+27= A: thus",
+        "Q: 70+30= A:",
+        "Q: 44+4= A: so the total",
+    ]
+    return [toy_tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
 CONF = ROOT / "conf"
 
 

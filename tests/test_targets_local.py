@@ -3,7 +3,6 @@
 import random
 
 import pytest
-from transformers import AutoTokenizer
 
 from spd_lightning.targets.local import LocalTarget, load_causal_lm
 from spd_lightning.toy.task import make_example
@@ -11,8 +10,8 @@ from spd_lightning.verifiers import gsm8k_final_number
 
 
 @pytest.fixture(scope="module")
-def tokenizer(toy_world):
-    return AutoTokenizer.from_pretrained(toy_world / "target")
+def tokenizer(toy_tokenizer):
+    return toy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +20,8 @@ def target(toy_world):
 
 
 @pytest.fixture(scope="module")
-def prefixes(tokenizer):
-    """Prompts and partial responses of different lengths (1- and 2-digit operands)."""
-    texts = [
-        "Q: 3+4= A:",
-        "Q: 37+45= A:",
-        "Q: 99+99= A: so",
-        "Q: 50+7= A: thus the sum",
-        "Q: 12+8= A: well our result makes",
-        "Q: 61+29= A: hence this total is 9",
-    ]
-    return [tokenizer(t).input_ids for t in texts]
+def prefixes(toy_prefixes):
+    return toy_prefixes[:6]
 
 
 def test_batched_equals_one_at_a_time(target, prefixes):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fake_vllm import FakeVLLM
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from spd_lightning.data import load_records
 from spd_lightning.errors import SetupError, VerificationError
@@ -30,8 +30,8 @@ KEY_ENV = "SPD_TEST_VLLM_KEY"  # not VLLM_API_KEY: a developer's real key must n
 
 
 @pytest.fixture(scope="module")
-def tokenizer(toy_world):
-    return AutoTokenizer.from_pretrained(toy_world / "target")
+def tokenizer(toy_tokenizer):
+    return toy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +40,8 @@ def local(toy_world):
 
 
 @pytest.fixture(scope="module")
-def prefixes(tokenizer):
-    texts = [
-        "Q: 3+4= A:",
-        "Q: 37+45= A:",
-        "Q: 99+99= A: so",
-        "Q: 50+7= A: thus the sum",
-        "Q: 12+8= A: well our result makes",
-        "Q: 61+29= A: hence this total is 9",
-        "Q: 5+5= A: so",
-        "Q: 18+27= A: thus",
-        "Q: 70+30= A:",
-        "Q: 44+4= A: so the total",
-    ]
-    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+def prefixes(toy_prefixes):
+    return toy_prefixes
 
 
 @pytest.fixture

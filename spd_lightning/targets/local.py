@@ -30,12 +30,20 @@ class LocalTarget:
         dtype: str = "float32",
         device: str = "cpu",
     ) -> None:
-        self.model = load_causal_lm(model_path, dtype, device)
-        self.max_new_tokens, self.batch_size, self.device = max_new_tokens, batch_size, device
+        # "auto": the training process's own device, set by the LightningModule (each DDP rank its GPU).
+        self.follows_module = device == "auto"
+        self.device = "cpu" if self.follows_module else device
+        self.model = load_causal_lm(model_path, dtype, self.device)
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         config = self.model.config
         self.eos_token_id = int(config.eos_token_id)
         self.pad_token_id = int(config.pad_token_id if config.pad_token_id is not None else config.eos_token_id)
         self.num_requests = 0
+
+    def to(self, device) -> LocalTarget:
+        self.model.to(device)
+        self.device = str(device)
+        return self
 
     def check_tokenizer(self, tokenizer) -> None:
         vocab = self.model.config.vocab_size
