@@ -36,14 +36,14 @@ BATCH = 8  # data.batch_size of conf/data/toy.yaml: records per rank and step
 
 def run(args: list[str], tmp_path: Path, toy_world: Path, env: dict[str, str] | None = None):
     """run.py with the probe in every rank; paths.root_dir under tmp_path, so an output directory
-    made by a rank where it should not be would show up there (tmp_path/root/outputs)."""
+    made by a rank where it should not be would show up there (tmp_path/project/outputs)."""
     pythonpath = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PROJECT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath, **(env or {})}
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
         *args,
-        f"paths.root_dir={tmp_path / 'root'}",
+        f"paths.root_dir={tmp_path / 'project'}",
         f"toy.out={toy_world}",
         *TINY,
         "+callbacks.probe._target_=dist_probe.ShardProbe",
@@ -79,7 +79,7 @@ def assert_rank_zero_wrote_once(proc: subprocess.CompletedProcess, run_dir: Path
     assert (run_dir / "summary.json").is_file() and (run_dir / "training_curves.png").is_file()
     assert proc.stdout.count("summary: ") == 1  # rank 1 printed no summary table (its stdout is ours)
     assert "records:" not in (run_dir / "train_ddp_process_1.log").read_text()  # rank 1 ran here, quietly
-    assert not (tmp_path / "root" / "outputs").exists()  # no output directory of a rank of its own
+    assert not (tmp_path / "project" / "outputs").exists()  # no output directory of a rank of its own
 
 
 def train_rows(metrics_csv: Path) -> list[dict]:
@@ -141,7 +141,7 @@ def test_multirun_of_ddp_jobs_makes_one_directory_per_job(tmp_path: Path, toy_wo
     # the sweep again would make one of its own a few seconds later.
     proc = run(["-m", "trainer=ddp", "trainer.devices=2", "seed=1,2"], tmp_path, toy_world)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    outputs = tmp_path / "root" / "outputs" / "train"
+    outputs = tmp_path / "project" / "outputs" / "train"
     assert [p.name for p in outputs.iterdir()] == ["multiruns"]  # no single-run directory of a rank
     (sweep,) = (outputs / "multiruns").iterdir()
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
