@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from spd_lightning.errors import SetupError
+from spd_lightning.reward import scenario
 
 SAMPLE_COLUMNS = [
     "step",
@@ -89,7 +90,7 @@ def sample_rows(batch, outputs: dict, tokenizer, step: int, context_tokens: int,
         text = outputs["texts"].get((b, j))
         accepted_any = bool(mismatch[b, :j].any())
         verdict = "unverified" if text is None else ("correct" if bool(correct[b]) else "wrong")
-        scenario = "-" if text is None else "ABCD"[2 * (not accepted_any) + (verdict == "wrong")]
+        scenario_ = "-" if text is None else scenario(accepted_any, verdict == "correct")
         rows.append(
             [
                 step,
@@ -100,7 +101,7 @@ def sample_rows(batch, outputs: dict, tokenizer, step: int, context_tokens: int,
                 text if text is not None else "",
                 record.reference,
                 verdict,
-                scenario,
+                scenario_,
                 float(rewards[b]),
             ]
         )

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from spd_lightning.errors import SetupError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str, config_key: str) -> torch.dtype:
+    """The torch dtype a config names; a SetupError naming `config_key` for anything else."""
+    if name not in DTYPES:
+        raise SetupError(f"{config_key} {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def local_copy(path: str) -> str | None:

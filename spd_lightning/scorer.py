@@ -9,10 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
-from spd_lightning.errors import SetupError
-from spd_lightning.hf import load_pretrained
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from spd_lightning.hf import load_pretrained, torch_dtype
 
 
 @dataclass
@@ -66,10 +63,9 @@ class ScoringActor(nn.Module):
     ) -> ScoringActor:
         """The backbone from `path` (a local directory, or a hub id: from the local cache only
         unless local_files_only is false), optionally with LoRA; the head is new and float32."""
-        if dtype not in DTYPES:
-            raise SetupError(f"model.dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        backbone_dtype = torch_dtype(dtype, "model.dtype")
         offline_key = "model.local_files_only" if local_files_only else None
-        backbone = load_pretrained(AutoModel, path, "scorer backbone", "model.path", offline_key, dtype=DTYPES[dtype])
+        backbone = load_pretrained(AutoModel, path, "scorer backbone", "model.path", offline_key, dtype=backbone_dtype)
         if lora is not None and lora.r > 0:
             backbone = add_lora(backbone, lora)
         return cls(backbone, init_accept_prob=init_accept_prob, head_hidden=head_hidden)

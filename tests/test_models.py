@@ -17,7 +17,8 @@ from hydra.errors import ConfigCompositionException
 from peft import PeftModel
 
 from spd_lightning.config import build_scorer
-from spd_lightning.scorer import DTYPES, ScoringActor
+from spd_lightning.hf import DTYPES
+from spd_lightning.scorer import ScoringActor
 from spd_lightning.train import build_components
 
 ROOT = Path(__file__).resolve().parents[1]

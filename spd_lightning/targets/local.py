@@ -6,16 +6,13 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from spd_lightning.errors import SetupError
-from spd_lightning.hf import load_pretrained
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from spd_lightning.hf import load_pretrained, torch_dtype
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
     """The target causal LM in eval mode on `device`."""
-    if dtype not in DTYPES:
-        raise SetupError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    model = load_pretrained(AutoModelForCausalLM, path, "target model", "target.model_path", dtype=DTYPES[dtype])
+    model_dtype = torch_dtype(dtype, "target.dtype")
+    model = load_pretrained(AutoModelForCausalLM, path, "target model", "target.model_path", dtype=model_dtype)
     return model.to(device).eval()
 
 
