@@ -1,9 +1,12 @@
-"""Train the SPD scorer with GRPO.
+"""Train the SPD scorer with GRPO, prepare records, evaluate, decode.
 
-    python run.py                                    # embedded default world, CPU, minutes
+    python run.py                                    # train on the embedded default world, CPU, minutes
     python run.py loss.num_samples=4 reward.weight_b=-2
     python run.py -m reward.weight_c=0.25,0.5        # a Hydra multirun (more in sweeps/README.md)
     python run.py hparams_search=optuna              # an Optuna search of reward weights and lr
+    python run.py task=prepare data.raw=PATH         # raw prompts -> records (conf/task/prepare.yaml)
+    python run.py task=eval ckpt_path=CKPT           # the trained scorer against baselines
+    python run.py task=decode ckpt_path=CKPT         # lossy speculative decoding end to end
 
 Returns cfg.optimized_metric to Hydra's sweeper. A single run that fails stops: a user error
 as one line (exit 1), anything else with its traceback. In a multirun a failing job is logged
@@ -23,12 +26,18 @@ from omegaconf.errors import MissingMandatoryValue
 
 from spd_lightning.callbacks import finish_wandb
 from spd_lightning.config import register_schemas
+from spd_lightning.decode import decode
 from spd_lightning.errors import SPDError
+from spd_lightning.evaluate import evaluate
+from spd_lightning.prepare import prepare
 from spd_lightning.train import train
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 register_schemas()
 log = logging.getLogger("run")
+
+# task=<name> (conf/task/<name>.yaml) -> what runs.
+TASKS = {"train": train, "prepare": prepare, "eval": evaluate, "decode": decode}
 
 
 def user_error(err: Exception) -> str | None:
@@ -46,7 +55,8 @@ def user_error(err: Exception) -> str | None:
 def main(cfg: DictConfig) -> float | None:
     failed = True
     try:
-        metric = train(cfg)
+        task = HydraConfig.get().runtime.choices.get("task") or "train"
+        metric = TASKS[task](cfg)
         failed = False
         return metric
     except Exception as err:

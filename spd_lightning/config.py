@@ -20,7 +20,11 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from spd_lightning.data import RecordDataModule
+from spd_lightning.decode import DecodeConfig
+from spd_lightning.evaluate import EvalConfig
 from spd_lightning.grpo import GRPOLoss
+from spd_lightning.prepare import PrepareConfig
+from spd_lightning.prompts import load_prompts, toy_prompts
 from spd_lightning.reward import RewardWeights
 from spd_lightning.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
@@ -96,20 +100,26 @@ class ToySchema:
     spec: ToySpecSchema = dataclasses.field(default_factory=ToySpecSchema)  # type: ignore[valid-type]
 
 
-SCHEMAS: dict[str, Any] = {
-    "reward": schema_for(RewardWeights),
-    "loss": schema_for(GRPOLoss),
-    "data": schema_for(RecordDataModule),
-    "target": schema_for(LocalTarget),
-    "target_vllm": schema_for(VLLMTarget),
-    "model": ModelSchema,
-    "verifier": VerifierSchema,
-    "toy": ToySchema,
+# (group, schema name) -> schema. A YAML file lists `<name>` first in its defaults.
+SCHEMAS: dict[tuple[str, str], Any] = {
+    ("reward", "reward_schema"): schema_for(RewardWeights),
+    ("loss", "loss_schema"): schema_for(GRPOLoss),
+    ("data", "data_schema"): schema_for(RecordDataModule),
+    ("data", "prompts_schema"): schema_for(load_prompts),
+    ("data", "toy_prompts_schema"): schema_for(toy_prompts),
+    ("target", "target_schema"): schema_for(LocalTarget),
+    ("target", "target_vllm_schema"): schema_for(VLLMTarget),
+    ("model", "model_schema"): ModelSchema,
+    ("verifier", "verifier_schema"): VerifierSchema,
+    ("toy", "toy_schema"): ToySchema,
+    # The sections of the tasks other than training (conf/task/*.yaml: `/schema@prepare: prepare`).
+    ("schema", "prepare"): PrepareConfig,
+    ("schema", "eval"): EvalConfig,
+    ("schema", "decode"): DecodeConfig,
 }
 
 
 def register_schemas() -> None:
     cs = ConfigStore.instance()
-    for key, node in SCHEMAS.items():
-        group = key.split("_")[0]  # target_vllm: a second schema of the target group
-        cs.store(group=group, name=f"{key}_schema", node=node)
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)

@@ -87,3 +87,15 @@ def hybrid_prefix(context_ids: list[int], draft_ids: list[int], target_ids: list
     """context + draft[:j] + ([target[j]] if j < K else []), as SPEC.md defines it."""
     tail = [target_ids[accept_len]] if accept_len < len(draft_ids) else []
     return list(context_ids) + list(draft_ids[:accept_len]) + tail
+
+
+def all_outcomes(mismatch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every first-reject position a record can reach: j = each mismatch position, or K.
+
+    mismatch: [B, K] -> (accept_len [B, K+1] long, possible [B, K+1] bool). Column j holds j
+    where j is reachable (a mismatch, or K) and K elsewhere, so an impossible column never
+    asks for a new prefix; `possible` masks those columns out."""
+    b, k = mismatch.shape
+    j = torch.arange(k + 1, device=mismatch.device).expand(b, -1)  # [B, K+1]
+    possible = torch.cat([mismatch, torch.ones_like(mismatch[:, :1])], dim=1)  # [B, K+1]
+    return torch.where(possible, j, torch.full_like(j, k)), possible

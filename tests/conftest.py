@@ -84,3 +84,24 @@ def fake_vllm(toy_world):
     server = FakeVLLM(toy_world / "target", served_model="toy-target")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(toy_world: Path, tmp_path_factory) -> Path:
+    """last.ckpt of a short `python run.py` on the default world (60 GRPO steps, ~20 s): a scorer
+    that already accepts harmless mismatches and rejects harmful ones, for task=eval/decode tests."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("trained")
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        f"toy.out={toy_world}",
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=60",
+        "validate_before_fit=false",
+        f"hydra.run.dir={out}",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, timeout=600)
+    return out / "checkpoints" / "last.ckpt"

@@ -8,9 +8,12 @@ import lightning as L
 import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from spd_lightning.config import build_scorer
+from spd_lightning.exact import ExactLoss
 from spd_lightning.grpo import GRPOLoss
+from spd_lightning.prompts import Prompt
 from spd_lightning.reward import RewardWeights
 from spd_lightning.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
@@ -35,12 +38,24 @@ EXTRA_OVERRIDES: dict[str, list[str]] = {
     "model/qwen2_5_7b.yaml": ["model.path={toy}/draft"],
     # toy=default brings back the toy group the experiment turns off, for toy.out and toy.spec here.
     "experiment/llama3_8b_vllm.yaml": [
-        "toy=default", "data.path={toy}/records.jsonl", "model.path={toy}/draft", "target.url={fake_vllm}",
-        "target.model=toy-target", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+        "toy=default",
+        "data.path={toy}/records.jsonl",
+        "model.path={toy}/draft",
+        "target.url={fake_vllm}",
+        "target.model=toy-target",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.precision=32-true",
         "logger.wandb.mode=disabled",
     ],
     # Never online from a test (WandbLogger only starts a run when first used, but to be sure).
     "logger/wandb.yaml": ["logger.wandb.mode=offline"],
+    # A raw prompt file of two lines, written by the test ("{raw}").
+    "data/prompts.yaml": ["data.raw={raw}"],
+    "task/prepare.yaml": ["data.raw={raw}"],
+    # The draft group belongs to task=prepare.
+    "draft/local.yaml": ["task=prepare", "data.raw={raw}"],
+    "draft/vllm.yaml": ["task=prepare", "data.raw={raw}", "draft.url={fake_vllm}", "draft.model=toy-target"],
     # GPU files on this CPU machine. Lightning refuses FSDP1 on a CPU, so its strategy is left out
     # here; tests/test_distributed.py builds that strategy by itself.
     "trainer/gpu.yaml": ["trainer.accelerator=cpu"],
@@ -61,22 +76,34 @@ def test_every_group_file_is_tested():
 def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_path: Path, compose_train, request):
     extra = EXTRA_OVERRIDES.get(rel.as_posix(), [])
     fake_url = request.getfixturevalue("fake_vllm").url if any("{fake_vllm}" in o for o in extra) else ""
-    extra = [o.replace("{toy}", str(toy_world)).replace("{fake_vllm}", fake_url) for o in extra]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"question": "Q: 3+4= A:", "answer": "7"}\n{"question": "Q: 5+5= A:", "answer": "10"}\n')
+    extra = [
+        o.replace("{toy}", str(toy_world)).replace("{fake_vllm}", fake_url).replace("{raw}", str(raw)) for o in extra
+    ]
     cfg = compose_train([override_for(rel), f"toy.out={toy_world}", *extra], tmp_path)
-    datamodule = instantiate(cfg.data)
-    assert isinstance(datamodule, L.LightningDataModule)
+    data = instantiate(cfg.data)
+    if "path" in cfg.data:  # records
+        assert isinstance(data, L.LightningDataModule)
+    else:  # prompts (data=prompts, data=toy_prompts)
+        assert data and all(isinstance(p, Prompt) for p in data)
     assert isinstance(build_scorer(cfg.model), ScoringActor)
-    target = instantiate(cfg.target)
-    assert isinstance(target, (LocalTarget, VLLMTarget))
-    target.close()
+    for backend in ("target", "draft"):
+        if backend in cfg:
+            target = instantiate(cfg[backend])
+            assert isinstance(target, (LocalTarget, VLLMTarget))
+            target.close()
     assert instantiate(cfg.verifier)("82", "82") is True
     assert isinstance(instantiate(cfg.reward), RewardWeights)
-    assert isinstance(instantiate(cfg.loss), GRPOLoss)
+    assert isinstance(instantiate(cfg.loss), (GRPOLoss, ExactLoss))
     assert callable(instantiate(cfg.optimizer))
     instantiate(cfg.toy.spec)
     callbacks, loggers = instantiate_dict(cfg.callbacks), instantiate_dict(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     assert isinstance(trainer, L.Trainer)
+    if rel.parent.as_posix() == "task" and rel.stem != "train":
+        section = OmegaConf.to_object(cfg[rel.stem])  # checked against its dataclass schema
+        assert section.__class__.__name__.endswith("Config")
 
 
 def test_dr_grpo_turns_off_std_scaling(tmp_path: Path, compose_train):

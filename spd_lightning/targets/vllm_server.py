@@ -93,25 +93,46 @@ def launch_vllm_server(
     own_log = log_path is None
     log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1] if own_log else log_path)
     cmd = [
-        python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", served_model_name, "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--max-model-len", "128", "--dtype", "float32", *extra_args,
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--max-model-len",
+        "128",
+        "--dtype",
+        "float32",
+        *extra_args,
     ]
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **SERVER_ENV}, start_new_session=True,  # its own process group
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **SERVER_ENV},
+            start_new_session=True,  # its own process group
         )
     try:
         deadline = time.monotonic() + startup_timeout_s
         while not _healthy(base):
             if proc.poll() is not None:
-                raise SetupError(f"the vLLM server exited with code {proc.returncode}; log {log_path}:\n"
-                                 f"{_tail(log_path)}")
+                raise SetupError(
+                    f"the vLLM server exited with code {proc.returncode}; log {log_path}:\n{_tail(log_path)}"
+                )
             if time.monotonic() > deadline:
-                raise SetupError(f"the vLLM server did not answer {base}/health within {startup_timeout_s:.0f}s; "
-                                 f"log {log_path}:\n{_tail(log_path)}")
+                raise SetupError(
+                    f"the vLLM server did not answer {base}/health within {startup_timeout_s:.0f}s; "
+                    f"log {log_path}:\n{_tail(log_path)}"
+                )
             time.sleep(0.5)
         yield base + "/v1"
     except BaseException:

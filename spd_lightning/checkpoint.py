@@ -1,0 +1,49 @@
+"""The trained scorer back from a training run's Lightning checkpoint, for evaluation and decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from spd_lightning.config import build_scorer
+from spd_lightning.errors import SetupError
+from spd_lightning.scorer import ScoringActor
+
+PREFIX = "scorer."
+
+
+def load_trained_scorer(model: DictConfig, ckpt_path: str | None, task: str) -> tuple[ScoringActor, dict]:
+    """(scorer in eval mode, the run's module hyperparameters: threshold, ...).
+
+    The scorer is built from the `model` group exactly as training built it (same backbone,
+    LoRA and head settings), then the checkpoint's `scorer.*` weights are loaded into it."""
+    if not ckpt_path:
+        raise SetupError(
+            f"task={task} needs the trained scorer: ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt"
+        )
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise SetupError(
+            f"{path} is a sharded checkpoint folder (trainer=fsdp2). Convert it to one file first: "
+            f"python -m torch.distributed.checkpoint.format_utils dcp_to_torch {path} last.ckpt"
+        )
+    if not path.is_file():
+        raise SetupError(f"checkpoint {path} does not exist (ckpt_path=...)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: name it, not torch's internals
+        raise SetupError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    state = {k[len(PREFIX) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(PREFIX)}
+    if not state:
+        raise SetupError(f"{path} holds no scorer weights: is it a checkpoint of `python run.py` (task=train)?")
+    scorer = build_scorer(model)
+    missing, unexpected = scorer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SetupError(
+            f"{path} does not fit the scorer built from model={model.path} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected weights, e.g. {(missing or unexpected)[0]}). "
+            "Use the model settings (model=..., model.lora.r, model.head_hidden) of the training run."
+        )
+    return scorer.eval(), dict(ckpt.get("hyper_parameters", {}))

@@ -1,0 +1,102 @@
+"""Prompt sets: a raw JSONL file of questions and answers (e.g. GSM8K), or fresh toy prompts.
+
+Data preparation turns prompts into records; lossy decoding generates whole responses for them.
+A prompt keeps the line it came from, so that messages and resumed runs can name it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from spd_lightning.errors import RecordError
+from spd_lightning.toy.task import make_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int  # line number in the raw file (1-based), or position in a generated set
+    text: str  # what the models are prompted with (the template filled in)
+    answer: str | None  # the dataset's reference answer; None when the file has none
+
+
+def _parse_line(line: str, where: str, question_key: str, answer_key: str | None, template: str) -> tuple[str, str]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: expected a JSON object with a '{question_key}' field")
+    question = obj.get(question_key)
+    if not isinstance(question, str) or not question.strip():
+        raise RecordError(f"{where}: field '{question_key}' must be a non-empty string (data.question_key)")
+    answer = None
+    if answer_key is not None:
+        answer = obj.get(answer_key)
+        if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+            raise RecordError(f"{where}: field '{answer_key}' must be a string or a number (data.answer_key)")
+    try:
+        text = template.format(**{**obj, "question": question})
+    except (KeyError, IndexError, ValueError) as err:
+        raise RecordError(f"{where}: data.template {template!r} cannot be filled from this line ({err})") from None
+    return text, None if answer is None else str(answer)
+
+
+def load_prompts(
+    raw: str,
+    question_key: str = "question",
+    answer_key: str | None = "answer",
+    template: str = "{question}",
+    on_error: str = "skip",
+    limit: int | None = None,
+) -> list[Prompt]:
+    """Prompts from a JSONL file, one JSON object per line.
+
+    `template` is filled with the line's fields ("{question}" is the question_key field).
+    A malformed line stops with its file and line number (on_error="fail") or is reported
+    and skipped (on_error="skip"). answer_key=None reads prompts without answers (then only
+    reference=target can give records a reference)."""
+    if on_error not in ("skip", "fail"):
+        raise RecordError(f"data.on_error must be 'skip' or 'fail', got {on_error!r}")
+    path = Path(raw)
+    if not path.is_file():
+        raise RecordError(f"prompt file {path} does not exist (data.raw=PATH, JSONL with '{question_key}' fields)")
+    prompts: list[Prompt] = []
+    skipped = 0
+    with path.open() as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            if limit is not None and len(prompts) >= limit:
+                break
+            try:
+                text, answer = _parse_line(line, f"{path}:{lineno}", question_key, answer_key, template)
+            except RecordError as err:
+                if on_error == "fail":
+                    raise
+                log.warning("skipped %s", err)
+                skipped += 1
+                continue
+            prompts.append(Prompt(lineno, text, answer))
+    if skipped:
+        log.warning(
+            "%s: skipped %d malformed line(s) of %d (data.on_error=fail stops at the first)",
+            path,
+            skipped,
+            skipped + len(prompts),
+        )
+    if not prompts:
+        raise RecordError(f"prompt file {path} holds no usable prompts")
+    return prompts
+
+
+def toy_prompts(num_prompts: int = 200, seed: int = 1000) -> list[Prompt]:
+    """Fresh prompts of the embedded default world's task, with their answers. The default seed
+    differs from the one the world's records were built from (toy.spec.seed)."""
+    rng = random.Random(seed)
+    return [Prompt(i, ex.prompt, ex.answer) for i, ex in enumerate(make_example(rng) for _ in range(num_prompts))]
