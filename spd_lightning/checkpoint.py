@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from spd_lightning.config import build_scorer
 from spd_lightning.errors import SetupError
 from spd_lightning.scorer import ScoringActor
 
@@ -38,6 +37,9 @@ def load_trained_scorer(model: DictConfig, ckpt_path: str | None, task: str) -> 
     state = {k[len(PREFIX) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(PREFIX)}
     if not state:
         raise SetupError(f"{path} holds no scorer weights: is it a checkpoint of `python run.py` (task=train)?")
+    # Imported here: config.py imports the task modules (for their schemas), which import this one.
+    from spd_lightning.config import build_scorer
+
     scorer = build_scorer(model)
     missing, unexpected = scorer.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from spd_lightning.data import RecordDataModule
 from spd_lightning.decode import DecodeConfig
 from spd_lightning.evaluate import EvalConfig
+from spd_lightning.exact import ExactLoss
 from spd_lightning.grpo import GRPOLoss
 from spd_lightning.prepare import PrepareConfig
 from spd_lightning.prompts import load_prompts, toy_prompts
@@ -104,6 +105,7 @@ class ToySchema:
 SCHEMAS: dict[tuple[str, str], Any] = {
     ("reward", "reward_schema"): schema_for(RewardWeights),
     ("loss", "loss_schema"): schema_for(GRPOLoss),
+    ("loss", "exact_schema"): schema_for(ExactLoss),
     ("data", "data_schema"): schema_for(RecordDataModule),
     ("data", "prompts_schema"): schema_for(load_prompts),
     ("data", "toy_prompts_schema"): schema_for(toy_prompts),

@@ -12,11 +12,13 @@ import lightning as L
 import torch
 
 from spd_lightning.data import RecordBatch
+from spd_lightning.exact import ExactLoss, outcome_mask, outcome_probs
 from spd_lightning.grpo import GRPOLoss
-from spd_lightning.reward import RewardWeights, compute_reward_tensor, scenario_counts
+from spd_lightning.reward import RewardWeights, compute_reward_tensor
 from spd_lightning.rollout import HybridVerifier, Verification
 from spd_lightning.sampling import (
     accepted_any_mismatch,
+    all_outcomes,
     first_reject,
     mismatch_mask,
     sample_decisions,
@@ -34,7 +36,7 @@ class SPDModule(L.LightningModule):
         scorer: ScoringActor,
         verifier: HybridVerifier,
         reward: RewardWeights,
-        loss: GRPOLoss,
+        loss: GRPOLoss | ExactLoss,
         optimizer: partial,
         threshold: float = 0.5,
         backbone_lr_scale: float = 0.1,
@@ -51,6 +53,8 @@ class SPDModule(L.LightningModule):
         self.scorer.train()  # from_pretrained returns eval mode
         if backbone_lr_scale <= 0:  # before any strategy wraps it: DDP must not expect its gradients
             self.scorer.backbone.requires_grad_(False)
+        # Target completions and requests of all training steps so far, summed over the ranks.
+        self.verify_totals = {"completions": 0, "requests": 0}
         self.ref_scorer = None
         if loss.kl_coef > 0:
             self.ref_scorer = copy.deepcopy(scorer).eval().requires_grad_(False)
@@ -71,9 +75,14 @@ class SPDModule(L.LightningModule):
         """Verifies this rank's samples; the invalid share is checked over all ranks at once, so
         that every rank stops together instead of one waiting for the others forever."""
         result = self.verifier.verify(batch.records, accept_len, check_invalid=False)
-        counts = torch.tensor([result.stats["invalid"], accept_len.numel()], device=self.device)
-        invalid, total = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        stats = result.stats
+        counts = [stats["invalid"], accept_len.numel(), stats["completions"], stats["requests"]]
+        counts = torch.tensor(counts, device=self.device, dtype=torch.float64)
+        invalid, total, completions, requests = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         self.verifier.check_invalid(int(invalid), int(total))
+        if self.training:
+            self.verify_totals["completions"] += int(completions)
+            self.verify_totals["requests"] += int(requests)
         return result
 
     def accept_logits(self, batch: RecordBatch, scorer: ScoringActor | None = None) -> torch.Tensor:
@@ -81,22 +90,37 @@ class SPDModule(L.LightningModule):
         scorer = scorer or self.scorer
         return scorer(batch.input_ids, batch.attention_mask, batch.context_len, batch.target_ids)
 
+    def rollouts(self, logits: torch.Tensor, mismatch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What to verify: (accept_len [B, N], sample weights [B, N] summing to 1 per record).
+        GRPO draws N decision vectors; loss=exact takes every outcome (N = K+1) with its P(j)."""
+        if getattr(self.loss_fn, "exact", False):
+            accept_len, possible = all_outcomes(mismatch)
+            return accept_len, outcome_probs(logits.detach(), accept_len, mismatch, possible)
+        decisions = sample_decisions(torch.sigmoid(logits.detach()), mismatch, self.loss_fn.num_samples)
+        accept_len = first_reject(decisions)  # [B, N]
+        return accept_len, torch.full(accept_len.shape, 1 / accept_len.shape[1], device=logits.device)
+
     def training_step(self, batch: RecordBatch, batch_idx: int) -> torch.Tensor:
         k = batch.draft_ids.shape[1]
         mismatch = mismatch_mask(batch.draft_ids, batch.target_ids)  # [B, K]
         logits = self.accept_logits(batch)  # [B, K]
-        decisions = sample_decisions(torch.sigmoid(logits.detach()), mismatch, self.loss_fn.num_samples)
-        accept_len = first_reject(decisions)  # [B, N]
+        accept_len, weights = self.rollouts(logits, mismatch)  # [B, N] each
         result = self.verified(batch, accept_len)
+        # Samples (or outcomes) that enter the loss; loss=exact drops records it cannot verify whole.
+        valid = result.valid & (weights > 0)
+        if getattr(self.loss_fn, "exact", False):
+            valid = outcome_mask(result.valid, weights > 0)
         accepted = accepted_any_mismatch(accept_len, mismatch)  # [B, N]
         rewards = compute_reward_tensor(accepted, result.correct, accept_len, k, self.reward)  # [B, N]
-        advantages, zero_var = self.loss_fn.advantages(rewards, result.valid)
+        advantages, zero_var = self.loss_fn.advantages(rewards, valid)
         ref_logits = None
         if self.ref_scorer is not None:
             with torch.no_grad():
                 ref_logits = self.accept_logits(batch, self.ref_scorer)
-        stats = self._update(batch, logits, accept_len, mismatch, advantages, result.valid, ref_logits)
-        self._log_train(logits, mismatch, accept_len, accepted, result, rewards, zero_var, stats, k)
+        stats = self._update(batch, logits, accept_len, mismatch, advantages, valid, ref_logits)
+        weights = weights * valid
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)  # [B, N], rows of valid records sum to 1
+        self._log_train(logits, mismatch, accept_len, accepted, result, rewards, weights, zero_var, stats, k)
         return stats.loss.detach()
 
     def _update(self, batch, logits, accept_len, mismatch, advantages, valid, ref_logits):
@@ -121,10 +145,14 @@ class SPDModule(L.LightningModule):
         else:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
 
-    def _log_train(self, logits, mismatch, accept_len, accepted, result, rewards, zero_var, stats, k) -> None:
-        valid = result.valid
-        n_valid = valid.sum().clamp(min=1)
-        counts = scenario_counts(accepted, result.correct, valid)
+    def _log_train(self, logits, mismatch, accept_len, accepted, result, rewards, weights, zero_var, stats, k) -> None:
+        """Train metrics are expectations under the policy: sample means for GRPO (weights 1/N),
+        exact P(j)-weighted sums over the outcomes for loss=exact."""
+        records = (weights.sum(-1) > 0).sum().clamp(min=1)
+
+        def expected(x: torch.Tensor) -> torch.Tensor:
+            return (x.float() * weights).sum() / records
+
         probs = torch.sigmoid(logits.detach())[mismatch]
         metrics = {
             "train/loss": stats.loss.detach(),
@@ -132,11 +160,14 @@ class SPDModule(L.LightningModule):
             "train/kl": stats.kl.detach(),
             "train/entropy": stats.entropy.detach(),
             "train/clip_fraction": stats.clip_fraction,
-            "train/reward": (rewards * valid).sum() / n_valid,
-            "train/accuracy": (result.correct & valid).sum() / n_valid,
-            "train/accept_len": (accept_len.float() * valid).sum() / n_valid,
+            "train/reward": expected(rewards),
+            "train/accuracy": expected(result.correct),
+            "train/accept_len": expected(accept_len),
             "train/accept_prob": probs.mean() if probs.numel() else torch.tensor(0.0),
-            **{f"train/scenario_{s}": v / n_valid for s, v in counts.items()},
+            "train/scenario_A": expected(accepted & result.correct),
+            "train/scenario_B": expected(accepted & ~result.correct),
+            "train/scenario_C": expected(~accepted & result.correct),
+            "train/scenario_D": expected(~accepted & ~result.correct),
             "verify/latency_s": float(result.stats["latency_s"]),
         }
         # Counts of one step: under DDP/FSDP the total over all processes (each has its own records).
@@ -148,6 +179,8 @@ class SPDModule(L.LightningModule):
         # sync_dist: averaged (totals: summed) over the processes; a no-op in a single process.
         self.log_dict(metrics, batch_size=size, sync_dist=True)
         self.log_dict(totals, batch_size=size, sync_dist=True, reduce_fx="sum")
+        # Running totals over all ranks (summed in verified()): the cost axis of learning curves.
+        self.log_dict({f"verify/total_{name}": float(v) for name, v in self.verify_totals.items()}, batch_size=size)
         for name in ("reward", "accept_len"):
             self.log(name, metrics[f"train/{name}"], prog_bar=True, logger=False, batch_size=size, sync_dist=True)
 

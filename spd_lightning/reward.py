@@ -52,12 +52,3 @@ def compute_reward_tensor(
         bonus = bonus * correct.float()
     return reward + bonus
 
-
-def scenario_counts(accepted: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor) -> dict[str, int]:
-    """How many valid samples fell in each scenario."""
-    return {
-        "A": int((accepted & correct & valid).sum()),
-        "B": int((accepted & ~correct & valid).sum()),
-        "C": int((~accepted & correct & valid).sum()),
-        "D": int((~accepted & ~correct & valid).sum()),
-    }

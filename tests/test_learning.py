@@ -1,10 +1,12 @@
-"""A few GRPO steps on the default world change the scorer and move accept probabilities the right way."""
+"""A few GRPO (or loss=exact) steps on the default world change the scorer and move accept
+probabilities the right way."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from spd_lightning.data import collate_records
@@ -33,8 +35,9 @@ def accept_probs_at(module, batch, positions):
     return probs.gather(1, positions[:, None]).squeeze(1)  # [B]
 
 
-def test_grpo_steps_learn_accept_harmless_reject_harmful(toy_world: Path, tmp_path: Path, compose_train):
-    cfg = compose_train([f"toy.out={toy_world}", "seed=0"], tmp_path)
+@pytest.mark.parametrize("loss", ["grpo", "exact"])
+def test_steps_learn_accept_harmless_reject_harmful(loss: str, toy_world: Path, tmp_path: Path, compose_train):
+    cfg = compose_train([f"toy.out={toy_world}", "seed=0", f"loss={loss}"], tmp_path)
     L.seed_everything(0, verbose=False)
     datamodule, module = build_components(cfg)
     records = datamodule.val_records[:200]

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from spd_lightning.reward import RewardWeights, compute_reward, compute_reward_tensor, scenario, scenario_counts
+from spd_lightning.reward import RewardWeights, compute_reward, compute_reward_tensor, scenario
 
 T, F = True, False
 K = 4
@@ -94,15 +94,3 @@ def test_tensor_keeps_shape_and_hand_values():
     got = compute_reward_tensor(accepted, correct, accept_len, K, DEFAULT)
     # A j=4: 1.5 ; B: -1 ; C j=0: 0.5 ; D: 0
     torch.testing.assert_close(got, torch.tensor([[1.5, -1.0], [0.5, 0.0]]))
-
-
-def test_scenario_counts_respects_valid():
-    accepted = torch.tensor([[T, T, T, F, F, F]])
-    correct = torch.tensor([[T, T, F, T, F, F]])
-    valid = torch.tensor([[T, F, T, T, T, F]])
-    # valid samples: 0 (A), 2 (B), 3 (C), 4 (D); 1 (A) and 5 (D) are excluded
-    assert scenario_counts(accepted, correct, valid) == {"A": 1, "B": 1, "C": 1, "D": 1}
-    all_valid = torch.ones_like(valid)
-    assert scenario_counts(accepted, correct, all_valid) == {"A": 2, "B": 1, "C": 1, "D": 2}
-    none_valid = torch.zeros_like(valid)
-    assert scenario_counts(accepted, correct, none_valid) == {"A": 0, "B": 0, "C": 0, "D": 0}
