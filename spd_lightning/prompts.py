@@ -61,6 +61,18 @@ def load_prompts(
     A malformed line stops with its file and line number (on_error="fail") or is reported
     and skipped (on_error="skip"). answer_key=None reads prompts without answers (then only
     reference=target can give records a reference)."""
+    return read_prompt_file(raw, question_key, answer_key, template, on_error, limit)[0]
+
+
+def read_prompt_file(
+    raw: str,
+    question_key: str = "question",
+    answer_key: str | None = "answer",
+    template: str = "{question}",
+    on_error: str = "skip",
+    limit: int | None = None,
+) -> tuple[list[Prompt], int]:
+    """load_prompts, and how many malformed lines it skipped (task=prepare counts them)."""
     if on_error not in ("skip", "fail"):
         raise RecordError(f"data.on_error must be 'skip' or 'fail', got {on_error!r}")
     path = Path(raw)
@@ -92,7 +104,7 @@ def load_prompts(
         )
     if not prompts:
         raise RecordError(f"prompt file {path} holds no usable prompts")
-    return prompts
+    return prompts, skipped
 
 
 def toy_prompts(num_prompts: int = 200, seed: int = 1000) -> list[Prompt]:

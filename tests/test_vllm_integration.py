@@ -101,3 +101,31 @@ def test_training_steps_against_vllm(vllm_url: str, toy_world: Path, tmp_path: P
     assert len(targets) == 1, "train() should build exactly one VLLMTarget"
     print(f"requests to vLLM during training: {targets[0].num_requests}")
     assert targets[0].num_requests > 0 and targets[0].num_failed_requests == 0
+
+
+def test_vllm_proposals_and_argmax_along_equal_local(vllm_url: str, toy_world: Path, toy_prefixes):
+    local = LocalTarget(str(toy_world / "target"))
+    remote = VLLMTarget(url=vllm_url, model=MODEL, prompts_per_request=4)
+    try:
+        proposals = remote.propose(toy_prefixes, 6)  # ignore_eos: 6 tokens even past EOS
+        assert proposals == local.propose(toy_prefixes, 6)
+        rng = random.Random(0)
+        drafts = [p[:4] if i % 2 else [rng.randrange(3, 45) for _ in range(4)] for i, p in enumerate(proposals)]
+        along = remote.argmax_along(toy_prefixes, drafts)  # prompt_logprobs: 1
+        assert along == local.argmax_along(toy_prefixes, drafts)
+        assert remote.num_failed_requests == 0
+    finally:
+        remote.close()
+
+
+def test_prepare_with_a_vllm_target_equals_in_process(vllm_url: str, toy_world: Path, tmp_path: Path, compose_train):
+    from spd_lightning.prepare import prepare
+    from spd_lightning.toy.raw import write_raw_prompts
+
+    raw = write_raw_prompts(tmp_path / "prompts.jsonl", 8, seed=0)
+    common = ["task=prepare", f"toy.out={toy_world}", f"data.raw={raw}", "prepare.max_new_tokens=12"]
+    prepare(compose_train([*common, f"prepare.out={tmp_path / 'local'}"], tmp_path))
+    served = ["target=vllm", f"target.url={vllm_url}", f"target.model={MODEL}", f"prepare.out={tmp_path / 'vllm'}"]
+    prepare(compose_train([*common, *served], tmp_path))
+    expected = (tmp_path / "local" / "records.jsonl").read_text()
+    assert expected and (tmp_path / "vllm" / "records.jsonl").read_text() == expected

@@ -1,4 +1,4 @@
-"""The interface every target backend implements."""
+"""The interface every model backend implements: the target, and for task=prepare the draft."""
 
 from __future__ import annotations
 
@@ -6,21 +6,30 @@ from typing import Protocol
 
 
 class Target(Protocol):
-    """Completes token-id prefixes greedily (temperature 0).
+    """Greedy (temperature 0) passes of one causal LM over token ids.
 
-    `complete` returns, for each prefix, the completion's token ids (ending with EOS when
-    the model stopped there, at most `max_new_tokens` of them), or None where the backend
-    failed for that prefix (a remote server that kept failing after its retries). A None
-    marks the samples that used it invalid: they are excluded, never scored 0.
+    Every method returns one entry per input row, or None where the backend failed for that
+    row (a remote server that kept failing after its retries). In training a None marks the
+    samples that used it invalid: they are excluded, never scored 0.
     """
 
     max_new_tokens: int
-    # Requests sent to the backend so far (HTTP requests, or generate() calls in-process).
+    # Requests sent to the backend so far (HTTP requests, or batched model calls in-process).
     num_requests: int
 
-    def check_tokenizer(self, tokenizer) -> None:
-        """Raises SetupError unless the backend uses the same vocabulary as `tokenizer`."""
+    def check_tokenizer(self, tokenizer, role: str = "target") -> None:
+        """Raises SetupError unless the backend uses the same vocabulary as `tokenizer`; the
+        message calls the backend `role` ("target", "draft")."""
 
-    def complete(self, prefixes: list[list[int]]) -> list[list[int] | None]: ...
+    def complete(self, prefixes: list[list[int]], max_new_tokens: int | None = None) -> list[list[int] | None]:
+        """Each prefix's greedy completion: ending with EOS when the model stopped there, at most
+        `max_new_tokens` tokens (None: self.max_new_tokens)."""
+
+    def propose(self, contexts: list[list[int]], k: int) -> list[list[int] | None]:
+        """Exactly k greedy tokens after each context, not stopping at EOS (a draft's block)."""
+
+    def argmax_along(self, contexts: list[list[int]], drafts: list[list[int]]) -> list[list[int] | None]:
+        """For each pair: K tokens, [i] = the greedy token after context + draft[:i] (K = len(draft)),
+        from one teacher-forced pass over context + draft."""
 
     def close(self) -> None: ...

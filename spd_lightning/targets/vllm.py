@@ -1,10 +1,15 @@
-"""The remote target: one or more vLLM servers, over the OpenAI-compatible /v1/completions.
+"""The remote backend: one or more vLLM servers, over the OpenAI-compatible /v1/completions.
 
 Prompts go as token ids (`prompt: list[list[int]]`), many per request, with temperature 0,
 an explicit max_tokens (vLLM's default is 16) and `return_token_ids`, so a hybrid prefix is
 never decoded and re-tokenised. Requests are spread over the replicas concurrently. A pooled
 requests Session retries connection errors, timeouts and 5xx with backoff (urllib3 Retry); a
 request that still fails yields None for its prompts, which marks their samples invalid.
+
+task=prepare also asks a draft for K tokens (`ignore_eos`, max_tokens K) and a target for its
+greedy token at every draft position: the prompt is context + draft, `prompt_logprobs: 1`
+returns, at every prompt position, the prompt's own token and the rank-1 token (0 would return
+the prompt's token only), and max_tokens 1 keeps the generation to one token.
 
 Start a server the way the checks below expect:
     python -m vllm.entrypoints.openai.api_server --model PATH --served-model-name NAME
@@ -17,7 +22,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -29,6 +36,37 @@ log = logging.getLogger(__name__)
 
 # Strings whose tokenisation must agree between the server and the local tokenizer.
 DEFAULT_PROBES = ("Q: 37+45= A: so the total is 82.", "Hello, world! 1234", " leading space and\nnewline")
+
+# Turns one choice of a /v1/completions answer (and the prompt it answers) into token ids.
+Parse = Callable[[dict, list[int]], list[int]]
+
+
+def _generated(choice: dict, prompt: list[int]) -> list[int]:
+    return list(choice["token_ids"])
+
+
+def _exactly(k: int, choice: dict, prompt: list[int]) -> list[int]:
+    ids = list(choice["token_ids"])
+    if len(ids) != k:
+        raise ValueError(f"asked for {k} tokens with ignore_eos, got {len(ids)} (prompt too close to max_model_len?)")
+    return ids
+
+
+def _rank_one(position: dict) -> int:
+    """The rank-1 token of one prompt position: {"token id": {"logprob", "rank", ...}}. On a tie
+    the smallest id, as torch's argmax picks."""
+    best = [int(token) for token, entry in position.items() if entry["rank"] == 1]
+    if not best:
+        raise ValueError("a prompt_logprobs entry has no rank-1 token (server ignored prompt_logprobs: 1?)")
+    return min(best)
+
+
+def _top_of_last(k: int, choice: dict, prompt: list[int]) -> list[int]:
+    """The rank-1 tokens predicting the last k prompt tokens (the draft block)."""
+    rows = choice.get("prompt_logprobs")
+    if not isinstance(rows, list) or len(rows) != len(prompt):
+        raise ValueError("answer lacks prompt_logprobs, one per prompt token (vLLM too old?)")
+    return [_rank_one(row) for row in rows[len(prompt) - k :]]
 
 
 def _base_url(url: str) -> str:
@@ -116,7 +154,7 @@ class VLLMTarget:
                 f"server with --served-model-name {self.model}"
             )
 
-    def check_tokenizer(self, tokenizer, probes: tuple[str, ...] = DEFAULT_PROBES) -> None:
+    def check_tokenizer(self, tokenizer, role: str = "target", probes: tuple[str, ...] = DEFAULT_PROBES) -> None:
         """The server must tokenise like the local tokenizer, or token ids mean different things."""
         # The EOS token decides where completions stop: its text must map to the same id too.
         probes = tuple(probes) + ((tokenizer.eos_token,) if tokenizer.eos_token else ())
@@ -129,21 +167,13 @@ class VLLMTarget:
                 if remote != local:
                     raise SetupError(
                         f"tokenizer mismatch: {base} tokenises {text!r} as {remote[:12]}..., the local tokenizer "
-                        f"as {local[:12]}.... Serve the target with the tokenizer of model.tokenizer."
+                        f"as {local[:12]}.... Serve the {role} with the tokenizer of model.tokenizer."
                     )
 
     # --- the data path ---
 
-    def _request(self, base: str, prompts: list[list[int]]) -> list[list[int] | None]:
-        body = {
-            "model": self.model,
-            "prompt": prompts,
-            "max_tokens": self.max_new_tokens,
-            "temperature": 0.0,
-            "return_token_ids": True,
-        }
-        if self.stop:
-            body["stop"] = list(self.stop)
+    def _request(self, base: str, prompts: list[list[int]], params: dict, parse: Parse) -> list[list[int] | None]:
+        body = {"model": self.model, "prompt": prompts, "temperature": 0.0, "return_token_ids": True, **params}
         try:
             resp = self.session.post(base + "/v1/completions", json=body, timeout=(5.0, self.timeout_s))
             if 400 <= resp.status_code < 500:
@@ -154,21 +184,43 @@ class VLLMTarget:
             choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
             if len(choices) != len(prompts) or any("token_ids" not in c for c in choices):
                 raise ValueError("answer lacks one choice with token_ids per prompt (vLLM too old?)")
-            return [list(c["token_ids"]) for c in choices]
+            return [parse(choice, prompt) for choice, prompt in zip(choices, prompts)]
         except (requests.RequestException, ValueError, KeyError, TypeError) as err:
             with self._lock:
                 self.num_failed_requests += 1
             log.warning("vLLM request to %s failed after retries (%d prompts): %s", base, len(prompts), err)
             return [None] * len(prompts)
 
-    def complete(self, prefixes: list[list[int]]) -> list[list[int] | None]:
+    def _map(self, prompts: list[list[int]], params: dict, parse: Parse) -> list[list[int] | None]:
+        """Sends `prompts` in chunks over the replicas concurrently; one parsed answer per prompt."""
         # Small steps still use every replica: at least one chunk per server when there is work.
-        size = max(1, min(self.prompts_per_request, -(-len(prefixes) // len(self.bases))))
-        chunks = [prefixes[i : i + size] for i in range(0, len(prefixes), size)]
+        size = max(1, min(self.prompts_per_request, -(-len(prompts) // len(self.bases))))
+        chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
         replicas = itertools.cycle(self.bases)
-        futures = [self.pool.submit(self._request, next(replicas), chunk) for chunk in chunks]
+        futures = [self.pool.submit(self._request, next(replicas), chunk, params, parse) for chunk in chunks]
         self.num_requests += len(chunks)
-        return [completion for f in futures for completion in f.result()]
+        return [answer for f in futures for answer in f.result()]
+
+    def complete(self, prefixes: list[list[int]], max_new_tokens: int | None = None) -> list[list[int] | None]:
+        """Greedy completions ending with EOS, or `max_new_tokens` long (None: self.max_new_tokens)."""
+        params = {"max_tokens": self.max_new_tokens if max_new_tokens is None else max_new_tokens}
+        if self.stop:
+            params["stop"] = list(self.stop)
+        return self._map(prefixes, params, _generated)
+
+    def propose(self, contexts: list[list[int]], k: int) -> list[list[int] | None]:
+        """k greedy tokens after each context; EOS and stop strings do not end them."""
+        return self._map(contexts, {"max_tokens": k, "ignore_eos": True}, partial(_exactly, k))
+
+    def argmax_along(self, contexts: list[list[int]], drafts: list[list[int]]) -> list[list[int] | None]:
+        """[i] = greedy token after context + draft[:i], from the prompt logprobs of context + draft."""
+        if not contexts:
+            return []
+        k = len(drafts[0])
+        if any(len(d) != k for d in drafts):
+            raise ValueError("argmax_along: every draft of one call must have the same length")
+        prompts = [list(c) + list(d) for c, d in zip(contexts, drafts)]
+        return self._map(prompts, {"max_tokens": 1, "prompt_logprobs": 1}, partial(_top_of_last, k))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,103 @@
+"""Prompt sets: raw JSONL files (GSM8K-style) and fresh toy prompts (spd_lightning/prompts.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from spd_lightning.errors import RecordError
+from spd_lightning.prompts import Prompt, load_prompts, read_prompt_file, toy_prompts
+from spd_lightning.toy.raw import write_raw_prompts
+from spd_lightning.toy.task import make_example
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_reads_questions_answers_and_line_numbers(tmp_path):
+    raw = write(
+        tmp_path / "gsm8k.jsonl",
+        [
+            json.dumps({"question": "Tom has 3 apples...", "answer": "He has 3 + 4 = 7 #### 7"}),
+            "",  # blank lines are neither prompts nor errors
+            json.dumps({"question": "How many?", "answer": 12}),
+        ],
+    )
+    assert load_prompts(str(raw)) == [
+        Prompt(1, "Tom has 3 apples...", "He has 3 + 4 = 7 #### 7"),
+        Prompt(3, "How many?", "12"),  # numbers become strings
+    ]
+
+
+def test_template_keys_and_limit(tmp_path):
+    lines = [json.dumps({"q": f"{i}+1=", "a": str(i + 1), "topic": "sums"}) for i in range(5)]
+    raw = write(tmp_path / "p.jsonl", lines)
+    prompts = load_prompts(str(raw), question_key="q", answer_key="a", template="[{topic}] {question} A:", limit=2)
+    assert [(p.index, p.text, p.answer) for p in prompts] == [(1, "[sums] 0+1= A:", "1"), (2, "[sums] 1+1= A:", "2")]
+    assert [p.answer for p in load_prompts(str(raw), question_key="q", answer_key=None)] == [None] * 5
+
+
+def test_malformed_lines_are_skipped_and_counted(tmp_path, caplog):
+    raw = write(
+        tmp_path / "messy.jsonl",
+        [
+            '{"question": "a", "answer": "1"}',
+            "{broken",
+            '["a list"]',
+            '{"question": "b"}',
+            '{"question": "c", "answer": "3"}',
+        ],
+    )
+    with caplog.at_level("WARNING"):
+        prompts, skipped = read_prompt_file(str(raw))
+    assert [p.index for p in prompts] == [1, 5] and skipped == 3
+    for lineno, what in ((2, "not valid JSON"), (3, "expected a JSON object"), (4, "field 'answer'")):
+        assert f"{raw}:{lineno}: {what}" in caplog.text
+    assert "skipped 3 malformed line(s) of 5" in caplog.text
+
+
+def test_on_error_fail_stops_at_the_first_bad_line(tmp_path):
+    raw = write(tmp_path / "bad.jsonl", ['{"question": "a", "answer": "1"}', '{"question": "", "answer": "2"}'])
+    with pytest.raises(RecordError, match=rf"{raw}:2: field 'question' must be a non-empty string"):
+        load_prompts(str(raw), on_error="fail")
+
+
+def test_template_that_cannot_be_filled_names_the_line(tmp_path):
+    raw = write(tmp_path / "t.jsonl", ['{"question": "a", "answer": "1"}'])
+    with pytest.raises(RecordError, match=rf"{raw}:1: data.template"):
+        load_prompts(str(raw), template="{question} {missing}", on_error="fail")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"on_error": "ignore"}, "data.on_error must be"), ({"raw": "no/such/file.jsonl"}, "does not exist")],
+)
+def test_bad_settings_are_clear_errors(tmp_path, kwargs, match):
+    raw = write(tmp_path / "p.jsonl", ['{"question": "a", "answer": "1"}'])
+    with pytest.raises(RecordError, match=match):
+        load_prompts(**{"raw": str(raw), **kwargs})
+
+
+def test_a_file_without_usable_prompts_is_an_error(tmp_path):
+    raw = write(tmp_path / "empty.jsonl", ["{oops", ""])
+    with pytest.raises(RecordError, match="holds no usable prompts"):
+        load_prompts(str(raw))
+
+
+def test_toy_prompts_are_the_worlds_task_and_deterministic():
+    rng = random.Random(0)
+    expected = [make_example(rng) for _ in range(5)]
+    assert [(p.text, p.answer) for p in toy_prompts(5, seed=0)] == [(e.prompt, e.answer) for e in expected]
+    assert toy_prompts(5, seed=3) == toy_prompts(5, seed=3) != toy_prompts(5, seed=4)
+
+
+def test_raw_toy_file_round_trips(tmp_path):
+    raw = write_raw_prompts(tmp_path / "toy.jsonl", 7, seed=2)
+    loaded = load_prompts(str(raw))
+    assert [(p.text, p.answer) for p in loaded] == [(p.text, p.answer) for p in toy_prompts(7, seed=2)]
+    assert [p.index for p in loaded] == list(range(1, 8))
