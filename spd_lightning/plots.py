@@ -53,3 +53,57 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+# task=eval: one curve per policy family; the single-point baselines as large markers.
+TRADEOFF_STYLE = {
+    "scorer": {"color": "tab:red", "marker": "o"},
+    "topk": {"color": "tab:blue", "marker": "s"},
+    "kl_below": {"color": "tab:green", "marker": "^"},
+    "entropy_above": {"color": "tab:purple", "marker": "v"},
+    "standard_sd": {"color": "black", "marker": "D"},
+    "accept_all": {"color": "tab:gray", "marker": "X"},
+}
+
+
+def plot_tradeoff(rows: list[dict], labels: dict[str, str], highlight: dict | None, out_png: Path) -> Path:
+    """Accuracy against draft tokens accepted per block. rows: tradeoff rows (policy, parameter,
+    accept_len, accuracy); labels: policy -> legend text; highlight: the row to mark (the scorer at
+    its configured threshold)."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for policy, label in labels.items():
+        points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["accept_len"])
+        if not points:
+            continue
+        style = TRADEOFF_STYLE.get(policy, {"marker": "o"})
+        x, y = [r["accept_len"] for r in points], [r["accuracy"] for r in points]
+        if len(points) == 1:
+            ax.scatter(x, y, s=90, label=label, zorder=3, **style)
+        else:
+            ax.plot(x, y, label=label, alpha=0.85, **style)
+        if policy == "scorer":  # the thresholds next to their points; points that coincide share one label
+            at: dict[tuple[float, float], list[str]] = {}
+            for r in points:
+                at.setdefault((r["accept_len"], r["accuracy"]), []).append(f"{r['parameter']:g}")
+            for xy, names in at.items():
+                ax.annotate(", ".join(names), xy, fontsize=7, xytext=(6, -10), textcoords="offset points")
+    if highlight is not None:
+        ax.scatter(
+            [highlight["accept_len"]],
+            [highlight["accuracy"]],
+            s=320,
+            marker="*",
+            color="gold",
+            edgecolor="black",
+            zorder=4,
+            label=f"SPD scorer at t={highlight['parameter']:g} (configured)",
+        )
+    ax.set_xlabel("draft tokens accepted per block")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy vs accepted draft tokens, per policy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
