@@ -1,17 +1,247 @@
-"""task=decode: lossy speculative decoding end to end (stub; see issue 5)."""
+"""task=decode: whole generations by lossy speculative decoding, against greedy and standard SD.
+
+    python run.py task=decode ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt
+    python run.py task=decode ckpt_path=CKPT data=prompts data.raw=prompts.jsonl \
+        decode.draft_path=/models/draft decode.target_path=/models/target model=...
+
+Every prompt is decoded once per policy (decode.policies) with the draft, the target and the
+trained scorer in-process (spd_lightning/decoding.py has the loop). Writes decode.json (the
+figures of every policy) and decode_samples.jsonl (every prompt's responses) to the run
+directory, prints a table, and ends with one line of the headline figures. Returns
+cfg.optimized_metric from decode.json (by default the scorer's target calls per token: lower
+is better).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
-from omegaconf import DictConfig
+import torch
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from spd_lightning.checkpoint import load_trained_scorer
+from spd_lightning.decoding import Generation, Policy, accept_all, reject_all, scorer_policy, summarize, timed_generate
+from spd_lightning.errors import SetupError
+from spd_lightning.hf import load_pretrained, torch_dtype
+from spd_lightning.prompts import Prompt
+from spd_lightning.toy.build import build_toy_world
+
+log = logging.getLogger(__name__)
+
+# Policy name -> what the table calls it. greedy runs first: it is the reference of the others.
+POLICY_NAMES = {
+    "greedy": "greedy target",
+    "standard_sd": "standard SD",
+    "scorer": "SPD scorer",
+    "accept_all": "accept all",
+}
 
 
 @dataclass
 class DecodeConfig:
     # K: draft tokens per block.
     block_size: int = 4
+    # Tokens generated per prompt at most (an EOS ends a response earlier).
+    max_new_tokens: int = 32
+    # Prompts decoded together, each row with its own growing context.
+    batch_size: int = 64
+    # Accept a mismatch when the scorer's probability is >= this; null: the threshold the
+    # checkpoint's training run validated with (module.threshold there).
+    threshold: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional, not X | None)
+    # Which policies to run, from greedy, standard_sd, scorer, accept_all.
+    policies: list[str] = field(default_factory=lambda: list(POLICY_NAMES))
+    # The draft and the target causal LMs (transformers directories).
+    draft_path: str = MISSING
+    target_path: str = MISSING
+    # float32, bfloat16 or float16, for draft and target (the scorer's is model.dtype).
+    dtype: str = "float32"
+    # cpu, cuda, cuda:N, or auto (cuda when there is one).
+    device: str = "cpu"
+
+
+def _load_lm(cfg: DictConfig, what: str, key: str, device: str) -> PreTrainedModel:
+    """The causal LM at cfg.decode.<key>; its defaults point into the toy world, gone with ~toy."""
+    try:
+        path = cfg.decode[key]
+    except (InterpolationResolutionError, MissingMandatoryValue):
+        raise SetupError(f"decode.{key} must be set without the toy world: decode.{key}=/models/{what}") from None
+    dtype = torch_dtype(cfg.decode.dtype, "decode.dtype")
+    offline_key = "model.local_files_only" if cfg.model.local_files_only else None  # as for the scorer
+    model = load_pretrained(AutoModelForCausalLM, path, f"{what} model", f"decode.{key}", offline_key, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _check_vocab(tokenizer, models: dict[str, torch.nn.Module]) -> None:
+    """Speculative decoding compares token ids: every model must know every token of the tokenizer."""
+    if tokenizer.eos_token_id is None:
+        raise SetupError("the tokenizer (model.tokenizer) has no EOS token: generation could never stop")
+    for key, model in models.items():
+        vocab = model.config.vocab_size
+        if vocab < len(tokenizer):  # a model may pad its embedding table past the tokenizer, never below it
+            raise SetupError(
+                f"tokenizer mismatch: {key} has {vocab} embeddings, the tokenizer (model.tokenizer) "
+                f"{len(tokenizer)} tokens. Draft, target and scorer must share one tokenizer."
+            )
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SetupError(f"decode.device={name} but torch sees no GPU; use decode.device=cpu")
+    return name
+
+
+def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[Policy, int]]:
+    """decode.policies -> name: (policy, block size); greedy is the target alone (block size 0)."""
+    settings = cfg.decode
+    unknown = sorted(set(settings.policies) - set(POLICY_NAMES))
+    if unknown or not settings.policies:
+        raise SetupError(f"decode.policies {list(settings.policies)}: choose among {list(POLICY_NAMES)}")
+    if settings.block_size < 1 or settings.max_new_tokens < 1 or settings.batch_size < 1:
+        raise SetupError("decode.block_size, decode.max_new_tokens and decode.batch_size must be >= 1")
+    k = settings.block_size
+    fixed = {"greedy": (reject_all, 0), "standard_sd": (reject_all, k), "accept_all": (accept_all, k)}
+    # A fixed order, whatever the config's: greedy's responses are the others' reference.
+    return {
+        name: (_scorer_policy(cfg, tokenizer, device), k) if name == "scorer" else fixed[name]
+        for name in POLICY_NAMES
+        if name in settings.policies
+    }
+
+
+def _scorer_policy(cfg: DictConfig, tokenizer, device: str) -> Policy:
+    scorer, hparams = load_trained_scorer(cfg.model, cfg.ckpt_path, "decode")
+    threshold = cfg.decode.threshold
+    if threshold is None:  # the threshold the training run validated the scorer at
+        threshold = float(hparams.get("threshold", cfg.module.threshold))
+    _check_vocab(tokenizer, {"the scorer backbone (model.path)": scorer.backbone})
+    log.info("scorer from %s, accepting mismatches at p >= %.3f", cfg.ckpt_path, threshold)
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    return scorer_policy(scorer.to(device), threshold, pad)
+
+
+def response_text(tokenizer, gen: Generation) -> str:
+    return tokenizer.decode(gen.response_ids, skip_special_tokens=True)
+
+
+def references(prompts: list[Prompt], greedy_texts: list[str] | None) -> list[str]:
+    """The dataset's answers; for prompts without one, the greedy target's own response."""
+    if all(p.answer is not None for p in prompts):
+        return [p.answer for p in prompts]
+    if greedy_texts is None:
+        raise SetupError(
+            "some prompts have no answer (data.answer_key): then the greedy target's response is the "
+            "reference, so decode.policies must include greedy"
+        )
+    return [p.answer if p.answer is not None else g for p, g in zip(prompts, greedy_texts)]
+
+
+def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str):
+    """Decodes every prompt with every policy. -> (summary dict, per-prompt sample dicts)."""
+    settings = cfg.decode
+    if "greedy" not in settings.policies:
+        references(prompts, None)  # fails now, not after decoding, when a prompt has no answer
+    policies = build_policies(cfg, tokenizer, device)
+    draft, target = _load_lm(cfg, "draft", "draft_path", device), _load_lm(cfg, "target", "target_path", device)
+    _check_vocab(tokenizer, {"the draft (decode.draft_path)": draft, "the target (decode.target_path)": target})
+    prompt_ids = [tokenizer(p.text).input_ids for p in prompts]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    outputs: dict[str, tuple[list[Generation], float]] = {}
+    for name, (policy, k) in policies.items():
+        outputs[name] = timed_generate(
+            draft, target, prompt_ids, policy, k, settings.max_new_tokens, eos, pad, settings.batch_size, desc=name
+        )
+        log.info("%s: %d prompts in %.1f s", name, len(prompts), outputs[name][1])
+    texts = {name: [response_text(tokenizer, g) for g in gens] for name, (gens, _) in outputs.items()}
+    refs = references(prompts, texts.get("greedy"))
+    verifier = instantiate(cfg.verifier)
+    correct = {name: [bool(verifier(t, r)) for t, r in zip(ts, refs)] for name, ts in texts.items()}
+    summary: dict[str, float] = {"num_prompts": len(prompts), "block_size": settings.block_size}
+    for name, (gens, seconds) in outputs.items():
+        summary.update({f"{name}/{m}": v for m, v in summarize(gens, correct[name], seconds).items()})
+    if "greedy" in outputs and "standard_sd" in outputs:
+        # Standard SD is lossless: a share below 1 means the loop (or the numerics) is off.
+        pairs = zip(outputs["standard_sd"][0], outputs["greedy"][0])
+        summary["standard_sd/same_as_greedy"] = sum(a.response_ids == b.response_ids for a, b in pairs) / len(prompts)
+    samples = [
+        {
+            "index": p.index,
+            "prompt": p.text,
+            "reference": ref,
+            **{n: {"response": texts[n][i], "correct": correct[n][i], **_costs(outputs[n][0][i])} for n in outputs},
+        }
+        for i, (p, ref) in enumerate(zip(prompts, refs))
+    ]
+    return summary, samples
+
+
+def _costs(gen: Generation) -> dict[str, int]:
+    return {
+        "tokens": gen.num_tokens,
+        "target_calls": gen.target_calls,
+        "accepted_draft_tokens": gen.accepted_draft_tokens,
+    }
+
+
+def print_table(summary: dict[str, float], path: Path) -> None:
+    table = Table(title=f"Decoding {summary['num_prompts']} prompts, K={summary['block_size']}")
+    columns = {
+        "accuracy": "accuracy",
+        "target_calls_per_token": "calls/token",
+        "accepted_draft_tokens_per_block": "kept/block",
+        "tokens_per_prompt": "tokens",
+        "wall_s": "wall s*",
+    }
+    table.add_column("policy")
+    for title in columns.values():
+        table.add_column(title, justify="right")
+    for name, title in POLICY_NAMES.items():
+        if f"{name}/accuracy" in summary:
+            table.add_row(title, *(f"{summary[f'{name}/{m}']:.3f}" for m in columns))
+    console = Console()
+    console.print(table)
+    console.print("calls/token: target passes per generated token; kept/block: draft tokens kept")
+    console.print("per block; tokens: generated per prompt; *wall s: no KV cache, so secondary")
+    console.print(f"decode: {path}", soft_wrap=True)
+
+
+def headline(summary: dict[str, float]) -> str:
+    """The last line: key=value for the figures a user compares."""
+    keys = {
+        "scorer_accuracy": "scorer/accuracy",
+        "scorer_target_calls_per_token": "scorer/target_calls_per_token",
+        "sd_accuracy": "standard_sd/accuracy",
+        "sd_target_calls_per_token": "standard_sd/target_calls_per_token",
+        "greedy_accuracy": "greedy/accuracy",
+    }
+    return " ".join(f"{k}={summary[v]:.4f}" for k, v in keys.items() if v in summary)
 
 
 def decode(cfg: DictConfig) -> float | None:
-    raise NotImplementedError("task=decode")
+    if cfg.get("toy"):
+        build_toy_world(cfg.toy.out, instantiate(cfg.toy.spec))
+    device = _device(cfg.decode.device)
+    offline_key = "model.local_files_only" if cfg.model.local_files_only else None
+    tokenizer = load_pretrained(AutoTokenizer, cfg.model.tokenizer, "tokenizer", "model.tokenizer", offline_key)
+    prompts: list[Prompt] = instantiate(cfg.data)
+    log.info("decoding %d prompts, K=%d, on %s", len(prompts), cfg.decode.block_size, device)
+    summary, samples = run_policies(cfg, tokenizer, prompts, device)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    with (out / "decode_samples.jsonl").open("w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    print_table(summary, out / "decode.json")
+    print(headline(summary), flush=True)
+    return summary.get(cfg.optimized_metric)

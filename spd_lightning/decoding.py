@@ -1,0 +1,207 @@
+"""Whole generations by (lossy) speculative decoding, and what they cost in target calls.
+
+One block, for every unfinished row at once (B rows, K draft tokens):
+  1. the draft proposes K greedy tokens (K forward passes of the draft);
+  2. ONE target forward pass over context + draft gives the target's greedy token at each of
+     the K draft positions and one after the block: target_ids [B, K+1];
+  3. a policy decides at the mismatches (draft != target; matches are always kept);
+  4. with j the first rejected position, the block emits draft[:j] + [target[j]]: the target's
+     correction when j < K, the free token after the whole block when j = K.
+Rows stop at EOS (kept as the response's last token) or at max_new_tokens. Each block is one
+target call, so greedy decoding by the target alone (K = 0) is one call per token, and standard
+speculative decoding (reject every mismatch) emits exactly greedy's tokens in fewer calls.
+
+No KV cache: every step re-runs the models over the whole padded context, which keeps the loop
+plain and is cheap at the toy world's lengths; wall time is therefore not the headline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from spd_lightning.data import Record, collate_records
+from spd_lightning.lm import greedy_tokens, teacher_forced_logits
+from spd_lightning.sampling import first_reject, threshold_decisions
+from spd_lightning.scorer import ScoringActor
+
+
+@dataclass
+class Block:
+    """One speculative block of the B unfinished rows."""
+
+    contexts: list[list[int]]  # prompt + response so far, per row
+    prompt_lens: list[int]  # where each row's response starts
+    draft_ids: torch.Tensor  # [B, K] the draft's proposals (CPU)
+    target_ids: torch.Tensor  # [B, K+1] the target's greedy token at each draft position, then after the block
+
+    @property
+    def mismatch(self) -> torch.Tensor:
+        """[B, K] bool: the draft token differs from the target's."""
+        k = self.draft_ids.shape[1]
+        return self.draft_ids != self.target_ids[:, :k]
+
+
+# A policy: Block -> [B, K] bool, True = keep the draft token. Only mismatches are read;
+# the loop keeps matching tokens whatever it says.
+Policy = Callable[[Block], torch.Tensor]
+
+
+def reject_all(block: Block) -> torch.Tensor:
+    """Standard speculative decoding: every mismatch ends the block (lossless)."""
+    return torch.zeros_like(block.draft_ids, dtype=torch.bool)
+
+
+def accept_all(block: Block) -> torch.Tensor:
+    """The lossy extreme: the target never overrules the draft inside a block."""
+    return torch.ones_like(block.draft_ids, dtype=torch.bool)
+
+
+def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy:
+    """The trained judge: keep a mismatch when its accept probability is >= threshold, the
+    probability computed as training's validation computes it (context + draft, with the
+    target's tokens as the alternatives)."""
+    device = next(scorer.parameters()).device
+
+    @torch.no_grad()
+    def decide(block: Block) -> torch.Tensor:
+        k = block.draft_ids.shape[1]
+        drafts, targets = block.draft_ids.tolist(), block.target_ids[:, :k].tolist()
+        records = [
+            Record(ctx, plen, d, t, "") for ctx, plen, d, t in zip(block.contexts, block.prompt_lens, drafts, targets)
+        ]
+        batch = collate_records(records, pad_id)
+        logits = scorer(
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            batch.context_len.to(device),
+            batch.target_ids.to(device),
+        )  # [B, K]
+        return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
+
+    return decide
+
+
+@dataclass
+class Generation:
+    """One prompt's response and what producing it cost."""
+
+    response_ids: list[int]  # generated tokens, ending with EOS when the model stopped by itself
+    target_calls: int = 0  # target forward passes (one per block)
+    accepted_draft_tokens: int = 0  # draft tokens kept, over all blocks
+    accepted_mismatches: int = 0  # of those, tokens the target would not have chosen
+    stopped_at_eos: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.response_ids)
+
+
+def block_tokens(draft: list[int], target: list[int], accept_len: int) -> list[int]:
+    """What a block emits: draft[:j] + [target[j]] (target has K+1 tokens, so j = K gives the
+    free token after the whole block)."""
+    return list(draft[:accept_len]) + [target[accept_len]]
+
+
+@dataclass
+class BlockOutcome:
+    """What one block gives one row."""
+
+    tokens: list[int]  # draft[:j] + [target[j]]
+    mismatched: list[bool]  # [j]: which kept draft tokens differ from the target's
+
+
+def emit(gen: Generation, outcome: BlockOutcome, eos_id: int, max_new_tokens: int) -> None:
+    """Appends a block's tokens to a response, cut after an EOS or at max_new_tokens, and counts
+    the call. Draft tokens cut off with the rest count as neither accepted nor generated."""
+    tokens = outcome.tokens[: max_new_tokens - gen.num_tokens]
+    if eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id) + 1]
+        gen.stopped_at_eos = True
+    gen.response_ids.extend(tokens)
+    gen.target_calls += 1
+    kept = outcome.mismatched[: len(tokens)]
+    gen.accepted_draft_tokens += len(kept)
+    gen.accepted_mismatches += sum(kept)
+
+
+def decode_step(
+    draft: PreTrainedModel | None,
+    target: PreTrainedModel,
+    contexts: list[list[int]],
+    prompt_lens: list[int],
+    policy: Policy,
+    block_size: int,
+    pad_id: int,
+) -> list[BlockOutcome]:
+    """One block for every row (its prompt + response so far): one target forward pass."""
+    drafts = greedy_tokens(draft, contexts, block_size, pad_id) if block_size else [[] for _ in contexts]
+    target_ids = teacher_forced_logits(target, contexts, drafts, pad_id).argmax(-1).cpu()  # [B, K+1]
+    block = Block(contexts, prompt_lens, torch.tensor(drafts, dtype=torch.long), target_ids)
+    mismatch = block.mismatch  # [B, K]
+    if block_size:
+        accept_len = first_reject(policy(block).bool() | ~mismatch).tolist()  # [B]
+    else:  # greedy: nothing to decide, the target's own token is the block
+        accept_len = [0] * len(contexts)
+    return [
+        BlockOutcome(block_tokens(d, t, j), m[:j])
+        for d, t, j, m in zip(drafts, target_ids.tolist(), accept_len, mismatch.tolist())
+    ]
+
+
+def generate(
+    draft: PreTrainedModel | None,
+    target: PreTrainedModel,
+    prompts: list[list[int]],
+    policy: Policy,
+    block_size: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    batch_size: int = 64,
+    desc: str | None = None,
+) -> list[Generation]:
+    """Decodes every prompt, `batch_size` prompts at a time; rows leave the batch as they finish.
+    block_size=0 is plain greedy decoding by the target (the draft is not used)."""
+    gens = [Generation([]) for _ in prompts]
+    with tqdm(total=len(prompts), desc=desc, leave=False, disable=desc is None) as bar:
+        for start in range(0, len(prompts), batch_size):
+            active = list(range(start, min(start + batch_size, len(prompts))))
+            while active:
+                contexts = [prompts[i] + gens[i].response_ids for i in active]
+                lens = [len(prompts[i]) for i in active]
+                for i, outcome in zip(active, decode_step(draft, target, contexts, lens, policy, block_size, pad_id)):
+                    emit(gens[i], outcome, eos_id, max_new_tokens)
+                still = [i for i in active if not gens[i].stopped_at_eos and gens[i].num_tokens < max_new_tokens]
+                bar.update(len(active) - len(still))
+                active = still
+    return gens
+
+
+def summarize(gens: list[Generation], correct: list[bool], seconds: float) -> dict[str, float]:
+    """A policy's figures over all prompts. Generated tokens include the final EOS (producing it
+    takes a target call too), so greedy decoding is exactly 1.0 target call per token."""
+    tokens = sum(g.num_tokens for g in gens)
+    calls = sum(g.target_calls for g in gens)
+    return {
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "target_calls_per_token": calls / max(tokens, 1),
+        "accepted_draft_tokens_per_block": sum(g.accepted_draft_tokens for g in gens) / max(calls, 1),
+        "accepted_mismatches_per_block": sum(g.accepted_mismatches for g in gens) / max(calls, 1),
+        "tokens_per_prompt": tokens / max(len(gens), 1),
+        "target_calls": float(calls),
+        "stopped_at_eos": sum(g.stopped_at_eos for g in gens) / max(len(gens), 1),
+        "wall_s": seconds,
+    }
+
+
+def timed_generate(*args, **kwargs) -> tuple[list[Generation], float]:
+    """generate(...) and its wall time in seconds."""
+    start = time.perf_counter()
+    gens = generate(*args, **kwargs)
+    return gens, time.perf_counter() - start

@@ -1,0 +1,108 @@
+"""task=decode: whole generations with draft, target and trained scorer, against the baselines."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spd_lightning.decode import decode
+from spd_lightning.errors import SetupError
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADLINE = re.compile(
+    r"^scorer_accuracy=(?P<scorer_acc>[\d.]+) scorer_target_calls_per_token=(?P<scorer_cpt>[\d.]+) "
+    r"sd_accuracy=(?P<sd_acc>[\d.]+) sd_target_calls_per_token=(?P<sd_cpt>[\d.]+) "
+    r"greedy_accuracy=(?P<greedy_acc>[\d.]+)$"
+)
+
+
+def run_decode(args: list[str], out: Path, toy_world: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "run.py"), "task=decode", f"hydra.run.dir={out}", f"toy.out={toy_world}", *args]
+    return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_baselines_in_process_write_decode_json(compose_train, toy_world: Path, tmp_path: Path):
+    overrides = [f"toy.out={toy_world}", "task=decode", "data.num_prompts=12", "decode.policies=[standard_sd,greedy]"]
+    cfg = compose_train(overrides, tmp_path)
+    metric = decode(cfg)  # no scorer among the policies: no checkpoint needed
+    summary = json.loads((tmp_path / "decode.json").read_text())
+    assert metric is None  # the default optimized_metric is the scorer's, which did not run
+    assert summary["greedy/target_calls_per_token"] == 1.0
+    assert summary["standard_sd/same_as_greedy"] == 1.0
+    assert summary["standard_sd/accuracy"] == summary["greedy/accuracy"] >= 0.9
+    assert summary["standard_sd/target_calls_per_token"] < 1.0
+    samples = [json.loads(line) for line in (tmp_path / "decode_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and samples[0]["greedy"]["response"] == samples[0]["standard_sd"]["response"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ([], "task=decode needs the trained scorer: ckpt_path="),
+        (["decode.policies=[greedy,beam]"], r"decode.policies \['greedy', 'beam'\]: choose among"),
+        (["decode.policies=[greedy]", "decode.target_path=no-such-model"], "(?s)'no-such-model'.*decode.target_path="),
+        (["decode.policies=[greedy]", "decode.block_size=0"], "decode.block_size, .* must be >= 1"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(compose_train, toy_world: Path, tmp_path: Path, overrides, message):
+    cfg = compose_train([f"toy.out={toy_world}", "task=decode", "data.num_prompts=4", *overrides], tmp_path)
+    with pytest.raises(SetupError, match=message):
+        decode(cfg)
+
+
+def test_prompts_without_answers_are_judged_against_greedy(compose_train, toy_world: Path, tmp_path: Path):
+    raw = tmp_path / "questions.jsonl"
+    raw.write_text("".join(json.dumps({"question": f"Q: {a}+{a}= A:"}) + "\n" for a in range(5)))
+    base = [f"toy.out={toy_world}", "task=decode", "data=prompts", f"data.raw={raw}", "data.answer_key=null"]
+    cfg = compose_train([*base, "decode.policies=[greedy,standard_sd]"], tmp_path)
+    decode(cfg)
+    summary = json.loads((tmp_path / "decode.json").read_text())
+    assert summary["greedy/accuracy"] == summary["standard_sd/accuracy"] == 1.0  # SD is lossless
+    cfg = compose_train([*base, "decode.policies=[standard_sd]"], tmp_path)
+    with pytest.raises(SetupError, match="must include greedy"):
+        decode(cfg)
+
+
+@pytest.mark.slow
+def test_decode_end_to_end_beats_standard_sd(trained_ckpt: Path, toy_world: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    proc = run_decode([f"ckpt_path={trained_ckpt}", "data.num_prompts=30"], out, toy_world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    match = HEADLINE.match(last)
+    assert match, last
+    figures = {k: float(v) for k, v in match.groupdict().items()}
+    summary = json.loads((out / "decode.json").read_text())
+    assert summary["num_prompts"] == 30 and summary["standard_sd/same_as_greedy"] == 1.0
+    assert figures["scorer_cpt"] == pytest.approx(summary["scorer/target_calls_per_token"], abs=1e-4)
+    # The trained scorer needs far fewer target calls than standard SD, at greedy's accuracy
+    # (within a few points), while accepting every mismatch loses it.
+    assert figures["scorer_cpt"] < 0.8 * figures["sd_cpt"]
+    assert figures["scorer_acc"] >= figures["greedy_acc"] - 0.07
+    assert summary["accept_all/accuracy"] < figures["greedy_acc"] - 0.3
+    assert len((out / "decode_samples.jsonl").read_text().splitlines()) == 30
+
+
+@pytest.mark.slow
+def test_decode_a_prompt_file(toy_world: Path, tmp_path: Path):
+    raw = tmp_path / "prompts.jsonl"
+    lines = [{"question": f"Q: {a}+{b}= A:", "answer": str(a + b)} for a, b in [(3, 4), (37, 45), (12, 8), (50, 25)]]
+    raw.write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
+    out = tmp_path / "run"
+    proc = run_decode(["data=prompts", f"data.raw={raw}", "decode.policies=[greedy,standard_sd]"], out, toy_world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "decode.json").read_text())
+    assert summary["num_prompts"] == 4  # the malformed line is skipped and reported
+    assert "prompts.jsonl:5" in proc.stderr + (out / "run.log").read_text()
+    assert summary["greedy/accuracy"] == summary["standard_sd/accuracy"] == 1.0
+    assert proc.stdout.strip().splitlines()[-1] == "sd_accuracy=1.0000 sd_target_calls_per_token={:.4f} {}".format(
+        summary["standard_sd/target_calls_per_token"], "greedy_accuracy=1.0000"
+    )

@@ -1,0 +1,174 @@
+"""The decoding loop: speculative semantics, stopping and the accounting of target calls.
+
+Hand-built "models" whose next token is a lookup of the last token make every block's outcome
+known in advance; the toy world's real models check that standard SD reproduces greedy decoding.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spd_lightning.decoding import (
+    Block,
+    accept_all,
+    block_tokens,
+    generate,
+    reject_all,
+    scorer_policy,
+    summarize,
+)
+from spd_lightning.lm import greedy_responses
+
+V, EOS, PAD = 64, 1, 0
+K = 4
+
+
+class LookupLM(nn.Module):
+    """Next token = table[last token], whatever came before: a causal LM with a known answer."""
+
+    def __init__(self, table: dict[int, int]) -> None:
+        super().__init__()
+        nxt = torch.tensor([table.get(t, t + 1 if t + 1 < V else 2) for t in range(V)])
+        self.register_buffer("next_token", nxt)
+        self.anchor = nn.Parameter(torch.zeros(()))  # the lm helpers read the device off a parameter
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=F.one_hot(self.next_token[input_ids], V).float() * 10)  # [B, L, V]
+
+
+def counting(eos_after: int | None = None) -> LookupLM:
+    """2, 3, 4, ...: EOS follows `eos_after` (never when None)."""
+    return LookupLM({} if eos_after is None else {eos_after: EOS})
+
+
+def run(draft, target, prompts, policy, k=K, max_new_tokens=40, batch_size=8):
+    return generate(draft, target, prompts, policy, k, max_new_tokens, EOS, PAD, batch_size)
+
+
+def test_block_emits_accepted_draft_then_the_targets_token():
+    draft, target = [5, 6, 7, 8], [5, 6, 9, 10, 11]
+    assert block_tokens(draft, target, 2) == [5, 6, 9]  # the target's correction at j
+    assert block_tokens(draft, target, 4) == [5, 6, 7, 8, 11]  # j = K: the free token after the block
+
+
+def test_greedy_is_one_target_call_per_token():
+    gens = run(None, counting(eos_after=9), [[2], [5], [7, 8]], reject_all, k=0)
+    assert [g.response_ids for g in gens] == [[3, 4, 5, 6, 7, 8, 9, EOS], [6, 7, 8, 9, EOS], [9, EOS]]
+    assert all(g.target_calls == g.num_tokens and g.stopped_at_eos for g in gens)
+    assert summarize(gens, [True] * 3, 0.0)["target_calls_per_token"] == 1.0
+
+
+def test_standard_sd_with_a_perfect_draft_is_one_call_per_block_of_k_plus_1():
+    target = counting(eos_after=20)
+    gens = run(counting(eos_after=20), target, [[2]], reject_all)
+    assert gens[0].response_ids == list(range(3, 21)) + [EOS]  # 19 tokens
+    assert gens[0].target_calls == 4  # ceil(19 / (K + 1))
+    assert gens[0].accepted_draft_tokens == 4 * K  # every draft token kept, the last block's EOS too
+
+
+def test_standard_sd_rejects_every_mismatch_and_equals_greedy():
+    target = counting(eos_after=20)
+    draft = LookupLM({4: 9, 10: 12, 15: EOS})  # wrong after 4, 10 and 15 (an early EOS too)
+    prompts = [[2], [3], [11], [16]]
+    greedy = run(None, target, prompts, reject_all, k=0)
+    sd = run(draft, target, prompts, reject_all)
+    assert [g.response_ids for g in sd] == [g.response_ids for g in greedy]
+    assert all(g.accepted_mismatches == 0 for g in sd)
+    assert sum(g.target_calls for g in sd) < sum(g.target_calls for g in greedy)
+
+
+def test_accept_all_emits_k_plus_1_tokens_per_block_until_max_new_tokens():
+    draft = LookupLM({t: t + 2 for t in range(2, V - 2)})  # every token a mismatch
+    gens = run(draft, counting(), [[2], [3]], accept_all, max_new_tokens=17)
+    for g in gens:
+        assert g.num_tokens == 17 and not g.stopped_at_eos
+        assert g.target_calls == 4  # 3 full blocks of K + 1, then 2 of the 4th block's 5
+        # every kept draft token a mismatch; the cut-off ones of the last block are not counted
+        assert g.accepted_draft_tokens == g.accepted_mismatches == 3 * K + 2
+    assert gens[0].response_ids[:5] == [4, 6, 8, 10, 11]  # draft x4, then the target's token after 10
+
+
+def test_eos_inside_an_accepted_block_ends_the_response_there():
+    draft = LookupLM({4: EOS})  # proposes 3, 4, EOS, ... from [2]; the target would go on
+    gens = run(draft, counting(), [[2]], accept_all)
+    assert gens[0].response_ids == [3, 4, EOS]
+    assert gens[0].stopped_at_eos and gens[0].target_calls == 1
+    assert gens[0].accepted_draft_tokens == 3  # the draft tokens after its EOS are not counted
+
+
+@pytest.mark.parametrize("policy,k", [(reject_all, 0), (reject_all, K), (accept_all, K)])
+def test_max_new_tokens_is_respected(policy, k):
+    draft = LookupLM({5: 9})
+    gens = run(draft, counting(), [[2], [4], [30]], policy, k=k, max_new_tokens=7)
+    assert [g.num_tokens for g in gens] == [7, 7, 7]
+
+
+def test_rows_of_a_batch_finish_independently():
+    target = counting(eos_after=12)
+    prompts = [[11], [2], [10], [3], [5]]
+    together = run(counting(eos_after=12), target, prompts, reject_all, batch_size=5)
+    alone = [run(counting(eos_after=12), target, [p], reject_all)[0] for p in prompts]
+    assert [g.response_ids for g in together] == [g.response_ids for g in alone]
+
+
+class ConstantScorer(nn.Module):
+    """Accept logits [B, K] from a fixed vector: a stand-in for ScoringActor."""
+
+    def __init__(self, probs: list[float]) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.logit(torch.tensor(probs)))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, input_ids, attention_mask, context_len, target_ids):
+        self.seen.append(target_ids)
+        return self.logits.expand(len(input_ids), -1)
+
+
+def test_scorer_policy_accepts_mismatches_at_or_above_the_threshold():
+    scorer = ConstantScorer([0.9, 0.5, 0.2, 0.7])
+    decide = scorer_policy(scorer, threshold=0.5, pad_id=PAD)
+    block = Block([[2, 3], [4]], [1, 1], torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]]), torch.tensor([[9] * 5, [5] * 5]))
+    keep = decide(block)
+    # Row 0: every position a mismatch; p >= 0.5 keeps 0, 1 and 3. Row 1: position 0 matches.
+    assert keep.tolist() == [[True, True, False, True], [True, True, False, True]]
+    assert scorer.seen[0].tolist() == [[9] * 4, [5] * 4]  # the target's K tokens are the alternatives
+
+
+def test_scorer_policy_ends_block_at_first_rejected_mismatch():
+    draft = LookupLM({t: t + 2 for t in range(2, V - 2)})
+    policy = scorer_policy(ConstantScorer([0.9, 0.9, 0.1, 0.9]), 0.5, PAD)
+    gens = run(draft, counting(), [[2]], policy, max_new_tokens=12)
+    # two mismatches kept, the third replaced by the target's token; the fourth never reached
+    assert gens[0].response_ids == [4, 6, 7, 9, 11, 12, 14, 16, 17, 19, 21, 22]
+    assert gens[0].target_calls == 4 and gens[0].accepted_mismatches == 8
+
+
+@pytest.fixture(scope="module")
+def toy_lms(toy_world):
+    from spd_lightning.targets.local import load_causal_lm
+
+    return load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
+
+
+def test_standard_sd_equals_greedy_on_the_toy_models(toy_lms, toy_tokenizer):
+    from spd_lightning.prompts import toy_prompts
+
+    draft, target = toy_lms
+    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(48, seed=7)]
+    eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
+    greedy = generate(None, target, prompts, reject_all, 0, 24, eos, pad, batch_size=16)
+    sd = generate(draft, target, prompts, reject_all, K, 24, eos, pad, batch_size=16)
+    lossy = generate(draft, target, prompts, accept_all, K, 24, eos, pad, batch_size=16)
+    assert [g.response_ids for g in sd] == [g.response_ids for g in greedy]
+    # and greedy is the target's own greedy decoding (lm.greedy_responses cuts before EOS)
+    assert [g.response_ids[:-1] for g in greedy] == greedy_responses(target, prompts, 24, eos, pad)
+    assert all(g.stopped_at_eos for g in greedy)
+    calls = {name: summarize(gens, [True] * len(gens), 0.0) for name, gens in [("sd", sd), ("all", lossy)]}
+    # the weak draft still saves target calls; accepting everything saves the most
+    assert calls["all"]["target_calls_per_token"] < calls["sd"]["target_calls_per_token"] < 1.0
+    assert [g.response_ids for g in lossy] != [g.response_ids for g in greedy]
