@@ -57,8 +57,12 @@ def naive(url: str, model: str, samples, tokenizer, max_tokens: int) -> tuple[li
     """One fresh POST per sample with a text prompt, sequentially: the per-sample reward way."""
     texts = []
     for _, prefix in samples:
-        body = {"model": model, "prompt": tokenizer.decode(prefix, skip_special_tokens=False),
-                "max_tokens": max_tokens, "temperature": 0.0}
+        body = {
+            "model": model,
+            "prompt": tokenizer.decode(prefix, skip_special_tokens=False),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        }
         resp = requests.post(url + "/completions", json=body, timeout=120)
         resp.raise_for_status()
         texts.append(resp.json()["choices"][0]["text"])
@@ -127,7 +131,7 @@ def run(url: str, args, samples, tokenizer) -> None:
     eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
     agree = 0
     for (record, prefix), text in zip(samples, naive_texts):
-        naive_response = (tokenizer.decode(prefix[record.prompt_len :], skip_special_tokens=False) + text)
+        naive_response = tokenizer.decode(prefix[record.prompt_len :], skip_special_tokens=False) + text
         naive_response = naive_response.split(eos_text)[0]
         ids = prefix[record.prompt_len :] + result["completions"][tuple(prefix)]
         our_response = tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)

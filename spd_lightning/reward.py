@@ -51,4 +51,3 @@ def compute_reward_tensor(
     if weights.bonus_only_if_correct:
         bonus = bonus * correct.float()
     return reward + bonus
-
