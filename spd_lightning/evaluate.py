@@ -46,7 +46,7 @@ from spd_lightning.outcomes import (
 )
 from spd_lightning.plots import plot_tradeoff
 from spd_lightning.rollout import HybridVerifier
-from spd_lightning.rules import TokenFeatures, token_features
+from spd_lightning.rules import TokenFeatures, quantile_thresholds, token_features
 from spd_lightning.sampling import mismatch_mask
 from spd_lightning.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
@@ -67,7 +67,8 @@ CSV_COLUMNS = [
 
 @dataclass
 class EvalConfig:
-    # Accept thresholds of the trained scorer to sweep (module.threshold is always added).
+    # Accept thresholds of the trained scorer to sweep (module.threshold and auto_thresholds quantiles
+    # of its probabilities at mismatches are always added).
     thresholds: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     # The top-k rule: accept a mismatching draft token when it is in the target's top-k.
     topk: list[int] = field(default_factory=lambda: [2, 3, 5, 10])
@@ -78,7 +79,8 @@ class EvalConfig:
     # The entropy rule (FLy): accept when the target's entropy (nats) >= tau, i.e. the target is
     # unsure there; null: auto_thresholds quantiles.
     entropy_thresholds: Optional[list[float]] = None  # noqa: UP045
-    # How many quantiles of the values seen at mismatches a null threshold list becomes.
+    # How many quantiles of the values seen at mismatches a null threshold list becomes (and how many
+    # quantiles of the scorer's probabilities join eval.thresholds).
     auto_thresholds: int = 9
     # Evaluate at most this many held-out records (null: all).
     max_records: Optional[int] = None  # noqa: UP045
@@ -169,9 +171,13 @@ def collect(
 
 
 def sweep(cfg: DictConfig, table: OutcomeTable, probs: torch.Tensor, features: TokenFeatures) -> list[dict]:
-    """Every policy point's metrics (outcomes.tradeoff_rows); the scorer's sweep includes module.threshold."""
+    """Every policy point's metrics (outcomes.tradeoff_rows); the scorer's sweep includes module.threshold
+    and auto_thresholds quantiles of its accept probabilities at mismatch positions."""
     ecfg = cfg.eval
-    thresholds = sorted({*ecfg.thresholds, float(cfg.module.threshold)})
+    # A trained scorer's probabilities pile up near 0 and 1, where fixed thresholds all give one
+    # point: quantiles of its probabilities at mismatches spread its curve like the rules' ones.
+    spread = quantile_thresholds(probs, table.mismatch, ecfg.auto_thresholds)
+    thresholds = sorted({*ecfg.thresholds, float(cfg.module.threshold), *spread})
     points = policy_points(
         table.mismatch,
         probs,

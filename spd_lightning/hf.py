@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from spd_lightning.errors import SetupError
+
+# transformers draws a "Loading weights" bar for every model; the tasks show their own progress.
+transformers_logging.disable_progress_bar()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

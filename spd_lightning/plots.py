@@ -69,7 +69,8 @@ TRADEOFF_STYLE = {
 def plot_tradeoff(rows: list[dict], labels: dict[str, str], highlight: dict | None, out_png: Path) -> Path:
     """Accuracy against draft tokens accepted per block. rows: tradeoff rows (policy, parameter,
     accept_len, accuracy); labels: policy -> legend text; highlight: the row to mark (the scorer at
-    its configured threshold)."""
+    its configured threshold). Parameters are left to tradeoff.csv: a trained scorer's quantile
+    thresholds crowd near 0 and 1, and their labels would cover the curves."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for policy, label in labels.items():
         points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["accept_len"])
@@ -81,12 +82,6 @@ def plot_tradeoff(rows: list[dict], labels: dict[str, str], highlight: dict | No
             ax.scatter(x, y, s=90, label=label, zorder=3, **style)
         else:
             ax.plot(x, y, label=label, alpha=0.85, **style)
-        if policy == "scorer":  # the thresholds next to their points; points that coincide share one label
-            at: dict[tuple[float, float], list[str]] = {}
-            for r in points:
-                at.setdefault((r["accept_len"], r["accuracy"]), []).append(f"{r['parameter']:g}")
-            for xy, names in at.items():
-                ax.annotate(", ".join(names), xy, fontsize=7, xytext=(6, -10), textcoords="offset points")
     if highlight is not None:
         ax.scatter(
             [highlight["accept_len"]],
