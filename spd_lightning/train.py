@@ -98,8 +98,10 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
 
 
-def validation_metrics(trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule) -> dict[str, float]:
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+def validation_metrics(
+    trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, ckpt_path: str | None = None
+) -> dict[str, float]:
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     return {k: float(v) for k, v in results[0].items()}
 
 
@@ -177,7 +179,9 @@ def fit_and_summarise(
     cfg: DictConfig, trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, out: Path
 ) -> float | None:
     spawned = isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)  # trainer=ddp_spawn
-    initial = validation_metrics(trainer, module, datamodule) if cfg.validate_before_fit else {}
+    # A resumed run starts from its checkpoint's weights: "initial/" reports those, not fresh ones.
+    resume = cfg.get("ckpt_path")
+    initial = validation_metrics(trainer, module, datamodule, resume) if cfg.validate_before_fit else {}
     if spawned:
         learn_csv_columns(trainer)
     try:

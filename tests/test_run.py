@@ -77,11 +77,15 @@ def test_resume_from_last_checkpoint(tmp_path: Path, toy_world: Path):
     first, second = tmp_path / "first", tmp_path / "second"
     for d in (first, second):
         d.mkdir()
-    budget = ["trainer.val_check_interval=5", "data.max_val_records=64", "validate_before_fit=false"]
-    proc = run(["trainer.max_steps=10", *budget], first, toy_world)
+    budget = ["trainer.val_check_interval=5", "data.max_val_records=64"]
+    proc = run(["trainer.max_steps=10", "validate_before_fit=false", *budget], first, toy_world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = first / "checkpoints" / "last.ckpt"
     proc = run(["trainer.max_steps=15", f"ckpt_path={ckpt}", *budget], second, toy_world)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The resumed run continues from step 10 instead of starting over.
-    assert json.loads((second / "summary.json").read_text())["train/steps"] == 15
+    # The resumed run continues from step 10 instead of starting over, and its "initial/" numbers
+    # are those of the checkpoint it resumed from, not of a fresh scorer.
+    resumed, before = (json.loads((d / "summary.json").read_text()) for d in (second, first))
+    assert resumed["train/steps"] == 15
+    assert resumed["initial/val/accept_len"] == before["val/accept_len"]
+    assert resumed["initial/val/accuracy"] == before["val/accuracy"]
