@@ -29,7 +29,16 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from spd_lightning.checkpoint import load_trained_scorer
-from spd_lightning.decoding import Generation, Policy, accept_all, reject_all, scorer_policy, summarize, timed_generate
+from spd_lightning.decoding import (
+    Generation,
+    Policy,
+    accept_all,
+    kl_policy,
+    reject_all,
+    scorer_policy,
+    summarize,
+    timed_generate,
+)
 from spd_lightning.errors import SetupError
 from spd_lightning.hf import load_pretrained, torch_dtype
 from spd_lightning.prompts import Prompt
@@ -42,8 +51,10 @@ POLICY_NAMES = {
     "greedy": "greedy target",
     "standard_sd": "standard SD",
     "scorer": "SPD scorer",
+    "kl_below": "KL rule",
     "accept_all": "accept all",
 }
+DEFAULT_POLICIES = ["greedy", "standard_sd", "scorer", "accept_all"]
 
 
 @dataclass
@@ -57,8 +68,12 @@ class DecodeConfig:
     # Accept a mismatch when the scorer's probability is >= this; null: the threshold the
     # checkpoint's training run validated with (module.threshold there).
     threshold: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional, not X | None)
-    # Which policies to run, from greedy, standard_sd, scorer, accept_all.
-    policies: list[str] = field(default_factory=lambda: list(POLICY_NAMES))
+    # Which policies to run, from greedy, standard_sd, scorer, kl_below, accept_all.
+    policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
+    # kl_below, the training-free KL rule: keep a mismatch when KL(target || draft) <= this (nats).
+    kl_threshold: Optional[float] = None  # noqa: UP045
+    # kl_below verifies strictly where the target's top-1 probability exceeds this; null: never.
+    kl_confidence: Optional[float] = 0.9  # noqa: UP045
     # The draft and the target causal LMs (transformers directories).
     draft_path: str = MISSING
     target_path: str = MISSING
@@ -111,6 +126,13 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
         raise SetupError("decode.block_size, decode.max_new_tokens and decode.batch_size must be >= 1")
     k = settings.block_size
     fixed = {"greedy": (reject_all, 0), "standard_sd": (reject_all, k), "accept_all": (accept_all, k)}
+    if "kl_below" in settings.policies:
+        if settings.kl_threshold is None:
+            raise SetupError(
+                "decode.policies has kl_below: set decode.kl_threshold=TAU (task=eval's tradeoff.csv lists "
+                "the KL rule's accuracy and accepted tokens at each tau)"
+            )
+        fixed["kl_below"] = (kl_policy(settings.kl_threshold, settings.kl_confidence), k)
     # A fixed order, whatever the config's: greedy's responses are the others' reference.
     return {
         name: (_scorer_policy(cfg, tokenizer, device), k) if name == "scorer" else fixed[name]

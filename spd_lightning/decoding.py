@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from spd_lightning.data import Record, collate_records
 from spd_lightning.lm import greedy_tokens, teacher_forced_logits
+from spd_lightning.rules import kl_decisions, token_features
 from spd_lightning.sampling import first_reject, threshold_decisions
 from spd_lightning.scorer import ScoringActor
 
@@ -39,6 +40,8 @@ class Block:
     prompt_lens: list[int]  # where each row's response starts
     draft_ids: torch.Tensor  # [B, K] the draft's proposals (CPU)
     target_ids: torch.Tensor  # [B, K+1] the target's greedy token at each draft position, then after the block
+    target_logits: torch.Tensor | None = None  # [B, K+1, V] the target's distributions there
+    draft_logits: torch.Tensor | None = None  # [B, K+1, V] the draft's, for policies that ask (needs_logits)
 
     @property
     def mismatch(self) -> torch.Tensor:
@@ -84,6 +87,19 @@ def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy
         )  # [B, K]
         return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
 
+    return decide
+
+
+def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
+    """The training-free KL rule (rules.kl_decisions): keep a mismatch when KL(target || draft)
+    <= tau at its position, except where the target's top-1 probability exceeds `confidence`.
+    It reads both models' distributions: one more draft pass per block, no extra target call."""
+
+    def decide(block: Block) -> torch.Tensor:
+        features = token_features(block.target_logits, block.draft_logits, block.draft_ids)
+        return kl_decisions(features.kl.cpu(), block.mismatch, tau, features.target_top1.cpu(), confidence)
+
+    decide.needs_logits = True  # type: ignore[attr-defined]
     return decide
 
 
@@ -141,8 +157,13 @@ def decode_step(
 ) -> list[BlockOutcome]:
     """One block for every row (its prompt + response so far): one target forward pass."""
     drafts = greedy_tokens(draft, contexts, block_size, pad_id) if block_size else [[] for _ in contexts]
-    target_ids = teacher_forced_logits(target, contexts, drafts, pad_id).argmax(-1).cpu()  # [B, K+1]
-    block = Block(contexts, prompt_lens, torch.tensor(drafts, dtype=torch.long), target_ids)
+    target_logits = teacher_forced_logits(target, contexts, drafts, pad_id)  # [B, K+1, V]
+    draft_logits = None
+    if block_size and getattr(policy, "needs_logits", False):
+        draft_logits = teacher_forced_logits(draft, contexts, drafts, pad_id)  # [B, K+1, V]
+    target_ids = target_logits.argmax(-1).cpu()  # [B, K+1]
+    draft_ids = torch.tensor(drafts, dtype=torch.long)  # [B, K]
+    block = Block(contexts, prompt_lens, draft_ids, target_ids, target_logits, draft_logits)
     mismatch = block.mismatch  # [B, K]
     if block_size:
         accept_len = first_reject(policy(block).bool() | ~mismatch).tolist()  # [B]

@@ -49,6 +49,7 @@ def test_baselines_in_process_write_decode_json(compose_train, toy_world: Path, 
         (["decode.policies=[greedy,beam]"], r"decode.policies \['greedy', 'beam'\]: choose among"),
         (["decode.policies=[greedy]", "decode.target_path=no-such-model"], "(?s)'no-such-model'.*decode.target_path="),
         (["decode.policies=[greedy]", "decode.block_size=0"], "decode.block_size, .* must be >= 1"),
+        (["decode.policies=[greedy,kl_below]"], "decode.policies has kl_below: set decode.kl_threshold="),
     ],
 )
 def test_bad_settings_are_one_clear_error(compose_train, toy_world: Path, tmp_path: Path, overrides, message):

@@ -18,6 +18,7 @@ from spd_lightning.decoding import (
     accept_all,
     block_tokens,
     generate,
+    kl_policy,
     reject_all,
     scorer_policy,
     summarize,
@@ -172,3 +173,22 @@ def test_standard_sd_equals_greedy_on_the_toy_models(toy_lms, toy_tokenizer):
     # the weak draft still saves target calls; accepting everything saves the most
     assert calls["all"]["target_calls_per_token"] < calls["sd"]["target_calls_per_token"] < 1.0
     assert [g.response_ids for g in lossy] != [g.response_ids for g in greedy]
+
+
+def test_kl_policy_spans_standard_sd_to_accept_all_on_the_toy_models(toy_lms, toy_tokenizer):
+    from spd_lightning.prompts import toy_prompts
+
+    draft, target = toy_lms
+    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(24, seed=8)]
+    eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
+
+    def ids(policy):
+        return [g.response_ids for g in generate(draft, target, prompts, policy, K, 24, eos, pad, batch_size=12)]
+
+    sd = ids(reject_all)
+    # No divergence is <= -1: every mismatch rejected, as standard SD. Any divergence is <= inf and
+    # without the confidence mask nothing is verified strictly: accept-all.
+    assert ids(kl_policy(-1.0)) == sd
+    assert ids(kl_policy(float("inf"), confidence=None)) == ids(accept_all)
+    middle = ids(kl_policy(0.85))
+    assert middle != sd
