@@ -59,6 +59,12 @@ class SPDModule(L.LightningModule):
         if loss.kl_coef > 0:
             self.ref_scorer = copy.deepcopy(scorer).eval().requires_grad_(False)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["verify_totals"] = dict(self.verify_totals)  # a resumed run's cost axis goes on
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.verify_totals.update(checkpoint.get("verify_totals", {}))
+
     def on_fit_start(self) -> None:
         self._place_target()
 

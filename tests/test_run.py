@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from spd_lightning.plots import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = [
     f"val/{policy}{metric}"
@@ -89,3 +91,6 @@ def test_resume_from_last_checkpoint(tmp_path: Path, toy_world: Path):
     assert resumed["train/steps"] == 15
     assert resumed["initial/val/accept_len"] == before["val/accept_len"]
     assert resumed["initial/val/accuracy"] == before["val/accuracy"]
+    # The running count of target completions goes on from the checkpoint's.
+    totals = [read_metrics(d / "csv" / "metrics.csv")["verify/total_completions"] for d in (first, second)]
+    assert totals[1][0][1] > totals[0][-1][1]
