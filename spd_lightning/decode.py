@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from spd_lightning.checkpoint import load_trained_scorer
 from spd_lightning.decoding import (
@@ -40,8 +40,9 @@ from spd_lightning.decoding import (
     timed_generate,
 )
 from spd_lightning.errors import SetupError
-from spd_lightning.hf import load_pretrained, torch_dtype
+from spd_lightning.hf import check_covers_tokenizer, load_tokenizer, resolve_device
 from spd_lightning.prompts import Prompt
+from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.toy.build import build_toy_world
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,8 @@ def _load_lm(cfg: DictConfig, what: str, key: str, device: str) -> PreTrainedMod
         path = cfg.decode[key]
     except (InterpolationResolutionError, MissingMandatoryValue):
         raise SetupError(f"decode.{key} must be set without the toy world: decode.{key}=/models/{what}") from None
-    dtype = torch_dtype(cfg.decode.dtype, "decode.dtype")
     offline_key = "model.local_files_only" if cfg.model.local_files_only else None  # as for the scorer
-    model = load_pretrained(AutoModelForCausalLM, path, f"{what} model", f"decode.{key}", offline_key, dtype=dtype)
-    return model.to(device).eval()
+    return load_causal_lm(path, cfg.decode.dtype, device, f"{what} model", f"decode.{key}", offline_key)
 
 
 def _check_vocab(tokenizer, models: dict[str, torch.nn.Module]) -> None:
@@ -100,20 +99,7 @@ def _check_vocab(tokenizer, models: dict[str, torch.nn.Module]) -> None:
     if tokenizer.eos_token_id is None:
         raise SetupError("the tokenizer (model.tokenizer) has no EOS token: generation could never stop")
     for key, model in models.items():
-        vocab = model.config.vocab_size
-        if vocab < len(tokenizer):  # a model may pad its embedding table past the tokenizer, never below it
-            raise SetupError(
-                f"tokenizer mismatch: {key} has {vocab} embeddings, the tokenizer (model.tokenizer) "
-                f"{len(tokenizer)} tokens. Draft, target and scorer must share one tokenizer."
-            )
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SetupError(f"decode.device={name} but torch sees no GPU; use decode.device=cpu")
-    return name
+        check_covers_tokenizer(model.config.vocab_size, tokenizer, key)
 
 
 def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[Policy, int]]:
@@ -253,9 +239,8 @@ def headline(summary: dict[str, float]) -> str:
 def decode(cfg: DictConfig) -> float | None:
     if cfg.get("toy"):
         build_toy_world(cfg.toy.out, instantiate(cfg.toy.spec))
-    device = _device(cfg.decode.device)
-    offline_key = "model.local_files_only" if cfg.model.local_files_only else None
-    tokenizer = load_pretrained(AutoTokenizer, cfg.model.tokenizer, "tokenizer", "model.tokenizer", offline_key)
+    device = resolve_device(cfg.decode.device, "decode.device")
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
     prompts: list[Prompt] = instantiate(cfg.data)
     log.info("decoding %d prompts, K=%d, on %s", len(prompts), cfg.decode.block_size, device)
     summary, samples = run_policies(cfg, tokenizer, prompts, device)

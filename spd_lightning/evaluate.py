@@ -29,12 +29,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from spd_lightning.callbacks import finish_wandb, log_config, log_images, wandb_loggers
 from spd_lightning.data import Record, check_vocab, collate_records
 from spd_lightning.errors import RecordError, SetupError
-from spd_lightning.hf import load_pretrained, torch_dtype
+from spd_lightning.hf import check_covers_tokenizer, load_tokenizer, resolve_device
 from spd_lightning.lm import teacher_forced_logits
 from spd_lightning.outcomes import (
     POLICY_LABELS,
@@ -50,6 +50,7 @@ from spd_lightning.rules import TokenFeatures, quantile_thresholds, token_featur
 from spd_lightning.sampling import mismatch_mask
 from spd_lightning.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
+from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.toy.build import build_toy_world
 
 log = logging.getLogger(__name__)
@@ -103,31 +104,23 @@ def _setting(cfg: DictConfig, key: str) -> str:
         raise SetupError(f"{key} is not set (its default needs the toy world): python run.py {key}=PATH") from None
 
 
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-def load_rule_model(path: str, key: str, dtype: str, device: str, vocab: int) -> PreTrainedModel:
+def load_rule_model(path: str, key: str, dtype: str, device: str, tokenizer) -> PreTrainedModel:
     """A causal LM for the training-free rules, on `device` in eval mode; it must cover the tokenizer."""
-    model = load_pretrained(AutoModelForCausalLM, path, "causal LM", key, dtype=torch_dtype(dtype, "eval.dtype"))
-    if model.config.vocab_size < vocab:
-        raise SetupError(
-            f"{key}={path} has {model.config.vocab_size} embeddings, the tokenizer {vocab} tokens: "
-            "draft, target and scorer must share one tokenizer."
-        )
-    return model.to(device).eval()
+    model = load_causal_lm(path, dtype, device, "causal LM", key)
+    check_covers_tokenizer(model.config.vocab_size, tokenizer, f"{key}={path}")
+    return model
 
 
-def rule_models(cfg: DictConfig, target, vocab: int) -> tuple[PreTrainedModel, PreTrainedModel]:
+def rule_models(cfg: DictConfig, target, tokenizer) -> tuple[PreTrainedModel, PreTrainedModel]:
     """(target LM, draft LM) for the rules; an in-process target of the same path is reused."""
-    ecfg, device = cfg.eval, _device(cfg.eval.device)
+    ecfg, device = cfg.eval, resolve_device(cfg.eval.device, "eval.device")
     target_path, draft_path = _setting(cfg, "eval.target_path"), _setting(cfg, "eval.draft_path")
     same = isinstance(target, LocalTarget) and cfg.target.get("model_path") == target_path
     if same and str(target.device) == device and ecfg.dtype == cfg.target.dtype:
         target_lm = target.model
     else:
-        target_lm = load_rule_model(target_path, "eval.target_path", ecfg.dtype, device, vocab)
-    return target_lm, load_rule_model(draft_path, "eval.draft_path", ecfg.dtype, device, vocab)
+        target_lm = load_rule_model(target_path, "eval.target_path", ecfg.dtype, device, tokenizer)
+    return target_lm, load_rule_model(draft_path, "eval.draft_path", ecfg.dtype, device, tokenizer)
 
 
 def eval_records(cfg: DictConfig, vocab: int) -> list[Record]:
@@ -285,9 +278,8 @@ def load_inputs(cfg: DictConfig) -> tuple[ScoringActor, object, list[Record]]:
     scorer, hparams = load_trained_scorer(cfg.model, cfg.ckpt_path, "eval")
     if "threshold" in hparams and float(hparams["threshold"]) != float(cfg.module.threshold):
         log.info("module.threshold=%s (the training run validated at %s)", cfg.module.threshold, hparams["threshold"])
-    offline_key = "model.local_files_only" if cfg.model.local_files_only else None
-    tokenizer = load_pretrained(AutoTokenizer, cfg.model.tokenizer, "tokenizer", "model.tokenizer", offline_key)
-    return scorer.to(_device(cfg.eval.device)), tokenizer, eval_records(cfg, len(tokenizer))
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
+    return scorer.to(resolve_device(cfg.eval.device, "eval.device")), tokenizer, eval_records(cfg, len(tokenizer))
 
 
 def summarize(cfg: DictConfig, table: OutcomeTable, rows: list[dict], stats: dict) -> dict:
@@ -316,7 +308,7 @@ def run_eval(cfg: DictConfig, scorer: ScoringActor, tokenizer, records: list[Rec
     verifier = HybridVerifier(
         target, tokenizer, instantiate(cfg.verifier), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
     )
-    models = rule_models(cfg, target, len(tokenizer))
+    models = rule_models(cfg, target, tokenizer)
     loggers = instantiate_dict(cfg.get("logger"))
     log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     out, threshold = Path(cfg.paths.output_dir), float(cfg.module.threshold)

@@ -65,3 +65,30 @@ def load_pretrained(loader, path: str, what: str, config_key: str, offline_key: 
             f"cannot load the {what} {path!r} ({where} did not provide it): {str(err).splitlines()[0]}\n"
             f"Point {config_key} at a local directory holding it (config.json, weights, tokenizer files)."
         ) from None
+
+
+def load_tokenizer(path: str, local_files_only: bool):
+    """The tokenizer draft, target and scorer share (`model.tokenizer`), as every task loads it."""
+    from transformers import AutoTokenizer
+
+    offline_key = "model.local_files_only" if local_files_only else None
+    return load_pretrained(AutoTokenizer, path, "tokenizer", "model.tokenizer", offline_key)
+
+
+def check_covers_tokenizer(vocab_size: int, tokenizer, what: str) -> None:
+    """Speculative decoding compares token ids, so every model must know every token of the shared
+    tokenizer. A model may pad its embedding table past the tokenizer, never below it."""
+    if vocab_size < len(tokenizer):
+        raise SetupError(
+            f"tokenizer mismatch: {what} has {vocab_size} embeddings, the tokenizer (model.tokenizer) "
+            f"{len(tokenizer)} tokens. Draft, target and scorer must share one tokenizer."
+        )
+
+
+def resolve_device(name: str, config_key: str) -> str:
+    """cpu, cuda, cuda:N, or auto (cuda when there is one); cuda without a GPU is a SetupError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SetupError(f"{config_key}={name} but torch sees no GPU; use {config_key}=cpu")
+    return name

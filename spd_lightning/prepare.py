@@ -22,11 +22,10 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from spd_lightning.blocks import REFERENCES, BlockSpec, Counts, records_for_prompts, summarise
 from spd_lightning.errors import SetupError
-from spd_lightning.hf import load_pretrained
+from spd_lightning.hf import load_tokenizer
 from spd_lightning.prompts import Prompt, read_prompt_file
 from spd_lightning.resumable import ResumableJsonl, write_atomically
 from spd_lightning.toy.build import build_toy_world
@@ -196,8 +195,7 @@ def prepare(cfg: DictConfig) -> None:
     if writer.done:
         log.info("resuming in %s: %d of %d prompts already done", out, writer.done, len(prompts))
     ensure_toy_world(cfg)
-    offline_key = "model.local_files_only" if cfg.model.get("local_files_only") else None
-    tokenizer = load_pretrained(AutoTokenizer, cfg.model.tokenizer, "tokenizer", "model.tokenizer", offline_key)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.get("local_files_only"))
     draft = build_backend(cfg, "draft")
     try:
         target = build_backend(cfg, "target")

@@ -20,13 +20,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf, read_write
-from transformers import AutoTokenizer
 
 from spd_lightning.callbacks import finish_wandb, log_config, log_images
 from spd_lightning.config import build_scorer
 from spd_lightning.data import RecordDataModule, check_vocab
-from spd_lightning.errors import SetupError, VerificationError
-from spd_lightning.hf import load_pretrained
+from spd_lightning.errors import VerificationError
+from spd_lightning.hf import check_covers_tokenizer, load_tokenizer
 from spd_lightning.module import VAL_POLICIES, SPDModule
 from spd_lightning.plots import plot_training_curves
 from spd_lightning.rollout import HybridVerifier
@@ -55,13 +54,7 @@ def route_lightning_logs_through_hydra() -> None:
 
 def check_shared_vocab(tokenizer, scorer, target) -> None:
     """Draft, target and scorer must share one vocabulary: speculative decoding compares token ids."""
-    vocab = scorer.backbone.config.vocab_size
-    # A model may pad its embedding table past the tokenizer, never below it.
-    if vocab < len(tokenizer):
-        raise SetupError(
-            f"tokenizer mismatch: the scorer backbone has {vocab} embeddings, the tokenizer {len(tokenizer)} "
-            "tokens. Draft, target and scorer must share one tokenizer."
-        )
+    check_covers_tokenizer(scorer.backbone.config.vocab_size, tokenizer, "the scorer backbone (model.path)")
     target.check_tokenizer(tokenizer)
 
 
@@ -74,8 +67,7 @@ def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
     scorer = scorer if scorer is not None else build_scorer(cfg.model)
     datamodule: RecordDataModule = instantiate(cfg.data)
     datamodule.setup("fit")
-    offline_key = "model.local_files_only" if cfg.model.local_files_only else None
-    tokenizer = load_pretrained(AutoTokenizer, cfg.model.tokenizer, "tokenizer", "model.tokenizer", offline_key)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
     check_vocab(datamodule.train_records + datamodule.val_records, len(tokenizer), cfg.data.path)
     target = instantiate(cfg.target)
     check_shared_vocab(tokenizer, scorer, target)

@@ -13,10 +13,18 @@ from spd_lightning.hf import load_pretrained, torch_dtype
 from spd_lightning.lm import greedy_tokens, teacher_forced_argmax
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
-    """The target causal LM in eval mode on `device`."""
-    model_dtype = torch_dtype(dtype, "target.dtype")
-    model = load_pretrained(AutoModelForCausalLM, path, "target model", "target.model_path", dtype=model_dtype)
+def load_causal_lm(
+    path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    what: str = "target model",
+    config_key: str = "target.model_path",
+    offline_key: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM in eval mode on `device`; errors name `what` and the config keys of the caller
+    (`config_key` for the path, its sibling `.dtype` for the dtype)."""
+    model_dtype = torch_dtype(dtype, config_key.rsplit(".", 1)[0] + ".dtype")
+    model = load_pretrained(AutoModelForCausalLM, path, what, config_key, offline_key, dtype=model_dtype)
     return model.to(device).eval()
 
 
