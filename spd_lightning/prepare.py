@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from spd_lightning.blocks import REFERENCES, BlockSpec, Counts, records_for_prompts, summarise
 from spd_lightning.errors import SetupError
 from spd_lightning.hf import load_tokenizer
-from spd_lightning.prompts import Prompt, read_prompt_file
+from spd_lightning.prompts import Prompt
 from spd_lightning.resumable import ResumableJsonl, write_atomically
 from spd_lightning.toy.build import build_toy_world
 
@@ -62,14 +62,12 @@ def block_spec(section: DictConfig) -> BlockSpec:
 
 def load_prompt_set(data: DictConfig) -> tuple[list[Prompt], int, str | None]:
     """(prompts, malformed lines skipped, sha256 of the raw file or None for generated prompts)."""
-    if "raw" in data:
-        kwargs = {k: v for k, v in OmegaConf.to_container(data, resolve=True).items() if k != "_target_"}
-        prompts, skipped = read_prompt_file(**kwargs)
-        return prompts, skipped, hashlib.sha256(Path(data.raw).read_bytes()).hexdigest()
-    prompts = instantiate(data)
+    # Called here rather than by instantiate, so that a malformed line's RecordError is not wrapped.
+    prompts = instantiate(data, _partial_=True)()
     if not isinstance(prompts, list) or not all(isinstance(p, Prompt) for p in prompts):
         raise SetupError("task=prepare reads prompts: data=prompts data.raw=PATH (JSONL), or data=toy_prompts")
-    return prompts, 0, None
+    raw_sha256 = hashlib.sha256(Path(data.raw).read_bytes()).hexdigest() if "raw" in data else None
+    return prompts, getattr(prompts, "skipped", 0), raw_sha256
 
 
 def backend_name(backend: DictConfig) -> str:

@@ -47,6 +47,12 @@ def _parse_line(line: str, where: str, question_key: str, answer_key: str | None
     return text, None if answer is None else str(answer)
 
 
+class PromptList(list):
+    """Prompts read from a file, and how many malformed lines were skipped reading them."""
+
+    skipped: int = 0
+
+
 def load_prompts(
     raw: str,
     question_key: str = "question",
@@ -54,31 +60,20 @@ def load_prompts(
     template: str = "{question}",
     on_error: str = "skip",
     limit: int | None = None,
-) -> list[Prompt]:
+) -> PromptList:
     """Prompts from a JSONL file, one JSON object per line.
 
     `template` is filled with the line's fields ("{question}" is the question_key field).
     A malformed line stops with its file and line number (on_error="fail") or is reported
-    and skipped (on_error="skip"). answer_key=None reads prompts without answers (then only
-    reference=target can give records a reference)."""
-    return read_prompt_file(raw, question_key, answer_key, template, on_error, limit)[0]
-
-
-def read_prompt_file(
-    raw: str,
-    question_key: str = "question",
-    answer_key: str | None = "answer",
-    template: str = "{question}",
-    on_error: str = "skip",
-    limit: int | None = None,
-) -> tuple[list[Prompt], int]:
-    """load_prompts, and how many malformed lines it skipped (task=prepare counts them)."""
+    and skipped (on_error="skip"; `.skipped` counts them, task=prepare's stats report it).
+    answer_key=None reads prompts without answers (then only reference=target can give
+    records a reference)."""
     if on_error not in ("skip", "fail"):
         raise RecordError(f"data.on_error must be 'skip' or 'fail', got {on_error!r}")
     path = Path(raw)
     if not path.is_file():
         raise RecordError(f"prompt file {path} does not exist (data.raw=PATH, JSONL with '{question_key}' fields)")
-    prompts: list[Prompt] = []
+    prompts = PromptList()
     skipped = 0
     with path.open() as f:
         for lineno, line in enumerate(f, start=1):
@@ -104,7 +99,8 @@ def read_prompt_file(
         )
     if not prompts:
         raise RecordError(f"prompt file {path} holds no usable prompts")
-    return prompts, skipped
+    prompts.skipped = skipped
+    return prompts
 
 
 def toy_prompts(num_prompts: int = 200, seed: int = 1000) -> list[Prompt]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spd_lightning.errors import RecordError
-from spd_lightning.prompts import Prompt, load_prompts, read_prompt_file, toy_prompts
+from spd_lightning.prompts import Prompt, load_prompts, toy_prompts
 from spd_lightning.toy.raw import write_raw_prompts
 from spd_lightning.toy.task import make_example
 
@@ -54,8 +54,8 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path, caplog):
         ],
     )
     with caplog.at_level("WARNING"):
-        prompts, skipped = read_prompt_file(str(raw))
-    assert [p.index for p in prompts] == [1, 5] and skipped == 3
+        prompts = load_prompts(str(raw))
+    assert [p.index for p in prompts] == [1, 5] and prompts.skipped == 3
     for lineno, what in ((2, "not valid JSON"), (3, "expected a JSON object"), (4, "field 'answer'")):
         assert f"{raw}:{lineno}: {what}" in caplog.text
     assert "skipped 3 malformed line(s) of 5" in caplog.text
