@@ -96,26 +96,26 @@ class SPDModule(L.LightningModule):
         scorer = scorer or self.scorer
         return scorer(batch.input_ids, batch.attention_mask, batch.context_len, batch.target_ids)
 
-    def rollouts(self, logits: torch.Tensor, mismatch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What to verify: (accept_len [B, N], sample weights [B, N] summing to 1 per record).
-        GRPO draws N decision vectors; loss=exact takes every outcome (N = K+1) with its P(j)."""
+    def rollouts(self, logits: torch.Tensor, mismatch: torch.Tensor):
+        """What to verify: (accept_len [B, N], sample weights [B, N] summing to 1 per record, and
+        for loss=exact the reachable outcomes [B, N], else None). GRPO draws N decision vectors;
+        loss=exact takes every outcome (N = K+1) with its P(j)."""
         if getattr(self.loss_fn, "exact", False):
             accept_len, possible = all_outcomes(mismatch)
-            return accept_len, outcome_probs(logits.detach(), accept_len, mismatch, possible)
+            return accept_len, outcome_probs(logits.detach(), accept_len, mismatch, possible), possible
         decisions = sample_decisions(torch.sigmoid(logits.detach()), mismatch, self.loss_fn.num_samples)
         accept_len = first_reject(decisions)  # [B, N]
-        return accept_len, torch.full(accept_len.shape, 1 / accept_len.shape[1], device=logits.device)
+        return accept_len, torch.full(accept_len.shape, 1 / accept_len.shape[1], device=logits.device), None
 
     def training_step(self, batch: RecordBatch, batch_idx: int) -> torch.Tensor:
         k = batch.draft_ids.shape[1]
         mismatch = mismatch_mask(batch.draft_ids, batch.target_ids)  # [B, K]
         logits = self.accept_logits(batch)  # [B, K]
-        accept_len, weights = self.rollouts(logits, mismatch)  # [B, N] each
+        accept_len, weights, possible = self.rollouts(logits, mismatch)  # [B, N] each
         result = self.verified(batch, accept_len)
         # Samples (or outcomes) that enter the loss; loss=exact drops records it cannot verify whole.
-        valid = result.valid & (weights > 0)
-        if getattr(self.loss_fn, "exact", False):
-            valid = outcome_mask(result.valid, weights > 0)
+        # Reachability comes from the mismatches, not from P(j) > 0, which a saturated scorer underflows.
+        valid = result.valid if possible is None else outcome_mask(result.valid, possible)
         accepted = accepted_any_mismatch(accept_len, mismatch)  # [B, N]
         rewards = compute_reward_tensor(accepted, result.correct, accept_len, k, self.reward)  # [B, N]
         advantages, zero_var = self.loss_fn.advantages(rewards, valid)
