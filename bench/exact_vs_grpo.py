@@ -6,7 +6,7 @@ and against the target completions paid for it.
 
 Runs `python run.py` once per loss and seed (validation every --every steps), then reads each
 run's csv/metrics.csv. The reward shown is val/reward: the deterministic scorer (threshold 0.5)
-on the 384 held-out records, the same yardstick for both losses. The cost axis is
+on the 413 held-out records, the same yardstick for both losses. The cost axis is
 verify/total_completions: hybrid prefixes the target had to complete (cache misses), summed
 over the steps so far. Writes exact_vs_grpo.png and exact_vs_grpo.json into --out and prints a
 table; the last line holds the figures the README quotes.

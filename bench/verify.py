@@ -2,7 +2,7 @@
 (as the original verl-based reward function did) against VLLMTarget (distinct token-id
 prefixes, batched).
 
-    python bench/verify.py                                   # build/reuse .cache/toy, start vLLM, run, stop
+    python bench/verify.py                                   # the shipped default world, start vLLM, run, stop
     python bench/verify.py --url http://127.0.0.1:8765/v1 --model toy-target   # a running server
 
 The self-started server needs vLLM's own python: --vllm-python, else $SPD_VLLM_PYTHON, else
@@ -32,7 +32,7 @@ from spd_lightning.errors import SPDError
 from spd_lightning.sampling import first_reject, hybrid_prefix, mismatch_mask, sample_decisions
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import launch_vllm_server
-from spd_lightning.toy.build import build_toy_world
+from spd_lightning.toy.build import SHIPPED_WORLD, build_toy_world
 from spd_lightning.verifiers import extract_final_number
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server, http://HOST:PORT/v1 (default: start one)")
     parser.add_argument("--model", default="toy-target", help="its served model name")
-    parser.add_argument("--toy-dir", default=str(REPO / ".cache" / "toy"), help="the embedded default world")
+    parser.add_argument("--toy-dir", default=str(SHIPPED_WORLD), help="the embedded default world")
     parser.add_argument("--vllm-python", help="python of vLLM's venv, to start the server")
     parser.add_argument("--records", type=int, default=8)
     parser.add_argument("--samples", type=int, default=8, help="N samples per record")

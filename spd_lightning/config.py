@@ -30,7 +30,7 @@ from spd_lightning.reward import RewardWeights
 from spd_lightning.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.vllm import VLLMTarget
-from spd_lightning.toy.build import ToyWorldSpec
+from spd_lightning.toy.build import SHIPPED_WORLD, ToyWorldSpec
 
 _PLAIN = (int, float, bool, str)
 
@@ -122,6 +122,8 @@ SCHEMAS: dict[tuple[str, str], Any] = {
 
 
 def register_schemas() -> None:
+    """The schemas, and `${spd.shipped_world:}`: the directory of the world shipped with the package."""
+    OmegaConf.register_new_resolver("spd.shipped_world", lambda: str(SHIPPED_WORLD), replace=True)
     cs = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded default world, built once per machine into .cache/toy."""
+"""Shared fixtures: the embedded default world (the one shipped with the package), composed configs."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-TOY_DIR = Path(os.environ.get("SPD_LIGHTNING_CACHE", ROOT / ".cache")) / "toy"
 
 
 @pytest.fixture(scope="session")
 def toy_world() -> Path:
-    """Directory with target/, draft/ (transformers dirs with tokenizer), records.jsonl."""
-    from spd_lightning.toy.build import build_toy_world
+    """The shipped world, checked against its manifest: target/, draft/ (transformers dirs with
+    tokenizer), records.jsonl. Figures pinned by tests hold on it on every machine."""
+    from spd_lightning.toy.build import SHIPPED_WORLD, build_toy_world
 
-    return build_toy_world(TOY_DIR)
+    return build_toy_world(SHIPPED_WORLD)
 
 
 @pytest.fixture(scope="session")

@@ -142,7 +142,7 @@ def run_eval(args: list[str], out: Path, toy_world: Path, env: dict[str, str] | 
 
 @pytest.fixture(scope="module")
 def eval_run(trained_ckpt: Path, toy_world: Path, tmp_path_factory):
-    """`python run.py task=eval` on all 384 held-out records, logging to csv and offline wandb."""
+    """`python run.py task=eval` on all 413 held-out records, logging to csv and offline wandb."""
     out = tmp_path_factory.mktemp("eval")
     proc = run_eval([f"ckpt_path={trained_ckpt}", "logger=[csv,wandb]"], out, toy_world, wandb_env(out))
     return out, proc
@@ -160,7 +160,7 @@ def test_eval_writes_its_files_and_ends_with_the_headline(eval_run, trained_ckpt
     keys = ("scorer_accept_len", "scorer_accuracy", "sd_accept_len", "sd_accuracy")
     assert [float(v) for v in match.groups()] == [round(report[k], 3) for k in keys]
     assert all(len(v.split(".")[1]) == 3 for v in match.groups())
-    assert report["records"] == 384 and report["excluded_records"] == 0
+    assert report["records"] == 413 and report["excluded_records"] == 0
 
     # The scorer keeps far more draft tokens than standard SD at the same accuracy; accept-all
     # pays for its blocks in accuracy.

@@ -1,14 +1,18 @@
 """The embedded default world: tokenizer, models and records (SPEC.md, "The embedded default world")."""
 
+import hashlib
 import json
 import re
+import shutil
 import time
 
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from spd_lightning.data import check_vocab, load_records
-from spd_lightning.toy.build import build_toy_world
+from spd_lightning.data import RecordDataModule, check_vocab, load_records
+from spd_lightning.errors import SetupError
+from spd_lightning.toy import build
+from spd_lightning.toy.build import MANIFEST, SHIPPED_WORLD, LMSpec, ToyWorldSpec, build_toy_world, file_digests
 from spd_lightning.toy.task import FILLER_SLOTS
 from spd_lightning.toy.tokenizer import build_tokenizer
 
@@ -97,7 +101,36 @@ def test_stats_match_records(toy_world, records):
     assert stats["prompts"] == len({tuple(r.context_ids[: r.prompt_len]) for r in records})
 
 
-def test_build_is_a_noop_when_built(toy_world):
+# --- the shipped world: the same bytes, records and split on every machine ---
+
+# sha256 of manifest.json, which holds the sha256 of every other file of the world.
+SHIPPED_MANIFEST_SHA256 = "9beca76211e3cd94b9cb0ad1b6858e4f32f70479ecc34b92fe87b0e4ecf49ae4"
+# sha256 over the records' fields in file order: the records themselves, whatever their JSON layout.
+SHIPPED_RECORDS_FINGERPRINT = "673594032cb065cfa0ff7bd21df0bfdd5b76f0b758629c3579c2d4876435e570"
+
+
+def test_shipped_world_is_pinned(toy_world):
+    assert toy_world == SHIPPED_WORLD
+    assert hashlib.sha256((toy_world / MANIFEST).read_bytes()).hexdigest() == SHIPPED_MANIFEST_SHA256
+    assert file_digests(toy_world) == json.loads((toy_world / MANIFEST).read_text())
+    fingerprint = hashlib.sha256()
+    lines = (toy_world / "records.jsonl").read_text().splitlines()
+    for line in lines:
+        r = json.loads(line)
+        fields = [r["context_ids"], r["prompt_len"], r["draft_ids"], r["target_ids"], r["reference"]]
+        fingerprint.update(json.dumps(fields).encode())
+    assert fingerprint.hexdigest() == SHIPPED_RECORDS_FINGERPRINT
+    assert len(lines) == 4401
+    assert json.loads((toy_world / "stats.json").read_text())["prompts"] == 580
+
+
+def test_shipped_world_splits_the_same_everywhere(toy_world):
+    data = RecordDataModule(path=str(toy_world / "records.jsonl"), seed=0)
+    data.setup("fit")
+    assert (len(data.train_records), len(data.val_records)) == (3988, 413)
+
+
+def test_shipped_world_is_checked_not_rebuilt(toy_world):
     files = sorted(p for p in toy_world.rglob("*") if p.is_file())
     before = {p: p.stat().st_mtime_ns for p in files}
     start = time.perf_counter()
@@ -105,3 +138,44 @@ def test_build_is_a_noop_when_built(toy_world):
     assert time.perf_counter() - start < 2.0  # no training happened
     assert sorted(p for p in toy_world.rglob("*") if p.is_file()) == files
     assert {p: p.stat().st_mtime_ns for p in files} == before
+
+
+def test_other_settings_on_the_shipped_world_say_how_to_build_them(toy_world):
+    spec = build.default_spec()
+    spec.num_prompts = 10
+    with pytest.raises(SetupError, match=r"toy.spec differs .*toy.out=\.cache/toy"):
+        build_toy_world(toy_world, spec, verbose=False)
+
+
+def test_a_damaged_shipped_world_is_named(toy_world, tmp_path, monkeypatch):
+    copy = tmp_path / "world"
+    shutil.copytree(toy_world, copy)
+    monkeypatch.setattr(build, "SHIPPED_WORLD", copy)
+    build_toy_world(copy, verbose=False)  # intact
+    with (copy / "target" / "model.safetensors").open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(SetupError, match=r"damaged \(target/model.safetensors differ.*git checkout"):
+        build_toy_world(copy, verbose=False)
+
+
+# --- a world built from scratch (python -m spd_lightning.toy.build) ---
+
+TINY_SPEC = ToyWorldSpec(
+    target=LMSpec(hidden_size=64, num_layers=1, num_heads=2, steps=20, lr=3e-3, batch_size=16, seed=0),
+    draft=LMSpec(hidden_size=64, num_layers=1, num_heads=2, steps=5, lr=3e-3, batch_size=16, seed=1),
+    num_prompts=16,
+)
+
+
+def test_a_world_built_from_scratch_is_whole_and_reused(tmp_path):
+    out = build_toy_world(tmp_path / "world", TINY_SPEC, verbose=False)
+    for name in ("records.jsonl", "stats.json", "build.json", MANIFEST, "target/config.json", "draft/tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert not (tmp_path / "world.partial").exists()
+    assert json.loads((out / MANIFEST).read_text()) == file_digests(out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert build_toy_world(out, TINY_SPEC, verbose=False) == out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # reused, not rebuilt

@@ -1,6 +1,6 @@
 """Start a real vLLM server for tests and benchmarks, and stop it again.
 
-    with launch_vllm_server(".cache/toy/target", "toy-target") as url:
+    with launch_vllm_server(SHIPPED_WORLD / "target", "toy-target") as url:
         target = VLLMTarget(url=url, model="toy-target")
 
 vLLM lives in its own virtualenv (it pins its own torch and transformers): the python is the
