@@ -81,8 +81,9 @@ class EvalConfig:
     # unsure there; null: auto_thresholds quantiles.
     entropy_thresholds: Optional[list[float]] = None  # noqa: UP045
     # How many quantiles of the values seen at mismatches a null threshold list becomes (and how many
-    # quantiles of the scorer's probabilities join eval.thresholds).
-    auto_thresholds: int = 9
+    # quantiles of the scorer's probabilities join eval.thresholds). Lookups cost no target call, and
+    # a coarse sweep can step over a rule's best point (values at mismatches cluster near 0).
+    auto_thresholds: int = 49
     # Evaluate at most this many held-out records (null: all).
     max_records: Optional[int] = None  # noqa: UP045
     # Records per scorer / rule-model forward and per verification call; lower it for long contexts.
