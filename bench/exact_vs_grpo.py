@@ -1,12 +1,12 @@
 """loss=exact against sampled GRPO on the embedded default world: reward against training steps
 and against the target completions paid for it.
 
-    python bench/exact_vs_grpo.py                       # 3 seeds x 2 losses x 100 steps, ~4 min on 2 cores
+    python bench/exact_vs_grpo.py                       # 3 seeds x 2 losses x 100 steps, ~7 min on 2 cores
     python bench/exact_vs_grpo.py --seeds 0 --steps 60 --out outputs/bench/exact_vs_grpo
 
 Runs `python run.py` once per loss and seed (validation every --every steps), then reads each
 run's csv/metrics.csv. The reward shown is val/reward: the deterministic scorer (threshold 0.5)
-on the 413 held-out records, the same yardstick for both losses. The cost axis is
+on the seed's held-out records (413 for seed 0), the same yardstick for both losses. The cost axis is
 verify/total_completions: hybrid prefixes the target had to complete (cache misses), summed
 over the steps so far. Writes exact_vs_grpo.png and exact_vs_grpo.json into --out and prints a
 table; the last line holds the figures the README quotes.
