@@ -92,3 +92,14 @@ def resolve_device(name: str, config_key: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SetupError(f"{config_key}={name} but torch sees no GPU; use {config_key}=cpu")
     return name
+
+
+def end_of_sequence_ids(model) -> set[int]:
+    """Every id that ends a response: the config's EOS and each one generation_config lists
+    (instruct models end a turn with one token and a document with another, e.g. Qwen's
+    <|im_end|> and <|endoftext|>)."""
+    ids: set[int] = set()
+    for source in (model.config, getattr(model, "generation_config", None)):
+        value = getattr(source, "eos_token_id", None)
+        ids |= {value} if isinstance(value, int) else set(value or ())
+    return ids

@@ -38,8 +38,15 @@ class LookupLM(nn.Module):
         self.register_buffer("next_token", nxt)
         self.anchor = nn.Parameter(torch.zeros(()))  # the lm helpers read the device off a parameter
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(logits=F.one_hot(self.next_token[input_ids], V).float() * 10)  # [B, L, V]
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, logits_to_keep: int = 0, **_) -> SimpleNamespace:
+        logits = F.one_hot(self.next_token[input_ids], V).float() * 10  # [B, L, V]
+        # The answer depends on the last token alone, so the KV cache has nothing to keep.
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:], past_key_values=past_key_values or NoCache())
+
+
+class NoCache:
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        pass
 
 
 def counting(eos_after: int | None = None) -> LookupLM:
