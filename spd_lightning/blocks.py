@@ -11,7 +11,7 @@ No Hydra, no HTTP: the backends are anything with `complete`, `propose` and `arg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, fields
 
 from spd_lightning.errors import SetupError
@@ -57,9 +57,11 @@ def block_starts(response_len: int, stride: int) -> range:
     return range(0, response_len, stride)
 
 
-def strip_eos(completion: list[int], eos_id: int) -> tuple[list[int], bool]:
-    """(the response without its EOS, whether it was cut by the length cap instead of ending)."""
-    if completion and completion[-1] == eos_id:
+def strip_eos(completion: list[int], eos_ids: int | Collection[int]) -> tuple[list[int], bool]:
+    """(the response without its EOS, whether it was cut by the length cap instead of ending).
+    `eos_ids`: the id, or every id, that ends a response."""
+    ends = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+    if completion and completion[-1] in ends:
         return completion[:-1], False
     return completion, True
 
@@ -86,7 +88,7 @@ def records_for_prompts(
     draft: Target,
     target: Target,
     spec: BlockSpec,
-    eos_id: int,
+    eos_ids: int | Collection[int],
     decode: Callable[[list[int]], str],
     verifier: Callable[[str, str], bool],
 ) -> tuple[list[dict], Counts]:
@@ -99,7 +101,7 @@ def records_for_prompts(
     completions = _require(target.complete(prompt_ids, max_new_tokens=spec.max_new_tokens), "target (responses)")
     kept: list[tuple[int, list[int], str]] = []  # (prompt position, response, reference)
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        response, capped = strip_eos(completion, eos_id)
+        response, capped = strip_eos(completion, eos_ids)
         counts.responses_capped += capped
         text = decode(response)
         if prompt.answer is not None:

@@ -40,8 +40,8 @@ from spd_lightning.decoding import (
     timed_generate,
 )
 from spd_lightning.errors import SetupError
-from spd_lightning.hf import check_covers_tokenizer, load_tokenizer, resolve_device
-from spd_lightning.prompts import Prompt
+from spd_lightning.hf import check_covers_tokenizer, load_tokenizer, resolve_device, tokenizer_eos_ids
+from spd_lightning.prompts import Prompt, encode_prompts
 from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.toy.build import build_toy_world
 
@@ -162,9 +162,9 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     policies = build_policies(cfg, tokenizer, device)
     draft, target = _load_lm(cfg, "draft", "draft_path", device), _load_lm(cfg, "target", "target_path", device)
     _check_vocab(tokenizer, {"the draft (decode.draft_path)": draft, "the target (decode.target_path)": target})
-    prompt_ids = [tokenizer(p.text).input_ids for p in prompts]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    eos, pad = tokenizer_eos_ids(tokenizer), tokenizer.pad_token_id
+    pad = tokenizer.eos_token_id if pad is None else pad
     outputs: dict[str, tuple[list[Generation], float]] = {}
     for name, (policy, k) in policies.items():
         outputs[name] = timed_generate(

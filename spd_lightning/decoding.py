@@ -18,7 +18,7 @@ plain and is cheap at the toy world's lengths; wall time is therefore not the he
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -132,12 +132,15 @@ class BlockOutcome:
     mismatched: list[bool]  # [j]: which kept draft tokens differ from the target's
 
 
-def emit(gen: Generation, outcome: BlockOutcome, eos_id: int, max_new_tokens: int) -> None:
-    """Appends a block's tokens to a response, cut after an EOS or at max_new_tokens, and counts
-    the call. Draft tokens cut off with the rest count as neither accepted nor generated."""
+def emit(gen: Generation, outcome: BlockOutcome, eos_ids: int | Collection[int], max_new_tokens: int) -> None:
+    """Appends a block's tokens to a response, cut after an EOS (any of `eos_ids`) or at
+    max_new_tokens, and counts the call. Draft tokens cut off with the rest count as neither
+    accepted nor generated."""
+    ends = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
     tokens = outcome.tokens[: max_new_tokens - gen.num_tokens]
-    if eos_id in tokens:
-        tokens = tokens[: tokens.index(eos_id) + 1]
+    stop = next((i for i, t in enumerate(tokens) if t in ends), None)
+    if stop is not None:
+        tokens = tokens[: stop + 1]
         gen.stopped_at_eos = True
     gen.response_ids.extend(tokens)
     gen.target_calls += 1
@@ -182,7 +185,7 @@ def generate(
     policy: Policy,
     block_size: int,
     max_new_tokens: int,
-    eos_id: int,
+    eos_ids: int | Collection[int],
     pad_id: int,
     batch_size: int = 64,
     desc: str | None = None,
@@ -197,7 +200,7 @@ def generate(
                 contexts = [prompts[i] + gens[i].response_ids for i in active]
                 lens = [len(prompts[i]) for i in active]
                 for i, outcome in zip(active, decode_step(draft, target, contexts, lens, policy, block_size, pad_id)):
-                    emit(gens[i], outcome, eos_id, max_new_tokens)
+                    emit(gens[i], outcome, eos_ids, max_new_tokens)
                 still = [i for i in active if not gens[i].stopped_at_eos and gens[i].num_tokens < max_new_tokens]
                 bar.update(len(active) - len(still))
                 active = still

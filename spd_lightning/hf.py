@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -94,12 +95,28 @@ def resolve_device(name: str, config_key: str) -> str:
     return name
 
 
+def id_set(value) -> set[int]:
+    """An EOS setting as a set of ids: None, one id, or a list of them (generation_config's form)."""
+    return {value} if isinstance(value, int) else set(value or ())
+
+
 def end_of_sequence_ids(model) -> set[int]:
     """Every id that ends a response: the config's EOS and each one generation_config lists
     (instruct models end a turn with one token and a document with another, e.g. Qwen's
     <|im_end|> and <|endoftext|>)."""
     ids: set[int] = set()
     for source in (model.config, getattr(model, "generation_config", None)):
-        value = getattr(source, "eos_token_id", None)
-        ids |= {value} if isinstance(value, int) else set(value or ())
+        ids |= id_set(getattr(source, "eos_token_id", None))
+    return ids
+
+
+def tokenizer_eos_ids(tokenizer) -> set[int]:
+    """The tokenizer's EOS and every id the generation_config.json beside it lists: where a
+    response ends when only the shared tokenizer (model.tokenizer) is at hand."""
+    ids = id_set(tokenizer.eos_token_id)
+    name = getattr(tokenizer, "name_or_path", None)
+    directory = local_copy(str(name)) if name else None
+    config = Path(directory) / "generation_config.json" if directory else None
+    if config is not None and config.is_file():
+        ids |= id_set(json.loads(config.read_text()).get("eos_token_id"))
     return ids

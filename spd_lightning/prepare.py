@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from spd_lightning.blocks import REFERENCES, BlockSpec, Counts, records_for_prompts, summarise
 from spd_lightning.errors import SetupError
-from spd_lightning.hf import load_tokenizer
-from spd_lightning.prompts import Prompt
+from spd_lightning.hf import load_tokenizer, tokenizer_eos_ids
+from spd_lightning.prompts import Prompt, encode_prompts
 from spd_lightning.resumable import ResumableJsonl, write_atomically
 from spd_lightning.toy.build import build_toy_world
 
@@ -137,11 +137,11 @@ def prepare_chunks(cfg, prompts, tokenizer, draft, target, spec: BlockSpec, writ
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
+    prompt_ids, eos_ids = encode_prompts(tokenizer, prompts), tokenizer_eos_ids(tokenizer)
     with tqdm(total=len(prompts), initial=writer.done, desc="prepare", unit="prompt") as bar:
         for start in range(writer.done, len(prompts), chunk):
-            batch = prompts[start : start + chunk]
-            ids = [tokenizer(p.text).input_ids for p in batch]
-            rows, got = records_for_prompts(batch, ids, draft, target, spec, tokenizer.eos_token_id, decode, verifier)
+            batch, ids = prompts[start : start + chunk], prompt_ids[start : start + chunk]
+            rows, got = records_for_prompts(batch, ids, draft, target, spec, eos_ids, decode, verifier)
             counts = counts.add(got)
             writer.commit(rows, start + len(batch), counts.to_dict())
             bar.update(len(batch))

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from spd_lightning.errors import RecordError
+from spd_lightning.errors import RecordError, SetupError
 from spd_lightning.toy.task import make_example
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,34 @@ def _parse_line(line: str, where: str, question_key: str, answer_key: str | None
 
 
 class PromptList(list):
-    """Prompts read from a file, and how many malformed lines were skipped reading them."""
+    """Prompts read from a file, how many malformed lines were skipped reading them, and how
+    their text becomes token ids (`encode_prompts`)."""
 
     skipped: int = 0
+    # Wrap each prompt in the tokenizer's chat template as the user's turn (instruct models).
+    chat_template: bool = False
+    # With chat_template: a system turn before it (None: the template's own default, if any).
+    system_prompt: str | None = None
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
+    """Token ids of every prompt: its text as is, or, for a PromptList with chat_template, the user's
+    turn of the tokenizer's chat template with the assistant's turn opened. The same ids in
+    prepare, eval and decode, whatever the backend."""
+    if not getattr(prompts, "chat_template", False):
+        return [tokenizer(p.text).input_ids for p in prompts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise SetupError(
+            f"data.chat_template=true, but the tokenizer {tokenizer.name_or_path} has no chat template: set "
+            "data.chat_template=false and write the prompt format into data.template"
+        )
+    system = [{"role": "system", "content": prompts.system_prompt}] if prompts.system_prompt else []
+    ids = []
+    for p in prompts:
+        messages = [*system, {"role": "user", "content": p.text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids.append(tokenizer(text, add_special_tokens=False).input_ids)  # the template wrote the special tokens
+    return ids
 
 
 def load_prompts(
@@ -60,6 +85,8 @@ def load_prompts(
     template: str = "{question}",
     on_error: str = "skip",
     limit: int | None = None,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
 ) -> PromptList:
     """Prompts from a JSONL file, one JSON object per line.
 
@@ -67,7 +94,8 @@ def load_prompts(
     A malformed line stops with its file and line number (on_error="fail") or is reported
     and skipped (on_error="skip"; `.skipped` counts them, task=prepare's stats report it).
     answer_key=None reads prompts without answers (then only reference=target can give
-    records a reference)."""
+    records a reference). `chat_template` and `system_prompt` say how `encode_prompts` turns
+    the prompts into token ids."""
     if on_error not in ("skip", "fail"):
         raise RecordError(f"data.on_error must be 'skip' or 'fail', got {on_error!r}")
     path = Path(raw)
@@ -99,7 +127,7 @@ def load_prompts(
         )
     if not prompts:
         raise RecordError(f"prompt file {path} holds no usable prompts")
-    prompts.skipped = skipped
+    prompts.skipped, prompts.chat_template, prompts.system_prompt = skipped, chat_template, system_prompt
     return prompts
 
 

@@ -15,6 +15,7 @@ import torch
 
 from spd_lightning.data import Record
 from spd_lightning.errors import VerificationError
+from spd_lightning.hf import tokenizer_eos_ids
 from spd_lightning.sampling import hybrid_prefix
 from spd_lightning.targets.base import Target
 from spd_lightning.verifiers import AnswerVerifier
@@ -65,14 +66,14 @@ class HybridVerifier:
         self.target, self.tokenizer, self.answer_verifier = target, tokenizer, answer_verifier
         self.cache = CompletionCache(cache_size)
         self.max_invalid_fraction = max_invalid_fraction
-        self.eos = tokenizer.eos_token_id
+        # Every id that ends a response (an instruct model may list several).
+        self.eos = tokenizer_eos_ids(tokenizer)
 
     def response_text(self, record: Record, prefix: list[int], completion: list[int]) -> str:
         """Everything after the prompt, cut at the first EOS: generation ends there."""
         ids = prefix[record.prompt_len :] + completion
-        if self.eos in ids:
-            ids = ids[: ids.index(self.eos)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        end = next((i for i, t in enumerate(ids) if t in self.eos), len(ids))
+        return self.tokenizer.decode(ids[:end], skip_special_tokens=True)
 
     def _completions(self, prefixes: dict[tuple[int, ...], bool]) -> tuple[dict, dict[str, float]]:
         """Completion of every distinct prefix (mapped to "its response already ended"):
@@ -125,7 +126,7 @@ class HybridVerifier:
         finished: dict[tuple[int, ...], bool] = {}
         for (b, _), p in prefix_of.items():
             # Records may share a prefix with another prompt_len: complete it unless all are done.
-            finished[p] = finished.get(p, True) and self.eos in p[records[b].prompt_len :]
+            finished[p] = finished.get(p, True) and not self.eos.isdisjoint(p[records[b].prompt_len :])
         completions, stats = self._completions(finished)
         verdict: dict[tuple[int, int], bool | None] = {}
         texts: dict[tuple[int, int], str] = {}

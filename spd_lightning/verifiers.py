@@ -15,6 +15,10 @@ AnswerVerifier = Callable[[str, str], bool]
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _HASHES_RE = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
+# What instruct models write at the end: "\boxed{18}" (also "\boxed{\$18}", "\boxed{18 \text{ km}}"),
+# "The answer is $18.", "Final answer: **18**".
+_BOXED_RE = re.compile(r"\\boxed\{\s*(?:\\?\$)?\s*(" + _NUMBER + ")")
+_ANSWER_IS_RE = re.compile(r"answer(?: is|:)\s*[:*$\\(\s]*(" + _NUMBER + ")", re.IGNORECASE)
 
 
 def _to_number(text: str) -> float | None:
@@ -25,10 +29,12 @@ def _to_number(text: str) -> float | None:
 
 
 def extract_final_number(text: str) -> str | None:
-    """GSM8K-style answer: the number after the last '####', else the last number in the text."""
-    marked = _HASHES_RE.findall(text)
-    if marked:
-        return marked[-1]
+    """The final answer of a response: the number after the last '####' (GSM8K's own format), else
+    in the last \\boxed{}, else after the last "answer is" / "answer:", else the last number."""
+    for marker in (_HASHES_RE, _BOXED_RE, _ANSWER_IS_RE):
+        marked = marker.findall(text)
+        if marked:
+            return marked[-1]
     numbers = _NUMBER_RE.findall(text)
     return numbers[-1] if numbers else None
 

@@ -48,10 +48,13 @@ EXTRA_OVERRIDES: dict[str, list[str]] = {
         "trainer.precision=32-true",
         "logger.wandb.mode=disabled",
     ],
+    # The real pair's directories are built by hand (python -m spd_lightning.pairs): the toy pair stands in.
+    "pair/qwen_coder.yaml": ["pair.draft={toy}/draft", "pair.target={toy}/target"],
     # Never online from a test (WandbLogger only starts a run when first used, but to be sure).
     "logger/wandb.yaml": ["logger.wandb.mode=offline"],
     # A raw prompt file of two lines, written by the test ("{raw}").
     "data/prompts.yaml": ["data.raw={raw}"],
+    "data/gsm8k.yaml": ["data.raw={raw}"],
     "task/prepare.yaml": ["data.raw={raw}"],
     # The draft group belongs to task=prepare.
     "draft/local.yaml": ["task=prepare", "data.raw={raw}"],
@@ -104,6 +107,21 @@ def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_pa
     if rel.parent.as_posix() == "task" and rel.stem != "train":
         section = OmegaConf.to_object(cfg[rel.stem])  # checked against its dataclass schema
         assert section.__class__.__name__.endswith("Config")
+
+
+@pytest.mark.parametrize("task", ["train", "prepare", "eval", "decode"])
+def test_a_pair_names_each_model_role_once(task: str, tmp_path: Path, compose_train):
+    raw = ["data.raw=x.jsonl"] if task == "prepare" else []
+    cfg = compose_train([f"task={task}", "pair=qwen_coder", "pair.dir=/pairs/qc", *raw], tmp_path)
+    draft, target = "/pairs/qc/draft", "/pairs/qc/target"
+    assert (cfg.model.path, cfg.model.tokenizer, cfg.target.model_path) == (draft, target, target)
+    section = {"prepare": "draft", "eval": "eval", "decode": "decode"}.get(task)
+    if section == "draft":
+        assert cfg.draft.model_path == draft
+    elif section is not None:
+        assert (cfg[section].draft_path, cfg[section].target_path) == (draft, target)
+    hub = compose_train(["pair=qwen_coder", "pair.target=Qwen/Qwen2.5-Coder-1.5B-Instruct"], tmp_path)
+    assert hub.target.model_path == hub.model.tokenizer == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
 
 
 def test_dr_grpo_turns_off_std_scaling(tmp_path: Path, compose_train):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
 
 import pytest
 
-from spd_lightning.errors import RecordError
-from spd_lightning.prompts import Prompt, load_prompts, toy_prompts
+from spd_lightning.errors import RecordError, SetupError
+from spd_lightning.prompts import Prompt, encode_prompts, load_prompts, toy_prompts
 from spd_lightning.toy.raw import write_raw_prompts
 from spd_lightning.toy.task import make_example
 
@@ -101,3 +102,25 @@ def test_raw_toy_file_round_trips(tmp_path):
     loaded = load_prompts(str(raw))
     assert [(p.text, p.answer) for p in loaded] == [(p.text, p.answer) for p in toy_prompts(7, seed=2)]
     assert [p.index for p in loaded] == list(range(1, 8))
+
+
+# A chat template in the toy vocabulary: the system turn, the user's turn, and " so" opening the answer.
+TOY_CHAT = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %} so{% endif %}"
+
+
+def test_chat_template_wraps_each_prompt_as_the_users_turn(tmp_path, toy_tokenizer):
+    raw = write(tmp_path / "p.jsonl", [json.dumps({"question": "Q: 3+4= A:", "answer": "7"})])
+    plain = load_prompts(str(raw))
+    assert encode_prompts(toy_tokenizer, plain) == [toy_tokenizer("Q: 3+4= A:").input_ids]
+    chat = load_prompts(str(raw), chat_template=True)
+    tokenizer = copy.deepcopy(toy_tokenizer)
+    tokenizer.chat_template = TOY_CHAT
+    assert encode_prompts(tokenizer, chat) == [toy_tokenizer("Q: 3+4= A: so").input_ids]
+    with_system = load_prompts(str(raw), chat_template=True, system_prompt="Q: 1+1= A: 2.")
+    assert encode_prompts(tokenizer, with_system) == [toy_tokenizer("Q: 1+1= A: 2.Q: 3+4= A: so").input_ids]
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_one_clear_error(tmp_path, toy_tokenizer):
+    raw = write(tmp_path / "p.jsonl", [json.dumps({"question": "Q: 3+4= A:", "answer": "7"})])
+    with pytest.raises(SetupError, match="data.chat_template=true, but the tokenizer .* has no chat template"):
+        encode_prompts(toy_tokenizer, load_prompts(str(raw), chat_template=True))

@@ -103,6 +103,33 @@ def test_stop_is_sent_when_set(fake_vllm, make, prefixes):
     assert [b["stop"] for b in fake_vllm.completion_bodies] == [["."]]
 
 
+def test_every_request_is_greedy_whatever_the_servers_generation_config(fake_vllm, make, prefixes):
+    target = make(fake_vllm)
+    target.complete(prefixes[:2])
+    target.propose(prefixes[:2], 3)
+    for body in fake_vllm.completion_bodies:
+        assert body["temperature"] == 0.0 and body["repetition_penalty"] == 1.0
+        assert (body["top_p"], body["top_k"], body["min_p"]) == (1.0, -1, 0.0)
+        assert body["presence_penalty"] == body["frequency_penalty"] == 0.0
+
+
+def test_other_end_of_sequence_ids_are_sent_as_stop_token_ids(fake_vllm, make, prefixes, toy_world, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    shutil.copytree(toy_world / "target", tmp_path / "target")
+    eos = AutoTokenizer.from_pretrained(tmp_path / "target").eos_token_id
+    GenerationConfig(eos_token_id=[eos, 7]).save_pretrained(tmp_path / "target")
+    target = make(fake_vllm)
+    target.check_tokenizer(AutoTokenizer.from_pretrained(tmp_path / "target"))
+    target.complete(prefixes[:2])
+    assert fake_vllm.completion_bodies[-1]["stop_token_ids"] == [7]
+    target.check_tokenizer(AutoTokenizer.from_pretrained(toy_world / "target"))  # one EOS: nothing extra to send
+    target.complete(prefixes[:2])
+    assert "stop_token_ids" not in fake_vllm.completion_bodies[-1]
+
+
 def test_max_new_tokens_limits_completions(fake_vllm, make, local, prefixes):
     target = make(fake_vllm, max_new_tokens=3)
     out = target.complete(prefixes[:4])

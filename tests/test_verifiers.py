@@ -73,6 +73,24 @@ def test_reference_in_gsm8k_format():
     assert not gsm8k_final_number("so the answer is 9", "#### 82")
 
 
+@pytest.mark.parametrize(
+    "response",
+    [
+        "18 + 0 = 18, so she has\n#### 18",
+        "Adding them up gives $\\boxed{18}$. That took 2 steps.",
+        "So Janet makes \\boxed{\\$18} every day, 7 days a week.",
+        "The distance is \\boxed{18 \\text{ km}} after 3 hours.",
+        "Therefore, the answer is $18. She works 5 days.",
+        "**Final answer:** 18 (after 3 days)",
+        "The answer is: 18.00",
+    ],
+)
+def test_instruct_model_answer_formats_are_read(response):
+    """What instruct models write at the end of a GSM8K answer; the later numbers are not the answer."""
+    assert gsm8k_final_number(response, "18")
+    assert not gsm8k_final_number(response.replace("18", "180"), "18")
+
+
 # ---------------------------------------------------------------- contains
 
 

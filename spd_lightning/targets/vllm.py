@@ -1,6 +1,7 @@
 """The remote backend: one or more vLLM servers, over the OpenAI-compatible /v1/completions.
 
-Prompts go as token ids (`prompt: list[list[int]]`), many per request, with temperature 0,
+Prompts go as token ids (`prompt: list[list[int]]`), many per request, greedy (temperature 0 and
+every other sampling parameter neutral, so the server's generation-config defaults cannot apply),
 an explicit max_tokens (vLLM's default is 16) and `return_token_ids`, so a hybrid prefix is
 never decoded and re-tokenised. Requests are spread over the replicas concurrently. A pooled
 requests Session retries connection errors, timeouts and 5xx with backoff (urllib3 Retry); a
@@ -31,6 +32,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from spd_lightning.errors import SetupError
+from spd_lightning.hf import tokenizer_eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,20 @@ def _top_of_last(k: int, choice: dict, prompt: list[int]) -> list[int]:
     return [_rank_one(row) for row in rows[len(prompt) - k :]]
 
 
+# Greedy means greedy: a server applies the sampling defaults of the model's generation_config.json
+# (Qwen2.5-Instruct ships repetition_penalty 1.05, top_p, top_k) to every request that does not set
+# each of them, and a repetition penalty changes the argmax even at temperature 0.
+GREEDY = {
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
 def _base_url(url: str) -> str:
     """http://host:8000/v1 or http://host:8000 -> http://host:8000"""
     url = url.rstrip("/")
@@ -95,6 +111,8 @@ class VLLMTarget:
         if not bases:
             raise SetupError("target=vllm needs target.url=http://HOST:PORT/v1 (or target.urls=[...])")
         self.bases, self.model, self.max_new_tokens, self.stop = bases, model, max_new_tokens, stop
+        # End-of-sequence ids besides the served tokenizer's EOS (set by check_tokenizer).
+        self.stop_token_ids: list[int] = []
         self.prompts_per_request, self.timeout_s = prompts_per_request, timeout_s
         # Logical requests (urllib3's retries of one request are not counted again).
         self.num_requests = self.num_failed_requests = 0
@@ -155,7 +173,10 @@ class VLLMTarget:
             )
 
     def check_tokenizer(self, tokenizer, role: str = "target", probes: tuple[str, ...] = DEFAULT_PROBES) -> None:
-        """The server must tokenise like the local tokenizer, or token ids mean different things."""
+        """The server must tokenise like the local tokenizer, or token ids mean different things.
+        Also learns the other ids that end a response (generation_config's list beside the tokenizer),
+        so completions stop there whatever generation config the server was started with."""
+        self.stop_token_ids = sorted(tokenizer_eos_ids(tokenizer) - {tokenizer.eos_token_id})
         # The EOS token decides where completions stop: its text must map to the same id too.
         probes = tuple(probes) + ((tokenizer.eos_token,) if tokenizer.eos_token else ())
         for base in self.bases:
@@ -173,7 +194,7 @@ class VLLMTarget:
     # --- the data path ---
 
     def _request(self, base: str, prompts: list[list[int]], params: dict, parse: Parse) -> list[list[int] | None]:
-        body = {"model": self.model, "prompt": prompts, "temperature": 0.0, "return_token_ids": True, **params}
+        body = {"model": self.model, "prompt": prompts, **GREEDY, "return_token_ids": True, **params}
         try:
             resp = self.session.post(base + "/v1/completions", json=body, timeout=(5.0, self.timeout_s))
             if 400 <= resp.status_code < 500:
@@ -206,6 +227,8 @@ class VLLMTarget:
         params = {"max_tokens": self.max_new_tokens if max_new_tokens is None else max_new_tokens}
         if self.stop:
             params["stop"] = list(self.stop)
+        if self.stop_token_ids:
+            params["stop_token_ids"] = self.stop_token_ids
         return self._map(prefixes, params, _generated)
 
     def propose(self, contexts: list[list[int]], k: int) -> list[list[int] | None]:
