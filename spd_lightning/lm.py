@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 
@@ -48,10 +49,12 @@ def greedy_generate(
     max_new_tokens: int,
     pad_id: int,
     eos_ids: Iterable[int] = (),
+    desc: str | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of every prompt with a KV cache: at most `max_new_tokens` tokens, each
     row ending with (and keeping) its first token in `eos_ids`; no eos_ids: exactly max_new_tokens.
-    A finished row leaves the batch, so long and short responses cost what they need."""
+    A finished row leaves the batch, so long and short responses cost what they need. `desc`: show
+    a progress bar of the generation steps under that name."""
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0 or not prompts:
         return out
@@ -62,7 +65,7 @@ def greedy_generate(
     rows = torch.arange(len(prompts))  # the prompt each batch row belongs to
     last = positions[:, -1]  # [B]
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-    for n in range(max_new_tokens):
+    for n in tqdm(range(max_new_tokens), desc=desc, unit="tok", leave=False, disable=desc is None):
         for r, token in zip(rows.tolist(), nxt.tolist()):
             out[r].append(token)
         running = ~torch.isin(nxt, eos)  # [B]

@@ -118,3 +118,19 @@ def test_argmax_along_is_the_greedy_token_after_each_draft_prefix(toy_world, tar
     small = LocalTarget(str(toy_world / "target"), batch_size=2)
     assert small.argmax_along(prefixes, drafts) == got and small.propose(prefixes, 4) == own
     assert small.num_requests == 2 * -(-len(prefixes) // 2)
+
+
+@pytest.mark.parametrize(
+    "sizes,cuts",
+    [
+        ([1] * 10, [(0, 4), (4, 8), (8, 10)]),  # plain rows: batch_size at a time
+        ([3, 3, 3], [(0, 3), (3, 6), (6, 9)]),  # whole trunks: none straddles two batches
+        ([2, 2, 2, 2, 1], [(0, 4), (4, 8), (8, 9)]),
+        ([9], [(0, 4), (4, 8), (8, 9)]),  # a trunk larger than a batch gets batches of its own
+        ([5, 2], [(0, 4), (4, 7)]),
+    ],
+)
+def test_batches_keep_the_contexts_of_one_trunk_together(toy_world, sizes, cuts):
+    target = LocalTarget(str(toy_world / "target"), batch_size=4)
+    assert [(c.start, c.stop) for c in target._batches(sizes, "test")] == cuts
+    assert target.num_requests == len(cuts)

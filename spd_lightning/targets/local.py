@@ -7,11 +7,12 @@ with sampling defaults or a repetition penalty (Qwen2.5-Instruct ships both) cha
 
 from __future__ import annotations
 
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from spd_lightning.errors import SetupError
 from spd_lightning.hf import end_of_sequence_ids, load_pretrained, torch_dtype
-from spd_lightning.lm import argmax_shared, greedy_generate, propose_shared
+from spd_lightning.lm import argmax_shared, greedy_generate, propose_shared, trunk_groups
 
 
 def load_causal_lm(
@@ -27,6 +28,10 @@ def load_causal_lm(
     model_dtype = torch_dtype(dtype, config_key.rsplit(".", 1)[0] + ".dtype")
     model = load_pretrained(AutoModelForCausalLM, path, what, config_key, offline_key, dtype=model_dtype)
     return model.to(device).eval()
+
+
+# Completions of at least this many tokens show a progress bar of their generation steps.
+LONG_GENERATION = 64
 
 
 class LocalTarget:
@@ -68,24 +73,45 @@ class LocalTarget:
                 "Draft, target and scorer must share one tokenizer."
             )
 
-    def _batches(self, n: int):
-        for start in range(0, n, self.batch_size):
+    def _batches(self, sizes: list[int], desc: str):
+        """Slices of consecutive rows, as many per batch as `batch_size` allows without splitting a
+        group of `sizes` (a group larger than a batch gets batches of its own); a progress bar when
+        there are several (real models take minutes)."""
+        cuts, rows, start = [], 0, 0
+        for size in sizes:
+            if rows and rows + size > self.batch_size:
+                cuts.append(slice(start, start + rows))
+                start, rows = start + rows, 0
+            for _ in range(size // self.batch_size):
+                cuts.append(slice(start, start + self.batch_size))
+                start += self.batch_size
+            rows += size % self.batch_size
+        cuts += [slice(start, start + rows)] if rows else []
+        for cut in tqdm(cuts, desc=desc, unit="batch", leave=False, disable=len(cuts) < 2):
             self.num_requests += 1
-            yield slice(start, start + self.batch_size)
+            yield cut
+
+    def _trunk_sizes(self, contexts: list[list[int]]) -> list[int]:
+        """How many consecutive contexts share each prefix: a batch then holds whole trunks, and each
+        trunk's prefix is run once rather than once per batch it would straddle."""
+        return [len(trunk.members) for trunk in trunk_groups(contexts)]
 
     def complete(self, prefixes: list[list[int]], max_new_tokens: int | None = None) -> list[list[int] | None]:
         """Greedy completions ending with an EOS id, or `max_new_tokens` long (None: self.max_new_tokens)."""
         budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         out: list[list[int] | None] = []
-        for batch in self._batches(len(prefixes)):
-            out.extend(greedy_generate(self.model, prefixes[batch], budget, self.pad_token_id, self.eos_token_ids))
+        # Long budgets are real responses (minutes on a CPU): show their steps.
+        steps = "generating" if budget >= LONG_GENERATION else None
+        for batch in self._batches([1] * len(prefixes), "completions"):
+            rows = prefixes[batch]
+            out.extend(greedy_generate(self.model, rows, budget, self.pad_token_id, self.eos_token_ids, steps))
         return out
 
     def propose(self, contexts: list[list[int]], k: int) -> list[list[int] | None]:
         """k greedy tokens after each context, not stopping at EOS (the draft's block). Contexts that
         extend one another (the blocks of one response) share one pass over their common prefix."""
         out: list[list[int] | None] = []
-        for batch in self._batches(len(contexts)):
+        for batch in self._batches(self._trunk_sizes(contexts), "proposals"):
             out.extend(propose_shared(self.model, contexts[batch], k, self.pad_token_id))
         return out
 
@@ -93,7 +119,7 @@ class LocalTarget:
         """[i] = greedy token after context + draft[:i], i < K: one teacher-forced pass per batch,
         sharing the pass over a common prefix as `propose` does. Drafts of one call have one length K."""
         out: list[list[int] | None] = []
-        for batch in self._batches(len(contexts)):
+        for batch in self._batches(self._trunk_sizes(contexts), "teacher-forced blocks"):
             out.extend(argmax_shared(self.model, contexts[batch], drafts[batch], self.pad_token_id))
         return out
 

@@ -79,8 +79,11 @@ def launch_vllm_server(
     startup_timeout_s: float = 300,
     log_path: str | Path | None = None,
     extra_args: tuple[str, ...] | list[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """Serves `model_dir` as `served_model_name` on 127.0.0.1; yields "http://127.0.0.1:PORT/v1"."""
+    """Serves `model_dir` as `served_model_name` on 127.0.0.1; yields "http://127.0.0.1:PORT/v1".
+    `extra_args` come last, so they override the defaults (e.g. "--max-model-len", "2048"); `env`
+    overrides SERVER_ENV (e.g. VLLM_CPU_KVCACHE_SPACE=2 for a 1.5B model)."""
     python = python or find_vllm_python()
     if not python or not Path(python).is_file():
         raise SetupError(
@@ -118,7 +121,7 @@ def launch_vllm_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **SERVER_ENV},
+            env={**os.environ, **SERVER_ENV, **(env or {})},
             start_new_session=True,  # its own process group
         )
     try:
