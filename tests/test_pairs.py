@@ -119,7 +119,9 @@ def test_the_built_target_decodes_greedily_as_transformers_generate():
     prompt = tokenizer(text, add_special_tokens=False).input_ids
     eos = end_of_sequence_ids(model)
     ours = greedy_generate(model, [prompt], 12, tokenizer.pad_token_id, eos)[0]
-    greedy = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=sorted(eos), pad_token_id=151643)
+    # generate() would merge the directory's repetition_penalty 1.05 into any config it is given.
+    model.generation_config = GenerationConfig(eos_token_id=sorted(eos), pad_token_id=151643)
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=sorted(eos))
     theirs = model.generate(torch.tensor([prompt]), generation_config=greedy)[0, len(prompt) :].tolist()
     assert ours == theirs
     assert "42" in tokenizer.decode(ours)
