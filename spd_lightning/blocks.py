@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, fields
 
 from spd_lightning.errors import SetupError
+from spd_lightning.hf import id_set
 from spd_lightning.prompts import Prompt
 from spd_lightning.targets.base import Target
 from spd_lightning.verifiers import extract_final_number
@@ -60,7 +61,7 @@ def block_starts(response_len: int, stride: int) -> range:
 def strip_eos(completion: list[int], eos_ids: int | Collection[int]) -> tuple[list[int], bool]:
     """(the response without its EOS, whether it was cut by the length cap instead of ending).
     `eos_ids`: the id, or every id, that ends a response."""
-    ends = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+    ends = id_set(eos_ids)
     if completion and completion[-1] in ends:
         return completion[:-1], False
     return completion, True

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from spd_lightning.data import Record, collate_records
+from spd_lightning.hf import id_set
 from spd_lightning.lm import greedy_tokens, teacher_forced_logits
 from spd_lightning.rules import kl_decisions, token_features
 from spd_lightning.sampling import first_reject, threshold_decisions
@@ -136,7 +137,7 @@ def emit(gen: Generation, outcome: BlockOutcome, eos_ids: int | Collection[int],
     """Appends a block's tokens to a response, cut after an EOS (any of `eos_ids`) or at
     max_new_tokens, and counts the call. Draft tokens cut off with the rest count as neither
     accepted nor generated."""
-    ends = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+    ends = id_set(eos_ids)
     tokens = outcome.tokens[: max_new_tokens - gen.num_tokens]
     stop = next((i for i, t in enumerate(tokens) if t in ends), None)
     if stop is not None:

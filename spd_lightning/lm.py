@@ -19,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from spd_lightning.hf import id_set
+
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids [B, L], attention mask [B, L] and position ids [B, L]: each row ends at column L-1 and
@@ -91,7 +93,7 @@ def greedy_responses(
     model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int, eos_ids: int | Iterable[int], pad_id: int
 ) -> list[list[int]]:
     """The model's greedy response to each prompt, cut before its end of sequence."""
-    eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+    eos = id_set(eos_ids)
     rows = greedy_generate(model, prompts, max_new_tokens, pad_id, eos)
     return [row[:-1] if row and row[-1] in eos else row for row in rows]
 
