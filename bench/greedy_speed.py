@@ -16,7 +16,6 @@ and the wall time of all of them counts. The last line reads
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -25,17 +24,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from spd_lightning.hf import end_of_sequence_ids
 from spd_lightning.lm import greedy_generate, left_pad
+from spd_lightning.prompts import encode_prompts, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def chat_prompts(tokenizer, path: Path, n: int) -> list[list[int]]:
-    questions = [json.loads(line)["question"] for line in path.read_text().splitlines()[:n]]
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        for q in questions
-    ]
-    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    """The first n questions of a GSM8K file, each the user turn of the tokenizer's chat template."""
+    return encode_prompts(tokenizer, load_prompts(str(path), limit=n, chat_template=True))
 
 
 @torch.no_grad()
