@@ -33,15 +33,18 @@ from spd_lightning.decoding import (
     Generation,
     Policy,
     accept_all,
+    generate,
+    generate_cached,
     kl_policy,
     reject_all,
     scorer_policy,
     summarize,
-    timed_generate,
+    timed,
 )
 from spd_lightning.errors import SetupError
 from spd_lightning.hf import check_covers_tokenizer, load_tokenizer, resolve_device, tokenizer_eos_ids
 from spd_lightning.prompts import Prompt, encode_prompts
+from spd_lightning.stats import wilson_interval
 from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.toy.build import build_toy_world
 
@@ -64,8 +67,12 @@ class DecodeConfig:
     block_size: int = 4
     # Tokens generated per prompt at most (an EOS ends a response earlier).
     max_new_tokens: int = 32
-    # Prompts decoded together, each row with its own growing context.
+    # Prompts decoded together, each row with its own growing context (without kv_cache).
     batch_size: int = 64
+    # true: one prompt at a time with a KV cache per model, rolled back after each block (what
+    # real models need, and what makes wall times meaningful); false: batched rows, every block
+    # re-running both models over the whole context (faster for the toy world's tiny models).
+    kv_cache: bool = False
     # Accept a mismatch when the scorer's probability is >= this; null: the threshold the
     # checkpoint's training run validated with (module.threshold there).
     threshold: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional, not X | None)
@@ -167,9 +174,11 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     pad = tokenizer.eos_token_id if pad is None else pad
     outputs: dict[str, tuple[list[Generation], float]] = {}
     for name, (policy, k) in policies.items():
-        outputs[name] = timed_generate(
-            draft, target, prompt_ids, policy, k, settings.max_new_tokens, eos, pad, settings.batch_size, desc=name
-        )
+        common = (draft, target, prompt_ids, policy, k, settings.max_new_tokens, eos)
+        if settings.kv_cache:
+            outputs[name] = timed(generate_cached, *common, desc=name)
+        else:
+            outputs[name] = timed(generate, *common, pad, settings.batch_size, desc=name)
         log.info("%s: %d prompts in %.1f s", name, len(prompts), outputs[name][1])
     texts = {name: [response_text(tokenizer, g) for g in gens] for name, (gens, _) in outputs.items()}
     refs = references(prompts, texts.get("greedy"))
@@ -178,6 +187,8 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     summary: dict[str, float] = {"num_prompts": len(prompts), "block_size": settings.block_size}
     for name, (gens, seconds) in outputs.items():
         summary.update({f"{name}/{m}": v for m, v in summarize(gens, correct[name], seconds).items()})
+        low, high = wilson_interval(sum(correct[name]), len(prompts))
+        summary.update({f"{name}/accuracy_ci95_low": low, f"{name}/accuracy_ci95_high": high})
     if "greedy" in outputs and "standard_sd" in outputs:
         # Standard SD is lossless: a share below 1 means the loop (or the numerics) is off.
         pairs = zip(outputs["standard_sd"][0], outputs["greedy"][0])
@@ -202,10 +213,12 @@ def _costs(gen: Generation) -> dict[str, int]:
     }
 
 
-def print_table(summary: dict[str, float], path: Path) -> None:
+def print_table(summary: dict[str, float], path: Path, kv_cache: bool = False) -> None:
     table = Table(title=f"Decoding {summary['num_prompts']} prompts, K={summary['block_size']}")
     columns = {
         "accuracy": "accuracy",
+        "accuracy_ci95_low": "95% CI low",
+        "accuracy_ci95_high": "high",
         "target_calls_per_token": "calls/token",
         "accepted_draft_tokens_per_block": "kept/block",
         "tokens_per_prompt": "tokens",
@@ -220,7 +233,10 @@ def print_table(summary: dict[str, float], path: Path) -> None:
     console = Console()
     console.print(table)
     console.print("calls/token: target passes per generated token; kept/block: draft tokens kept")
-    console.print("per block; tokens: generated per prompt; *wall s: no KV cache, so secondary")
+    if kv_cache:
+        console.print("per block; tokens: generated per prompt; *wall s: batch size 1, KV caches")
+    else:
+        console.print("per block; tokens: generated per prompt; *wall s: no KV cache, so secondary")
     console.print(f"decode: {path}", soft_wrap=True)
 
 
@@ -249,6 +265,6 @@ def decode(cfg: DictConfig) -> float | None:
     (out / "decode.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     with (out / "decode_samples.jsonl").open("w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
-    print_table(summary, out / "decode.json")
+    print_table(summary, out / "decode.json", cfg.decode.kv_cache)
     print(headline(summary), flush=True)
     return summary.get(cfg.optimized_metric)

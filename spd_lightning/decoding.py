@@ -11,8 +11,11 @@ Rows stop at EOS (kept as the response's last token) or at max_new_tokens. Each 
 target call, so greedy decoding by the target alone (K = 0) is one call per token, and standard
 speculative decoding (reject every mismatch) emits exactly greedy's tokens in fewer calls.
 
-No KV cache: every step re-runs the models over the whole padded context, which keeps the loop
-plain and is cheap at the toy world's lengths; wall time is therefore not the headline.
+Two loops give the same tokens. `generate` batches rows and re-runs both models over each
+row's whole context every block: plain, and cheap at the toy world's lengths.
+`generate_cached` decodes one row at a time with a KV cache per model, rolled back to the kept
+tokens after each block, so a block costs the target one pass over K+1 new tokens: what real
+models need (a 1.5B target on a CPU reads all its weights for every pass, whatever its length).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from transformers import PreTrainedModel
 
 from spd_lightning.data import Record, collate_records
 from spd_lightning.hf import id_set
-from spd_lightning.lm import greedy_tokens, teacher_forced_logits
+from spd_lightning.lm import CachedLM, greedy_tokens, teacher_forced_logits
 from spd_lightning.rules import kl_decisions, token_features
 from spd_lightning.sampling import first_reject, threshold_decisions
 from spd_lightning.scorer import ScoringActor
@@ -167,15 +170,19 @@ def decode_step(
         draft_logits = teacher_forced_logits(draft, contexts, drafts, pad_id)  # [B, K+1, V]
     target_ids = target_logits.argmax(-1).cpu()  # [B, K+1]
     draft_ids = torch.tensor(drafts, dtype=torch.long)  # [B, K]
-    block = Block(contexts, prompt_lens, draft_ids, target_ids, target_logits, draft_logits)
+    return decide_block(Block(contexts, prompt_lens, draft_ids, target_ids, target_logits, draft_logits), policy)
+
+
+def decide_block(block: Block, policy: Policy) -> list[BlockOutcome]:
+    """What each row of a block emits under `policy` (K = 0: greedy, the target's token)."""
     mismatch = block.mismatch  # [B, K]
-    if block_size:
+    if block.draft_ids.shape[1]:
         accept_len = first_reject(policy(block).bool() | ~mismatch).tolist()  # [B]
     else:  # greedy: nothing to decide, the target's own token is the block
-        accept_len = [0] * len(contexts)
+        accept_len = [0] * len(block.contexts)
     return [
         BlockOutcome(block_tokens(d, t, j), m[:j])
-        for d, t, j, m in zip(drafts, target_ids.tolist(), accept_len, mismatch.tolist())
+        for d, t, j, m in zip(block.draft_ids.tolist(), block.target_ids.tolist(), accept_len, mismatch.tolist())
     ]
 
 
@@ -208,6 +215,48 @@ def generate(
     return gens
 
 
+def generate_cached(
+    draft: PreTrainedModel | None,
+    target: PreTrainedModel,
+    prompts: list[list[int]],
+    policy: Policy,
+    block_size: int,
+    max_new_tokens: int,
+    eos_ids: int | Collection[int],
+    desc: str | None = None,
+) -> list[Generation]:
+    """As `generate`, one prompt at a time with a KV cache per model (batch size 1)."""
+    bar = tqdm(prompts, desc=desc, leave=False, disable=desc is None)
+    return [_generate_one(draft, target, p, policy, block_size, max_new_tokens, eos_ids) for p in bar]
+
+
+@torch.no_grad()
+def _generate_one(draft, target, prompt, policy, block_size, max_new_tokens, eos_ids) -> Generation:
+    gen = Generation([])
+    target_lm = CachedLM(target)
+    draft_lm = CachedLM(draft) if block_size else None
+    needs_logits = bool(block_size) and getattr(policy, "needs_logits", False)
+    while not gen.stopped_at_eos and gen.num_tokens < max_new_tokens:
+        seq = prompt + gen.response_ids
+        drafts, draft_logits = draft_lm.propose(seq, block_size, needs_logits) if draft_lm else ([], None)
+        target_logits = target_lm.feed(seq + drafts, block_size + 1)  # [K+1, V]
+        block = Block(
+            [seq],
+            [len(prompt)],
+            torch.tensor([drafts], dtype=torch.long).reshape(1, block_size),
+            target_logits.argmax(-1).cpu()[None],
+            target_logits[None] if needs_logits else None,
+            draft_logits[None] if needs_logits else None,
+        )
+        outcome = decide_block(block, policy)[0]
+        emit(gen, outcome, eos_ids, max_new_tokens)
+        kept = len(seq) + len(outcome.tokens) - 1  # the block's last token has not been fed yet
+        target_lm.roll_back(kept)
+        if draft_lm:
+            draft_lm.roll_back(kept)
+    return gen
+
+
 def summarize(gens: list[Generation], correct: list[bool], seconds: float) -> dict[str, float]:
     """A policy's figures over all prompts. Generated tokens include the final EOS (producing it
     takes a target call too), so greedy decoding is exactly 1.0 target call per token."""
@@ -225,8 +274,8 @@ def summarize(gens: list[Generation], correct: list[bool], seconds: float) -> di
     }
 
 
-def timed_generate(*args, **kwargs) -> tuple[list[Generation], float]:
-    """generate(...) and its wall time in seconds."""
+def timed(loop: Callable[..., list[Generation]], *args, **kwargs) -> tuple[list[Generation], float]:
+    """loop(*args, **kwargs) (generate or generate_cached) and its wall time in seconds."""
     start = time.perf_counter()
-    gens = generate(*args, **kwargs)
+    gens = loop(*args, **kwargs)
     return gens, time.perf_counter() - start

@@ -49,6 +49,7 @@ from spd_lightning.rollout import HybridVerifier
 from spd_lightning.rules import TokenFeatures, quantile_thresholds, token_features
 from spd_lightning.sampling import mismatch_mask
 from spd_lightning.scorer import ScoringActor
+from spd_lightning.stats import wilson_interval
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.toy.build import build_toy_world
@@ -238,17 +239,19 @@ def print_table(rows: list[dict], threshold: float, tolerance: float, num_record
     from rich.table import Table
 
     table = Table(title=f"Evaluation: {num_records} held-out records")
-    for col in ("policy", "parameter", "accuracy", "accept_len", "vs SD"):
+    for col in ("policy", "parameter", "accuracy", "95% CI", "accept_len", "vs SD"):
         table.add_column(col, justify="left" if col == "policy" else "right")
 
     def add(name: str, row: dict | None) -> None:
         if row is None:
-            table.add_row(name, "-", "-", "-", "-")
+            table.add_row(name, "-", "-", "-", "-", "-")
             return
         ratio = row["accept_len_ratio"]
         param = "" if row["parameter"] is None else f"{row['parameter']:.4g}"
         ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
-        table.add_row(name, param, f"{row['accuracy']:.3f}", f"{row['accept_len']:.3f}", ratio_text)
+        low, high = wilson_interval(round(row["accuracy"] * num_records), num_records)
+        ci = f"{low:.3f}-{high:.3f}"
+        table.add_row(name, param, f"{row['accuracy']:.3f}", ci, f"{row['accept_len']:.3f}", ratio_text)
 
     add("SPD scorer (configured)", next(r for r in rows if r["policy"] == "scorer" and r["parameter"] == threshold))
     for policy in ("standard_sd", "accept_all"):
@@ -261,7 +264,8 @@ def print_table(rows: list[dict], threshold: float, tolerance: float, num_record
     console.print(table)
     console.print(
         f"accept_len: draft tokens kept per block. At parity: each family's longest blocks with accuracy "
-        f"at most {tolerance} below standard SD ('-': none). KL = KL(target || draft); entropy = the target's.",
+        f"at most {tolerance} below standard SD ('-': none). KL = KL(target || draft); entropy = the target's. "
+        "95% CI: Wilson, treating records as independent (blocks of one response are not).",
         soft_wrap=True,
     )
     console.print(f"all {len(rows)} policy points: {out / 'tradeoff.csv'}", soft_wrap=True)

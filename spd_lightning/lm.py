@@ -207,3 +207,38 @@ def teacher_forced_argmax(
 ) -> list[list[int]]:
     """target_ids[i] = argmax after context + draft[:i], for i < K, in one forward pass."""
     return teacher_forced_logits(model, contexts, drafts, pad_id)[:, :-1].argmax(-1).tolist()
+
+
+class CachedLM:
+    """One sequence's KV cache in a model (batch size 1): feed the tokens the cache has not
+    seen, read logits at the last positions, roll back to a prefix when a block is cut."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model, self.cache, self.seen = model, None, 0
+
+    def feed(self, ids: list[int], keep: int) -> torch.Tensor:
+        """Runs ids[seen:] (ids extends what was fed before); float32 logits [keep, V] of the
+        last `keep` positions of ids."""
+        new = torch.tensor([ids[self.seen :]], dtype=torch.long, device=_device(self.model))  # [1, n]
+        out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        self.cache, self.seen = out.past_key_values, len(ids)
+        return out.logits[0].float()
+
+    def roll_back(self, length: int) -> None:
+        """Keeps the cache of the first `length` tokens only."""
+        if length < self.seen:
+            # A negative count removes that many tokens from the end in transformers 4.x and 5.x
+            # (a positive one means a length in 4.x and is deprecated in 5.x).
+            self.cache.crop(length - self.seen)
+            self.seen = length
+
+    def propose(self, ids: list[int], k: int, with_logits: bool) -> tuple[list[int], torch.Tensor | None]:
+        """k greedy tokens after ids (not stopping at EOS) and, with_logits, the logits [k+1, V]
+        after ids + tokens[:i], i = 0..k (one more pass, over the last token)."""
+        rows = [self.feed(ids, 1)[-1]]
+        tokens: list[int] = []
+        for i in range(k):
+            tokens.append(int(rows[-1].argmax()))
+            if i < k - 1 or with_logits:
+                rows.append(self.feed(ids + tokens, 1)[-1])
+        return tokens, torch.stack(rows) if with_logits else None

@@ -28,9 +28,10 @@ def run_decode(args: list[str], out: Path, toy_world: Path) -> subprocess.Comple
     return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_baselines_in_process_write_decode_json(compose_train, toy_world: Path, tmp_path: Path):
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_baselines_in_process_write_decode_json(compose_train, toy_world: Path, tmp_path: Path, kv_cache: bool):
     overrides = [f"toy.out={toy_world}", "task=decode", "data.num_prompts=12", "decode.policies=[standard_sd,greedy]"]
-    cfg = compose_train(overrides, tmp_path)
+    cfg = compose_train([*overrides, f"decode.kv_cache={kv_cache}"], tmp_path)
     metric = decode(cfg)  # no scorer among the policies: no checkpoint needed
     summary = json.loads((tmp_path / "decode.json").read_text())
     assert metric is None  # the default optimized_metric is the scorer's, which did not run
@@ -38,6 +39,8 @@ def test_baselines_in_process_write_decode_json(compose_train, toy_world: Path, 
     assert summary["standard_sd/same_as_greedy"] == 1.0
     assert summary["standard_sd/accuracy"] == summary["greedy/accuracy"] >= 0.9
     assert summary["standard_sd/target_calls_per_token"] < 1.0
+    low, high = summary["greedy/accuracy_ci95_low"], summary["greedy/accuracy_ci95_high"]
+    assert low < summary["greedy/accuracy"] <= high  # Wilson, 12 prompts
     samples = [json.loads(line) for line in (tmp_path / "decode_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and samples[0]["greedy"]["response"] == samples[0]["standard_sd"]["response"]
 

@@ -199,3 +199,30 @@ def test_kl_policy_spans_standard_sd_to_accept_all_on_the_toy_models(toy_lms, to
     assert ids(kl_policy(float("inf"), confidence=None)) == ids(accept_all)
     middle = ids(kl_policy(0.85))
     assert middle != sd
+
+
+def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_policy(toy_lms, toy_tokenizer, toy_world):
+    from spd_lightning.decoding import generate_cached
+    from spd_lightning.prompts import toy_prompts
+    from spd_lightning.scorer import ScoringActor
+
+    draft, target = toy_lms
+    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(12, seed=9)]
+    eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
+    torch.manual_seed(0)
+    scorer = ScoringActor.from_pretrained(str(toy_world / "draft")).eval()
+    torch.nn.init.normal_(scorer.head[-1].weight, std=0.5)  # an untrained head that still decides something
+    policies = {
+        "greedy": (reject_all, 0),
+        "standard_sd": (reject_all, K),
+        "accept_all": (accept_all, K),
+        "kl_below": (kl_policy(0.85), K),
+        "scorer": (scorer_policy(scorer, 0.5, pad), K),
+    }
+    for name, (policy, k) in policies.items():
+        batched = generate(draft, target, prompts, policy, k, 24, eos, pad, batch_size=6)
+        cached = generate_cached(draft, target, prompts, policy, k, 24, eos)
+        assert [g.response_ids for g in cached] == [g.response_ids for g in batched], name
+        assert [(g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in cached] == [
+            (g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in batched
+        ], name

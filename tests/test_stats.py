@@ -1,0 +1,20 @@
+import pytest
+
+from spd_lightning.stats import wilson_interval
+
+
+def test_wilson_interval_matches_published_values():
+    # 32/64, the real pair's share of solved GSM8K train problems: 38.1% to 61.9%.
+    low, high = wilson_interval(32, 64)
+    assert (round(low, 3), round(high, 3)) == (0.381, 0.619)
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (10, 10), (3, 7)])
+def test_wilson_interval_stays_in_range_and_contains_the_estimate(k, n):
+    low, high = wilson_interval(k, n)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+    assert high - low > 0.1  # ten trials cannot pin a proportion down
+
+
+def test_no_trials_is_the_whole_range():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
