@@ -124,6 +124,14 @@ def test_a_pair_names_each_model_role_once(task: str, tmp_path: Path, compose_tr
     assert hub.target.model_path == hub.model.tokenizer == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
 
 
+@pytest.mark.parametrize("target", ["local", "vllm"])
+def test_a_pair_completes_prefixes_to_the_end_of_a_solution(target: str, tmp_path: Path, compose_train):
+    cfg = compose_train(["pair=qwen_coder", f"target={target}"], tmp_path)
+    assert cfg.target.max_new_tokens == 320  # not the toy world's 16, which would cut every answer
+    mine = compose_train(["pair=qwen_coder", f"target={target}", "target.max_new_tokens=512"], tmp_path)
+    assert mine.target.max_new_tokens == 512
+
+
 def test_dr_grpo_turns_off_std_scaling(tmp_path: Path, compose_train):
     cfg = compose_train(["loss=dr_grpo"], tmp_path)
     assert instantiate(cfg.loss).scale_std is False
