@@ -50,6 +50,14 @@ EXTRA_OVERRIDES: dict[str, list[str]] = {
     ],
     # The real pair's directories are built by hand (python -m spd_lightning.pairs): the toy pair stands in.
     "pair/qwen_coder.yaml": ["pair.draft={toy}/draft", "pair.target={toy}/target"],
+    "experiment/qwen_coder_gsm8k.yaml": [
+        "toy=default",
+        "pair.draft={toy}/draft",
+        "pair.target={toy}/target",
+        "data.path={toy}/records.jsonl",
+        "target.url={fake_vllm}",
+        "target.model=toy-target",
+    ],
     # Never online from a test (WandbLogger only starts a run when first used, but to be sure).
     "logger/wandb.yaml": ["logger.wandb.mode=offline"],
     # A raw prompt file of two lines, written by the test ("{raw}").
