@@ -72,12 +72,19 @@ def accept_all(block: Block) -> torch.Tensor:
 def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy:
     """The trained judge: keep a mismatch when its accept probability is >= threshold, the
     probability computed as training's validation computes it (context + draft, with the
-    target's tokens as the alternatives)."""
+    target's tokens as the alternatives). A block of one row (the KV-cached loop) re-reads only
+    what its backbone has not read yet: see BackbonePrefixCache."""
     device = next(scorer.parameters()).device
+    prefix_cache = BackbonePrefixCache(scorer.backbone)
 
     @torch.no_grad()
     def decide(block: Block) -> torch.Tensor:
         k = block.draft_ids.shape[1]
+        if len(block.contexts) == 1:
+            ids = block.contexts[0] + block.draft_ids[0].tolist()
+            at_draft = prefix_cache.last_hidden(ids, k)[None]  # [1, K, H]
+            logits = scorer.score(at_draft, block.target_ids[:, :k].to(device))  # [1, K]
+            return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
         drafts, targets = block.draft_ids.tolist(), block.target_ids[:, :k].tolist()
         records = [
             Record(ctx, plen, d, t, "") for ctx, plen, d, t in zip(block.contexts, block.prompt_lens, drafts, targets)
@@ -92,6 +99,30 @@ def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy
         return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
 
     return decide
+
+
+class BackbonePrefixCache:
+    """A backbone's KV cache of the last sequence it read (batch size 1). The next sequence
+    (the same response a block later, with a new draft) shares a prefix with it: only the rest
+    is read, so the judge costs a pass over about K+1 tokens per block, like the target."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        self.backbone, self.ids, self.cache = backbone, [], None
+
+    def last_hidden(self, ids: list[int], n: int) -> torch.Tensor:
+        """The backbone's last hidden states [n, H] at the last n tokens of ids."""
+        limit, common = min(len(self.ids), len(ids) - n), 0
+        while common < limit and self.ids[common] == ids[common]:
+            common += 1
+        if common == 0:
+            self.cache = None
+        elif common < len(self.ids):  # a negative count removes that many tokens (transformers 4.x and 5.x)
+            self.cache.crop(common - len(self.ids))
+        device = next(self.backbone.parameters()).device
+        new = torch.tensor([ids[common:]], dtype=torch.long, device=device)  # [1, m]
+        out = self.backbone(input_ids=new, past_key_values=self.cache, use_cache=True)
+        self.cache, self.ids = out.past_key_values, list(ids)
+        return out.last_hidden_state[0, -n:]
 
 
 def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:

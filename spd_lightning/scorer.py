@@ -82,6 +82,11 @@ class ScoringActor(nn.Module):
         k = target_ids.shape[1]
         pos = context_len[:, None] + torch.arange(k, device=input_ids.device)[None, :]  # [B, K]
         at_draft = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, K, H]
+        return self.score(at_draft, target_ids)
+
+    def score(self, at_draft: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Accept logits [B, K] from the backbone's hidden states at the draft tokens [B, K, H] and
+        the target's tokens there [B, K]."""
         alternative = self.backbone.get_input_embeddings()(target_ids)  # [B, K, H]
         features = torch.cat([at_draft, alternative.to(at_draft.dtype)], dim=-1)  # [B, K, 2H]
         # The head keeps its own dtype (float32) under a bfloat16/float16 backbone.

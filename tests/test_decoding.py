@@ -48,6 +48,9 @@ class NoCache:
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         pass
 
+    def crop(self, tokens: int) -> None:
+        pass
+
 
 def counting(eos_after: int | None = None) -> LookupLM:
     """2, 3, 4, ...: EOS follows `eos_after` (never when None)."""
@@ -124,17 +127,33 @@ def test_rows_of_a_batch_finish_independently():
     assert [g.response_ids for g in together] == [g.response_ids for g in alone]
 
 
+class ZeroBackbone(nn.Module):
+    """Hidden states of zeros, with a cache that keeps nothing: the backbone of ConstantScorer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, **_) -> SimpleNamespace:
+        return SimpleNamespace(last_hidden_state=torch.zeros(*input_ids.shape, 1), past_key_values=NoCache())
+
+
 class ConstantScorer(nn.Module):
-    """Accept logits [B, K] from a fixed vector: a stand-in for ScoringActor."""
+    """Accept logits [B, K] from a fixed vector: a stand-in for ScoringActor (whole batches go
+    through forward, single rows of the KV-cached loop through score)."""
 
     def __init__(self, probs: list[float]) -> None:
         super().__init__()
         self.logits = nn.Parameter(torch.logit(torch.tensor(probs)))
+        self.backbone = ZeroBackbone()
         self.seen: list[torch.Tensor] = []
 
     def forward(self, input_ids, attention_mask, context_len, target_ids):
+        return self.score(None, target_ids)
+
+    def score(self, at_draft, target_ids):
         self.seen.append(target_ids)
-        return self.logits.expand(len(input_ids), -1)
+        return self.logits.expand(len(target_ids), -1)
 
 
 def test_scorer_policy_accepts_mismatches_at_or_above_the_threshold():
@@ -226,3 +245,19 @@ def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_pol
         assert [(g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in cached] == [
             (g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in batched
         ], name
+
+
+@torch.no_grad()
+def test_backbone_prefix_cache_reads_what_a_full_pass_reads(toy_world):
+    from spd_lightning.decoding import BackbonePrefixCache
+    from spd_lightning.scorer import ScoringActor
+
+    backbone = ScoringActor.from_pretrained(str(toy_world / "draft")).backbone.eval()
+    cache = BackbonePrefixCache(backbone)
+    first = list(range(5, 40))
+    later = first[:30] + [7, 8, 9, 10, 11, 12]  # the next block: 30 tokens kept, a new tail
+    unrelated = [3, 4, *first]  # another prompt: nothing to reuse
+    for ids in (first, later, later, unrelated):
+        full = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -4:]  # [4, H]
+        assert torch.allclose(cache.last_hidden(ids, 4), full, atol=1e-4)
+        assert cache.ids == ids
