@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +23,8 @@ class Record:
     draft_ids: list[int]  # K draft proposals
     target_ids: list[int]  # K target greedy tokens, target_ids[i] after context + draft[:i]
     reference: str  # the answer the response must still reach
+    # Where the record was read from ("file:line"), for messages about it; empty when built in memory.
+    source: str = field(default="", compare=False, repr=False)
 
     @property
     def block_size(self) -> int:
@@ -40,9 +42,9 @@ def parse_record(obj: object, where: str) -> Record:
     missing = [f for f in REQUIRED_FIELDS if f not in obj]
     if missing:
         raise RecordError(f"{where}: missing field(s) {', '.join(missing)}")
-    for field in ("context_ids", "draft_ids", "target_ids"):
-        if not _is_id_list(obj[field]) or not obj[field]:
-            raise RecordError(f"{where}: field '{field}' must be a non-empty list of token ids (ints >= 0)")
+    for name in ("context_ids", "draft_ids", "target_ids"):
+        if not _is_id_list(obj[name]) or not obj[name]:
+            raise RecordError(f"{where}: field '{name}' must be a non-empty list of token ids (ints >= 0)")
     ctx, plen = obj["context_ids"], obj["prompt_len"]
     if not isinstance(plen, int) or isinstance(plen, bool) or not 0 < plen <= len(ctx):
         raise RecordError(f"{where}: field 'prompt_len' must be an int in 1..len(context_ids)={len(ctx)}, got {plen!r}")
@@ -53,7 +55,7 @@ def parse_record(obj: object, where: str) -> Record:
         )
     if not isinstance(obj["reference"], str):
         raise RecordError(f"{where}: field 'reference' must be a string, got {type(obj['reference']).__name__}")
-    return Record(list(ctx), plen, list(obj["draft_ids"]), list(obj["target_ids"]), obj["reference"])
+    return Record(list(ctx), plen, list(obj["draft_ids"]), list(obj["target_ids"]), obj["reference"], where)
 
 
 def load_records(path: str | Path) -> list[Record]:
@@ -62,11 +64,18 @@ def load_records(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise RecordError(f"record file {path} does not exist; build records first or set data.path")
     records: list[Record] = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecordError(
+                    f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                    "a records file is JSONL, one JSON object per line (data.path, data.val_path)"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
@@ -86,11 +95,12 @@ def load_records(path: str | Path) -> list[Record]:
 def check_vocab(records: list[Record], vocab_size: int, source: str) -> None:
     """Every token id must exist in the shared vocabulary of draft, target and scorer."""
     for i, r in enumerate(records):
-        for field in ("context_ids", "draft_ids", "target_ids"):
-            top = max(getattr(r, field))
+        for name in ("context_ids", "draft_ids", "target_ids"):
+            top = max(getattr(r, name))
             if top >= vocab_size:
+                where = r.source or f"{source}: record {i}"
                 raise RecordError(
-                    f"{source}: record {i} field '{field}' holds token id {top}, but the tokenizer has "
+                    f"{where}: field '{name}' holds token id {top}, but the tokenizer has "
                     f"{vocab_size} tokens; were these records built with another tokenizer?"
                 )
 

@@ -46,6 +46,7 @@ class FakeVLLM:
       drop_next(n)              close the socket without answering, for the next n
       delay(s, count=None)      wait s seconds before answering (the next `count`, None: all)
       fail_after(m, status=500) answer `status` to every completion request after the first m
+    and, for any path: fail_path(path, status) answers `status` to every request of that path.
     `api_key`: required as `Authorization: Bearer KEY` on /v1/* (as vLLM does); `served_model`.
     `counts[path]` counts every request, faulty ones included; `completion_bodies` holds the
     JSON body of every completion request (`prompts` their prompts), in arrival order.
@@ -61,6 +62,7 @@ class FakeVLLM:
         self._fail_n, self._fail_status, self._drop_n, self._seen = 0, 503, 0, 0
         self._delay_s, self._delay_n = 0.0, None
         self._fail_after, self._fail_after_status = None, 500
+        self.failing_paths: dict[str, int] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -84,6 +86,10 @@ class FakeVLLM:
     def fail_after(self, m: int | None, status: int = 500) -> None:
         with self._lock:
             self._fail_after, self._fail_after_status = m, status
+
+    def fail_path(self, path: str, status: int = 500) -> None:
+        with self._lock:
+            self.failing_paths[path] = status
 
     @property
     def prompts(self) -> list[list]:
@@ -211,7 +217,9 @@ class FakeVLLM:
             def do_GET(self) -> None:
                 with fake._lock:
                     fake.counts[self.path] += 1
-                if not self._authorised():
+                if self.path in fake.failing_paths:
+                    self._send(fake.failing_paths[self.path], {"error": "Internal Server Error"})
+                elif not self._authorised():
                     self._send(401, {"error": "Unauthorized"})
                 elif self.path == "/health":
                     self._send(200)
@@ -228,6 +236,8 @@ class FakeVLLM:
                     if self.path == "/v1/completions":
                         fake.completion_bodies.append(body)
                         fake.auth_headers.append(self.headers.get("Authorization"))
+                if self.path in fake.failing_paths:
+                    return self._send(fake.failing_paths[self.path], {"error": "Internal Server Error"})
                 if not self._authorised():
                     return self._send(401, {"error": "Unauthorized"})
                 if self.path == "/tokenize":

@@ -216,3 +216,19 @@ def test_datamodule_too_few_train_records_for_one_batch(tmp_path):
     dm = RecordDataModule(path, val_path=val, batch_size=64)
     with pytest.raises(RecordError, match="batch_size=64"):
         dm.setup()
+
+
+def test_an_out_of_vocabulary_id_is_reported_at_its_line_in_the_file(tmp_path):
+    path = write_lines(tmp_path / "r.jsonl", [json.dumps(rec()), "", json.dumps(rec(target_ids=[5, 900]))])
+    records = load_records(path)
+    with pytest.raises(RecordError) as err:
+        check_vocab(records[1:], vocab_size=100, source=str(path))  # after a split, the index means nothing
+    assert str(err.value).startswith(f"{path}:3: field 'target_ids' holds token id 900")
+
+
+def test_a_records_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(json.dumps(rec()).encode() + b"\n" + b'{"context_ids": [1], "reference": "\xff\xfe"}\n')
+    with pytest.raises(RecordError) as err:
+        load_records(path)
+    assert str(err.value).startswith(f"{path}:2: not UTF-8 text (byte 0xff")

@@ -507,3 +507,12 @@ def test_failed_proposals_are_none(fake_vllm, make, prefixes):
     assert target.propose(prefixes[:4], 4) == [None] * 4
     assert target.argmax_along(prefixes[:4], [[3] * 4] * 4) == [None] * 4
     assert target.num_failed_requests == 2
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/v1/models"])
+def test_a_server_error_in_a_start_up_check_is_one_message_naming_the_url(fake_vllm, make, tokenizer, path):
+    fake_vllm.fail_path(path, status=500)
+    with pytest.raises(SetupError) as err:
+        make(fake_vllm).check_tokenizer(tokenizer)  # make() runs the health and model checks
+    message = str(err.value)
+    assert f"127.0.0.1:{fake_vllm.port}{path}" in message and "500" in message and "target.url" in message

@@ -85,6 +85,15 @@ GREEDY = {
 }
 
 
+def _unusable(what: str, err: object) -> str:
+    """One message for a start-up request that failed after its retries."""
+    reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    return (
+        f"the vLLM server failed a start-up check: {what} gave {reason}. Look at the server's log, "
+        "restart it if it is unhealthy, or point target.url at a working server"
+    )
+
+
 def _base_url(url: str) -> str:
     """http://host:8000/v1 or http://host:8000 -> http://host:8000"""
     url = url.rstrip("/")
@@ -159,9 +168,14 @@ class VLLMTarget:
                     f"{self.model}` or fix target.url"
                 )
             time.sleep(0.5)
-        resp = self._get(base, "/v1/models", timeout=5)
+        try:
+            resp = self._get(base, "/v1/models", timeout=5)
+        except requests.RequestException as err:
+            raise SetupError(_unusable(f"GET {base}/v1/models", err)) from None
         if resp.status_code == 401:
             raise SetupError(f"{base} wants an API key: export {api_key_env or 'VLLM_API_KEY'}=... (vLLM --api-key)")
+        if resp.status_code >= 500:
+            raise SetupError(_unusable(f"GET {base}/v1/models", f"status {resp.status_code}"))
         try:
             names = [m.get("id") for m in resp.json().get("data", [])]
         except (ValueError, AttributeError):
@@ -181,15 +195,22 @@ class VLLMTarget:
         probes = tuple(probes) + ((tokenizer.eos_token,) if tokenizer.eos_token else ())
         for base in self.bases:
             for text in probes:
-                body = {"model": self.model, "prompt": text, "add_special_tokens": False}
-                resp = self.session.post(base + "/tokenize", json=body, timeout=10)
-                resp.raise_for_status()
-                remote, local = resp.json()["tokens"], tokenizer(text, add_special_tokens=False).input_ids
+                remote, local = self._tokenize(base, text), tokenizer(text, add_special_tokens=False).input_ids
                 if remote != local:
                     raise SetupError(
                         f"tokenizer mismatch: {base} tokenises {text!r} as {remote[:12]}..., the local tokenizer "
                         f"as {local[:12]}.... Serve the {role} with the tokenizer of model.tokenizer."
                     )
+
+    def _tokenize(self, base: str, text: str) -> list[int]:
+        """The server's token ids of text (POST /tokenize, after the session's retries)."""
+        body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        try:
+            resp = self.session.post(base + "/tokenize", json=body, timeout=10)
+            resp.raise_for_status()
+            return list(resp.json()["tokens"])
+        except (requests.RequestException, ValueError, KeyError, TypeError) as err:
+            raise SetupError(_unusable(f"POST {base}/tokenize (the tokenizer check)", err)) from None
 
     # --- the data path ---
 
