@@ -49,3 +49,25 @@ def load_trained_scorer(model: DictConfig, ckpt_path: str | None, task: str) -> 
             "Use the model settings (model=..., model.lora.r, model.head_hidden) of the training run."
         )
     return scorer.eval(), dict(ckpt.get("hyper_parameters", {}))
+
+
+def check_resume_checkpoint(ckpt_path: str | None) -> None:
+    """task=train with ckpt_path: the file must exist and be a Lightning checkpoint, checked
+    before any model is built (Lightning would fail deep inside fit, after minutes of loading).
+    A folder is a sharded checkpoint of trainer=fsdp2, which Lightning reads itself."""
+    if not ckpt_path:
+        return
+    path = Path(ckpt_path)
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise SetupError(
+            f"checkpoint {path} does not exist (ckpt_path=...): give a run's checkpoints/last.ckpt, or drop "
+            "ckpt_path to start from scratch"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or pickled objects beyond tensors
+        raise SetupError(f"cannot read checkpoint {path} (ckpt_path=...): {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise SetupError(f"{path} is not a Lightning checkpoint of `python run.py` (ckpt_path=...): nothing to resume")

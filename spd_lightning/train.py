@@ -22,6 +22,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from spd_lightning.callbacks import finish_wandb, log_config, log_images
+from spd_lightning.checkpoint import check_resume_checkpoint
 from spd_lightning.config import build_scorer
 from spd_lightning.data import RecordDataModule, check_vocab
 from spd_lightning.errors import VerificationError
@@ -142,6 +143,7 @@ def train(cfg: DictConfig) -> float | None:
     route_lightning_logs_through_hydra()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
+    check_resume_checkpoint(cfg.get("ckpt_path"))
     datamodule, module = build_components(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger"))
