@@ -134,3 +134,15 @@ def test_batches_keep_the_contexts_of_one_trunk_together(toy_world, sizes, cuts)
     target = LocalTarget(str(toy_world / "target"), batch_size=4)
     assert [(c.start, c.stop) for c in target._batches(sizes, "test")] == cuts
     assert target.num_requests == len(cuts)
+
+
+KEYS = [("target.model_path", "target.device"), ("decode.draft_path", "decode.device")]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("key,expected", KEYS)
+def test_cuda_without_a_gpu_names_the_device_key(toy_world, key, expected):
+    from spd_lightning.errors import SetupError
+
+    with pytest.raises(SetupError, match=rf"^{expected}=cuda but torch sees no GPU; use {expected}=cpu$"):
+        load_causal_lm(str(toy_world / "target"), device="cuda", config_key=key)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from spd_lightning.errors import SetupError
-from spd_lightning.hf import end_of_sequence_ids, load_pretrained, torch_dtype
+from spd_lightning.hf import end_of_sequence_ids, load_pretrained, resolve_device, torch_dtype
 from spd_lightning.lm import argmax_shared, greedy_generate, propose_shared, trunk_groups
 
 
@@ -24,8 +24,10 @@ def load_causal_lm(
     offline_key: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM in eval mode on `device`; errors name `what` and the config keys of the caller
-    (`config_key` for the path, its sibling `.dtype` for the dtype)."""
-    model_dtype = torch_dtype(dtype, config_key.rsplit(".", 1)[0] + ".dtype")
+    (`config_key` for the path, its siblings `.dtype` and `.device` for the dtype and device)."""
+    section = config_key.rsplit(".", 1)[0]
+    model_dtype = torch_dtype(dtype, section + ".dtype")
+    device = resolve_device(device, section + ".device")  # before minutes of loading, not after
     model = load_pretrained(AutoModelForCausalLM, path, what, config_key, offline_key, dtype=model_dtype)
     return model.to(device).eval()
 
