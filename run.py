@@ -30,6 +30,7 @@ from spd_lightning.decode import decode
 from spd_lightning.errors import SPDError
 from spd_lightning.evaluate import evaluate
 from spd_lightning.prepare import prepare
+from spd_lightning.ranges import check_ranges
 from spd_lightning.train import train
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -56,6 +57,7 @@ def main(cfg: DictConfig) -> float | None:
     failed = True
     try:
         task = HydraConfig.get().runtime.choices.get("task") or "train"
+        check_ranges(cfg)  # values of the right type that mean nothing (nan, a probability of 2)
         metric = TASKS[task](cfg)
         failed = False
         return metric

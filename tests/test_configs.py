@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
 import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from spd_lightning.config import build_scorer
+from spd_lightning.errors import SetupError
 from spd_lightning.exact import ExactLoss
 from spd_lightning.grpo import GRPOLoss
 from spd_lightning.prompts import Prompt
+from spd_lightning.ranges import RANGES, check_ranges
 from spd_lightning.reward import RewardWeights
 from spd_lightning.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
@@ -93,6 +96,7 @@ def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_pa
         o.replace("{toy}", str(toy_world)).replace("{fake_vllm}", fake_url).replace("{raw}", str(raw)) for o in extra
     ]
     cfg = compose_train([override_for(rel), f"toy.out={toy_world}", *extra], tmp_path)
+    check_ranges(cfg)  # every shipped value lies in its knob's range
     data = instantiate(cfg.data)
     if "path" in cfg.data:  # records
         assert isinstance(data, L.LightningDataModule)
@@ -161,3 +165,69 @@ def test_group_baseline_needs_two_samples(tmp_path: Path, compose_train):
     cfg = compose_train(["loss.num_samples=1"], tmp_path)
     with pytest.raises(Exception, match="num_samples"):
         instantiate(cfg.loss)
+
+
+# The numeric knobs without a range: any value is meaningful (seeds), Lightning checks its own
+# (trainer.*), or they are display settings of the dashboards and the developer's toy world.
+UNRANGED = ("seed", "data.seed", "trainer.", "callbacks.", "toy.spec.")
+TASK_OVERRIDES = {
+    "train": [],
+    "prepare": ["task=prepare", "data.raw=x.jsonl", "draft=vllm", "draft.url=http://h:1/v1"],
+    "eval": ["task=eval"],
+    "decode": ["task=decode"],
+    "vllm": ["target=vllm", "target.url=http://h:1/v1"],
+    "prompts": ["task=prepare", "data.raw=x.jsonl"],
+}
+
+
+@pytest.fixture(scope="module")
+def composed_tasks(toy_world: Path, tmp_path_factory) -> dict[str, DictConfig]:
+    from conftest import _compose_train
+
+    out = tmp_path_factory.mktemp("ranges")
+    cfgs = {name: _compose_train([f"toy.out={toy_world}", *o], out) for name, o in TASK_OVERRIDES.items()}
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    return cfgs
+
+
+def numeric_leaves(node, path: str = "") -> set[str]:
+    """Keys of every int or float value (or list of them, or null) in a composed config."""
+    if isinstance(node, dict):
+        return set().union(*(numeric_leaves(v, f"{path}.{k}" if path else k) for k, v in node.items()))
+    numeric = isinstance(node, (int, float)) and not isinstance(node, bool)
+    listed = isinstance(node, list) and node and all(isinstance(x, (int, float)) for x in node)
+    return {path} if numeric or listed else set()
+
+
+def test_every_numeric_knob_has_a_range(composed_tasks):
+    leaves = set()
+    for cfg in composed_tasks.values():
+        node = OmegaConf.to_container(cfg, resolve=False)
+        node.pop("hydra", None)
+        leaves |= numeric_leaves(node)
+    unranged = sorted(k for k in leaves if k not in RANGES and not k.startswith(UNRANGED))
+    assert not unranged, f"add these to spd_lightning/ranges.py RANGES: {unranged}"
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_every_range_is_enforced_with_one_message_naming_key_and_value(key: str, composed_tasks):
+    cfg = next((c for c in composed_tasks.values() if OmegaConf.select(c, key, default="absent") != "absent"), None)
+    assert cfg is not None, f"{key} is in no task's config: remove it from RANGES"
+    tried = []
+    for bad in (float("nan"), -1, 0, 1, 1.5, 2):
+        trial = copy.deepcopy(cfg)
+        try:  # a scalar knob, or a list knob (eval.topk, eval.kl_thresholds: null by default)
+            OmegaConf.update(trial, key, bad)
+        except Exception:
+            try:
+                OmegaConf.update(trial, key, [bad])
+            except Exception:  # the schema's type check refuses it already (e.g. nan for an int)
+                continue
+        try:
+            check_ranges(trial)
+        except SetupError as err:
+            assert str(err).startswith(f"{key}=") and "is out of range: it must be" in str(err)
+            tried.append(bad)
+    assert tried, f"no value outside {key}'s range was refused"
