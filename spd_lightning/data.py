@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from spd_lightning.errors import RecordError
+from spd_lightning.textfiles import utf8_lines
 
 REQUIRED_FIELDS = ("context_ids", "prompt_len", "draft_ids", "target_ids", "reference")
 
@@ -58,35 +59,28 @@ def parse_record(obj: object, where: str) -> Record:
     return Record(list(ctx), plen, list(obj["draft_ids"]), list(obj["target_ids"]), obj["reference"], where)
 
 
-def load_records(path: str | Path) -> list[Record]:
-    """Reads a JSONL file of records; any malformed line stops with its file, line and field."""
+def load_records(path: str | Path, key: str = "data.path") -> list[Record]:
+    """Reads a JSONL file of records; any malformed line stops with its file, line and field.
+    `key`: the config key that named the file, for the messages."""
     path = Path(path)
     if not path.is_file():
-        raise RecordError(f"record file {path} does not exist; build records first or set data.path")
+        raise RecordError(f"record file {path} does not exist; build records first or set {key}")
     records: list[Record] = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise RecordError(
-                    f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
-                    "a records file is JSONL, one JSON object per line (data.path, data.val_path)"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            record = parse_record(obj, where)
-            if records and record.block_size != records[0].block_size:
-                raise RecordError(
-                    f"{where}: field 'draft_ids' has K={record.block_size} tokens, but earlier records have "
-                    f"K={records[0].block_size}; one file holds one block size"
-                )
-            records.append(record)
+    for lineno, line in utf8_lines(path, "records file", key):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        record = parse_record(obj, where)
+        if records and record.block_size != records[0].block_size:
+            raise RecordError(
+                f"{where}: field 'draft_ids' has K={record.block_size} tokens, but earlier records have "
+                f"K={records[0].block_size}; one file holds one block size"
+            )
+        records.append(record)
     if not records:
         raise RecordError(f"record file {path} holds no records")
     return records
@@ -177,7 +171,7 @@ class RecordDataModule(L.LightningDataModule):
             return
         records = load_records(self.path)
         if self.val_path:
-            train, val = records, load_records(self.val_path)
+            train, val = records, load_records(self.val_path, "data.val_path")
         else:
             train, val = split_by_prompt(records, self.val_fraction, self.seed)
         if self.max_val_records is not None:

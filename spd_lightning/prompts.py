@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spd_lightning.errors import RecordError, SetupError
+from spd_lightning.textfiles import utf8_lines
 from spd_lightning.toy.task import make_example
 
 log = logging.getLogger(__name__)
@@ -103,21 +104,20 @@ def load_prompts(
         raise RecordError(f"prompt file {path} does not exist (data.raw=PATH, JSONL with '{question_key}' fields)")
     prompts = PromptList()
     skipped = 0
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(prompts) >= limit:
-                break
-            try:
-                text, answer = _parse_line(line, f"{path}:{lineno}", question_key, answer_key, template)
-            except RecordError as err:
-                if on_error == "fail":
-                    raise
-                log.warning("skipped %s", err)
-                skipped += 1
-                continue
-            prompts.append(Prompt(lineno, text, answer))
+    for lineno, line in utf8_lines(path, "prompt file", "data.raw"):
+        if not line.strip():
+            continue
+        if limit is not None and len(prompts) >= limit:
+            break
+        try:
+            text, answer = _parse_line(line, f"{path}:{lineno}", question_key, answer_key, template)
+        except RecordError as err:
+            if on_error == "fail":
+                raise
+            log.warning("skipped %s", err)
+            skipped += 1
+            continue
+        prompts.append(Prompt(lineno, text, answer))
     if skipped:
         log.warning(
             "%s: skipped %d malformed line(s) of %d (data.on_error=fail stops at the first)",

@@ -232,3 +232,4 @@ def test_a_records_file_that_is_not_utf8_names_its_line(tmp_path):
     with pytest.raises(RecordError) as err:
         load_records(path)
     assert str(err.value).startswith(f"{path}:2: not UTF-8 text (byte 0xff")
+    assert "(data.path)" in str(err.value)

@@ -124,3 +124,13 @@ def test_chat_template_without_one_in_the_tokenizer_is_one_clear_error(tmp_path,
     raw = write(tmp_path / "p.jsonl", [json.dumps({"question": "Q: 3+4= A:", "answer": "7"})])
     with pytest.raises(SetupError, match="data.chat_template=true, but the tokenizer .* has no chat template"):
         encode_prompts(toy_tokenizer, load_prompts(str(raw), chat_template=True))
+
+
+def test_a_prompt_file_that_is_not_utf8_names_its_line_and_key(tmp_path):
+    from spd_lightning.errors import RecordError
+
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(b'{"question": "Q: 1+1= A:", "answer": "2"}\n{"question": "\xe9t\xe9"}\n')
+    with pytest.raises(RecordError) as err:
+        load_prompts(str(path))
+    assert str(err.value).startswith(f"{path}:2: not UTF-8 text (byte 0xe9") and "(data.raw)" in str(err.value)
