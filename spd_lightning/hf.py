@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from spd_lightning.errors import SetupError
@@ -60,6 +61,11 @@ def load_pretrained(loader, path: str, what: str, config_key: str, offline_key: 
         kwargs = {**kwargs, "local_files_only": True}
     try:
         return loader.from_pretrained(source, **kwargs)
+    except (SafetensorError, RuntimeError) as err:  # a truncated or damaged weights file
+        raise SetupError(
+            f"cannot load the {what} {path!r}: a weights file there is damaged ({str(err).splitlines()[0][:200]}). "
+            f"Rebuild or re-download that directory, or point {config_key} at an intact copy."
+        ) from None
     except (OSError, ValueError) as err:
         where = "a local directory that" if Path(source).exists() else "not a local directory, and the hub"
         raise SetupError(

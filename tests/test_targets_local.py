@@ -146,3 +146,16 @@ def test_cuda_without_a_gpu_names_the_device_key(toy_world, key, expected):
 
     with pytest.raises(SetupError, match=rf"^{expected}=cuda but torch sees no GPU; use {expected}=cpu$"):
         load_causal_lm(str(toy_world / "target"), device="cuda", config_key=key)
+
+
+def test_a_damaged_weights_file_is_one_message_naming_the_directory_and_key(toy_world, tmp_path):
+    import shutil
+
+    from spd_lightning.errors import SetupError
+
+    damaged = tmp_path / "target"
+    shutil.copytree(toy_world / "target", damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SetupError, match=r"a weights file there is damaged .*point target\.model_path at an intact"):
+        load_causal_lm(str(damaged))
