@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,10 +31,7 @@ def load_trained_scorer(model: DictConfig, ckpt_path: str | None, task: str) -> 
         )
     if not path.is_file():
         raise SetupError(f"checkpoint {path} does not exist (ckpt_path=...)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: name it, not torch's internals
-        raise SetupError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    ckpt = read_checkpoint(path)
     state = {k[len(PREFIX) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(PREFIX)}
     if not state:
         raise SetupError(f"{path} holds no scorer weights: is it a checkpoint of `python run.py` (task=train)?")
@@ -65,9 +63,17 @@ def check_resume_checkpoint(ckpt_path: str | None) -> None:
             f"checkpoint {path} does not exist (ckpt_path=...): give a run's checkpoints/last.ckpt, or drop "
             "ckpt_path to start from scratch"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or pickled objects beyond tensors
-        raise SetupError(f"cannot read checkpoint {path} (ckpt_path=...): {str(err).splitlines()[0][:200]}") from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise SetupError(f"{path} is not a Lightning checkpoint of `python run.py` (ckpt_path=...): nothing to resume")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """torch.load of a checkpoint file, memory-mapped (a scorer's checkpoint can hold gigabytes of
+    optimizer state); a truncated or foreign file is one message naming it and ckpt_path."""
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise SetupError(f"cannot read checkpoint {path} (ckpt_path=...): not a torch checkpoint, or truncated")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # damaged inside, or pickled objects beyond tensors: not torch's internals
+        raise SetupError(f"cannot read checkpoint {path} (ckpt_path=...): {str(err).splitlines()[0][:200]}") from None
