@@ -39,19 +39,20 @@ def test_two_jobs_write_their_summaries_and_wandb_runs(tmp_path: Path, toy_world
 def test_failing_jobs_do_not_stop_the_others(tmp_path: Path, toy_world: Path):
     sweep = tmp_path / "sweep"
     missing = tmp_path / "missing.jsonl"
-    # Four jobs: 0 and 1 have no record file (a user error: one line), 2 has a group of one sample
-    # (GRPO needs two: an error with its traceback), 3 runs.
-    proc = multirun([f"data.path={missing},{toy_world / 'records.jsonl'}", "loss.num_samples=1,4"], sweep, toy_world)
+    # Four jobs: 0 and 1 have no record file (a user error: one line), 2 runs, 3 asks for an
+    # optimizer that takes no weight_decay (an error of the code's kind: logged with its traceback).
+    optimizers = "optimizer._target_=torch.optim.AdamW,torch.optim.Rprop"
+    proc = multirun([f"data.path={missing},{toy_world / 'records.jsonl'}", optimizers], sweep, toy_world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):
         assert not (sweep / job / "summary.json").exists()
         log = (sweep / job / "run.log").read_text()
         assert f"job {job} failed: record file {missing} does not exist" in log and "Traceback" not in log
-    assert not (sweep / "2" / "summary.json").exists()
-    log = (sweep / "2" / "run.log").read_text()
-    assert "job 2 failed" in log and "Traceback" in log and "num_samples" in log
-    summary = json.loads((sweep / "3" / "summary.json").read_text())
+    summary = json.loads((sweep / "2" / "summary.json").read_text())
     assert summary["train/steps"] == 4
+    assert not (sweep / "3" / "summary.json").exists()
+    log = (sweep / "3" / "run.log").read_text()
+    assert "job 3 failed" in log and "Traceback" in log and "weight_decay" in log
 
 
 @pytest.mark.slow
