@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from spd_lightning.data import Record, collate_records
 from spd_lightning.hf import id_set
-from spd_lightning.lm import CachedLM, greedy_tokens, teacher_forced_logits
+from spd_lightning.lm import CachedLM, PrefixCache, greedy_tokens, teacher_forced_logits
 from spd_lightning.rules import kl_decisions, token_features
 from spd_lightning.sampling import first_reject, threshold_decisions
 from spd_lightning.scorer import ScoringActor
@@ -73,16 +73,16 @@ def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy
     """The trained judge: keep a mismatch when its accept probability is >= threshold, the
     probability computed as training's validation computes it (context + draft, with the
     target's tokens as the alternatives). A block of one row (the KV-cached loop) re-reads only
-    what its backbone has not read yet: see BackbonePrefixCache."""
+    what its backbone has not read yet (lm.PrefixCache)."""
     device = next(scorer.parameters()).device
-    prefix_cache = BackbonePrefixCache(scorer.backbone)
+    prefix_cache = PrefixCache(scorer.backbone)
 
     @torch.no_grad()
     def decide(block: Block) -> torch.Tensor:
         k = block.draft_ids.shape[1]
         if len(block.contexts) == 1:
             ids = block.contexts[0] + block.draft_ids[0].tolist()
-            at_draft = prefix_cache.last_hidden(ids, k)[None]  # [1, K, H]
+            at_draft = prefix_cache.read(ids, k).last_hidden_state[:, -k:]  # [1, K, H]
             logits = scorer.score(at_draft, block.target_ids[:, :k].to(device))  # [1, K]
             return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
         drafts, targets = block.draft_ids.tolist(), block.target_ids[:, :k].tolist()
@@ -99,30 +99,6 @@ def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy
         return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
 
     return decide
-
-
-class BackbonePrefixCache:
-    """A backbone's KV cache of the last sequence it read (batch size 1). The next sequence
-    (the same response a block later, with a new draft) shares a prefix with it: only the rest
-    is read, so the judge costs a pass over about K+1 tokens per block, like the target."""
-
-    def __init__(self, backbone: torch.nn.Module) -> None:
-        self.backbone, self.ids, self.cache = backbone, [], None
-
-    def last_hidden(self, ids: list[int], n: int) -> torch.Tensor:
-        """The backbone's last hidden states [n, H] at the last n tokens of ids."""
-        limit, common = min(len(self.ids), len(ids) - n), 0
-        while common < limit and self.ids[common] == ids[common]:
-            common += 1
-        if common == 0:
-            self.cache = None
-        elif common < len(self.ids):  # a negative count removes that many tokens (transformers 4.x and 5.x)
-            self.cache.crop(common - len(self.ids))
-        device = next(self.backbone.parameters()).device
-        new = torch.tensor([ids[common:]], dtype=torch.long, device=device)  # [1, m]
-        out = self.backbone(input_ids=new, past_key_values=self.cache, use_cache=True)
-        self.cache, self.ids = out.past_key_values, list(ids)
-        return out.last_hidden_state[0, -n:]
 
 
 def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
@@ -279,12 +255,7 @@ def _generate_one(draft, target, prompt, policy, block_size, max_new_tokens, eos
             target_logits[None] if needs_logits else None,
             draft_logits[None] if needs_logits else None,
         )
-        outcome = decide_block(block, policy)[0]
-        emit(gen, outcome, eos_ids, max_new_tokens)
-        kept = len(seq) + len(outcome.tokens) - 1  # the block's last token has not been fed yet
-        target_lm.roll_back(kept)
-        if draft_lm:
-            draft_lm.roll_back(kept)
+        emit(gen, decide_block(block, policy)[0], eos_ids, max_new_tokens)
     return gen
 
 

@@ -209,28 +209,36 @@ def teacher_forced_argmax(
     return teacher_forced_logits(model, contexts, drafts, pad_id)[:, :-1].argmax(-1).tolist()
 
 
-class CachedLM:
-    """One sequence's KV cache in a model (batch size 1): feed the tokens the cache has not
-    seen, read logits at the last positions, roll back to a prefix when a block is cut."""
+class PrefixCache:
+    """A model's KV cache of the last sequence it read (batch size 1). The next sequence usually
+    shares a prefix with it (the same response a block later, with a new draft): the cache is cut
+    back to that prefix and only the rest is read, so nobody has to say what was kept."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
-        self.model, self.cache, self.seen = model, None, 0
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.ids, self.cache = model, [], None
+
+    def read(self, ids: list[int], n: int, **kwargs):
+        """The model's output for the tokens of ids past the shared prefix, which always include
+        the last n (their outputs are what the caller reads). `kwargs` go to the model."""
+        limit, common = min(len(self.ids), len(ids) - n), 0
+        while common < limit and self.ids[common] == ids[common]:
+            common += 1
+        if common == 0:
+            self.cache = None
+        elif common < len(self.ids):  # a negative count removes that many tokens (transformers 4.x and 5.x)
+            self.cache.crop(common - len(self.ids))
+        new = torch.tensor([ids[common:]], dtype=torch.long, device=_device(self.model))  # [1, m]
+        out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True, **kwargs)
+        self.cache, self.ids = out.past_key_values, list(ids)
+        return out
+
+
+class CachedLM(PrefixCache):
+    """A causal LM over one growing sequence: logits at its last positions, greedy proposals."""
 
     def feed(self, ids: list[int], keep: int) -> torch.Tensor:
-        """Runs ids[seen:] (ids extends what was fed before); float32 logits [keep, V] of the
-        last `keep` positions of ids."""
-        new = torch.tensor([ids[self.seen :]], dtype=torch.long, device=_device(self.model))  # [1, n]
-        out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
-        self.cache, self.seen = out.past_key_values, len(ids)
-        return out.logits[0].float()
-
-    def roll_back(self, length: int) -> None:
-        """Keeps the cache of the first `length` tokens only."""
-        if length < self.seen:
-            # A negative count removes that many tokens from the end in transformers 4.x and 5.x
-            # (a positive one means a length in 4.x and is deprecated in 5.x).
-            self.cache.crop(length - self.seen)
-            self.seen = length
+        """float32 logits [keep, V] after each of the last `keep` tokens of ids."""
+        return self.read(ids, keep, logits_to_keep=keep).logits[0].float()
 
     def propose(self, ids: list[int], k: int, with_logits: bool) -> tuple[list[int], torch.Tensor | None]:
         """k greedy tokens after ids (not stopping at EOS) and, with_logits, the logits [k+1, V]

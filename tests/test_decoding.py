@@ -249,15 +249,15 @@ def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_pol
 
 @torch.no_grad()
 def test_backbone_prefix_cache_reads_what_a_full_pass_reads(toy_world):
-    from spd_lightning.decoding import BackbonePrefixCache
+    from spd_lightning.lm import PrefixCache
     from spd_lightning.scorer import ScoringActor
 
     backbone = ScoringActor.from_pretrained(str(toy_world / "draft")).backbone.eval()
-    cache = BackbonePrefixCache(backbone)
+    cache = PrefixCache(backbone)
     first = list(range(5, 40))
     later = first[:30] + [7, 8, 9, 10, 11, 12]  # the next block: 30 tokens kept, a new tail
     unrelated = [3, 4, *first]  # another prompt: nothing to reuse
     for ids in (first, later, later, unrelated):
         full = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -4:]  # [4, H]
-        assert torch.allclose(cache.last_hidden(ids, 4), full, atol=1e-4)
+        assert torch.allclose(cache.read(ids, 4).last_hidden_state[0, -4:], full, atol=1e-4)
         assert cache.ids == ids

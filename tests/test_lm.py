@@ -149,17 +149,16 @@ def test_local_target_ends_a_response_at_every_eos_id_of_its_generation_config(t
 
 
 @torch.no_grad()
-def test_cached_lm_rolled_back_reads_what_a_fresh_pass_reads(target, draft, toy_prefixes):
+def test_cached_lm_cut_back_to_the_shared_prefix_reads_what_a_fresh_pass_reads(target, draft, toy_prefixes):
     context = toy_prefixes[0]
     lm = CachedLM(target)
     block = [5, 6, 7, 8]
     assert torch.allclose(lm.feed(context + block, 5), recompute_logits(target, context, block), atol=1e-4)
-    lm.roll_back(len(context) + 2)  # keep two draft tokens, then the target's own token
-    assert lm.seen == len(context) + 2
-    after = context + block[:2] + [9]
+    after = context + block[:2] + [9]  # two draft tokens kept, then the target's own token
     assert torch.allclose(lm.feed(after + [10], 2), recompute_logits(target, after, [10]), atol=1e-4)
+    assert lm.cache.get_seq_length() == len(after) + 1  # the rejected tail was cut, not kept beside
     proposer = CachedLM(draft)
     tokens, logits = proposer.propose(context, 3, with_logits=True)
     assert tokens == recompute_greedy(draft, context, 3)
     assert torch.allclose(logits, recompute_logits(draft, context, tokens), atol=1e-4)  # [K+1, V]
-    assert proposer.seen == len(context) + 3
+    assert proposer.cache.get_seq_length() == len(context) + 3
