@@ -29,14 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @torch.no_grad()
 def head_inputs(scorer: ScoringActor, records: list[Record], pad_id: int) -> torch.Tensor:
-    """[B, K, 2H]: what the head reads (ScoringActor.forward up to the head)."""
+    """[B, K, 2H]: what the head reads, as ScoringActor.forward computes it."""
     batch = collate_records(records, pad_id)
-    hidden = scorer.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     k = batch.target_ids.shape[1]
-    pos = batch.context_len[:, None] + torch.arange(k)[None, :]  # [B, K]
-    at_draft = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, K, H]
-    alternative = scorer.backbone.get_input_embeddings()(batch.target_ids)  # [B, K, H]
-    return torch.cat([at_draft, alternative], dim=-1)
+    at_draft = scorer.hidden_at_draft(batch.input_ids, batch.attention_mask, batch.context_len, k)  # [B, K, H]
+    return scorer.head_inputs(at_draft, batch.target_ids)
 
 
 def drift(scorer: ScoringActor, inputs: torch.Tensor, lr: float, steps: int, seed: int) -> list[float]:

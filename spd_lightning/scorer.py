@@ -78,16 +78,25 @@ class ScoringActor(nn.Module):
         target_ids: torch.Tensor,  # [B, K]
     ) -> torch.Tensor:
         """Returns accept logits [B, K]."""
+        return self.score(self.hidden_at_draft(input_ids, attention_mask, context_len, target_ids.shape[1]), target_ids)
+
+    def hidden_at_draft(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_len: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """The backbone's last hidden states [B, K, H] at the K draft tokens of each row."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
-        k = target_ids.shape[1]
         pos = context_len[:, None] + torch.arange(k, device=input_ids.device)[None, :]  # [B, K]
-        at_draft = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, K, H]
-        return self.score(at_draft, target_ids)
+        return hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, K, H]
+
+    def head_inputs(self, at_draft: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """What the head reads [B, K, 2H]: the hidden states at the draft tokens [B, K, H] beside
+        the input embeddings of the target's tokens there [B, K]."""
+        alternative = self.backbone.get_input_embeddings()(target_ids)  # [B, K, H]
+        return torch.cat([at_draft, alternative.to(at_draft.dtype)], dim=-1)  # [B, K, 2H]
 
     def score(self, at_draft: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        """Accept logits [B, K] from the backbone's hidden states at the draft tokens [B, K, H] and
-        the target's tokens there [B, K]."""
-        alternative = self.backbone.get_input_embeddings()(target_ids)  # [B, K, H]
-        features = torch.cat([at_draft, alternative.to(at_draft.dtype)], dim=-1)  # [B, K, 2H]
+        """Accept logits [B, K] from the hidden states at the draft tokens [B, K, H] and the
+        target's tokens there [B, K]."""
+        features = self.head_inputs(at_draft, target_ids)  # [B, K, 2H]
         # The head keeps its own dtype (float32) under a bfloat16/float16 backbone.
         return self.head(features.to(self.head[0].weight.dtype)).squeeze(-1).float()  # [B, K]
