@@ -24,6 +24,7 @@ from spd_lightning.decode import DecodeConfig
 from spd_lightning.evaluate import EvalConfig
 from spd_lightning.exact import ExactLoss
 from spd_lightning.grpo import GRPOLoss
+from spd_lightning.judge_scorer import ZeroCostJudge
 from spd_lightning.prepare import PrepareConfig
 from spd_lightning.prompts import load_prompts, toy_prompts
 from spd_lightning.reward import RewardWeights
@@ -76,6 +77,14 @@ class ModelSchema(schema_for(ScoringActor.from_pretrained)):  # type: ignore[mis
     served_model_name: Optional[str] = None  # noqa: UP045
 
 
+@dataclasses.dataclass
+class JudgeModelSchema(schema_for(ZeroCostJudge.from_paths)):  # type: ignore[misc]
+    """`model=judge`: the arguments of ZeroCostJudge.from_paths, plus the keys below."""
+
+    tokenizer: str = MISSING
+    served_model_name: Optional[str] = None  # noqa: UP045
+
+
 # Keys of the model group that are not arguments of ScoringActor.from_pretrained.
 MODEL_ONLY_KEYS = ("tokenizer", "served_model_name")
 
@@ -112,6 +121,7 @@ SCHEMAS: dict[tuple[str, str], Any] = {
     ("target", "target_schema"): schema_for(LocalTarget),
     ("target", "target_vllm_schema"): schema_for(VLLMTarget),
     ("model", "model_schema"): ModelSchema,
+    ("model", "judge_schema"): JudgeModelSchema,
     ("verifier", "verifier_schema"): VerifierSchema,
     ("toy", "toy_schema"): ToySchema,
     # The sections of the tasks other than training (conf/task/*.yaml: `/schema@prepare: prepare`).

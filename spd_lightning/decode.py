@@ -35,6 +35,7 @@ from spd_lightning.decoding import (
     accept_all,
     generate,
     generate_cached,
+    judge_policy,
     kl_policy,
     reject_all,
     scorer_policy,
@@ -43,6 +44,8 @@ from spd_lightning.decoding import (
 )
 from spd_lightning.errors import SetupError
 from spd_lightning.hf import check_covers_tokenizer, load_tokenizer, resolve_device, tokenizer_eos_ids
+from spd_lightning.judge import load_judge
+from spd_lightning.judge_scorer import ZeroCostJudge
 from spd_lightning.prompts import Prompt, encode_prompts
 from spd_lightning.stats import wilson_interval
 from spd_lightning.targets.local import load_causal_lm
@@ -56,6 +59,7 @@ POLICY_NAMES = {
     "standard_sd": "standard SD",
     "scorer": "SPD scorer",
     "kl_below": "KL rule",
+    "judge": "zero-cost judge",
     "accept_all": "accept all",
 }
 DEFAULT_POLICIES = ["greedy", "standard_sd", "scorer", "accept_all"]
@@ -76,12 +80,17 @@ class DecodeConfig:
     # Accept a mismatch when the scorer's probability is >= this; null: the threshold the
     # checkpoint's training run validated with (module.threshold there).
     threshold: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional, not X | None)
-    # Which policies to run, from greedy, standard_sd, scorer, kl_below, accept_all.
+    # Which policies to run, from greedy, standard_sd, scorer, kl_below, judge, accept_all.
     policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
     # kl_below, the training-free KL rule: keep a mismatch when KL(target || draft) <= this (nats).
     kl_threshold: Optional[float] = None  # noqa: UP045
     # kl_below verifies strictly where the target's top-1 probability exceeds this; null: never.
     kl_confidence: Optional[float] = 0.9  # noqa: UP045
+    # judge: a zero-cost judge saved by bench/judges.py (e.g. outputs/judges/qwen_coder/judge_grpo.pt).
+    judge_path: Optional[str] = None  # noqa: UP045
+    # judge: accept a mismatch when its probability is >= this; null: the threshold saved with the
+    # judge (its longest blocks at parity with standard SD on the bench's held-out records).
+    judge_threshold: Optional[float] = None  # noqa: UP045
     # The draft and the target causal LMs (transformers directories).
     draft_path: str = MISSING
     target_path: str = MISSING
@@ -126,12 +135,27 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
                 "the KL rule's accuracy and accepted tokens at each tau)"
             )
         fixed["kl_below"] = (kl_policy(settings.kl_threshold, settings.kl_confidence), k)
+    if "judge" in settings.policies:
+        fixed["judge"] = (_judge_policy(settings), k)
     # A fixed order, whatever the config's: greedy's responses are the others' reference.
     return {
         name: (_scorer_policy(cfg, tokenizer, device), k) if name == "scorer" else fixed[name]
         for name in POLICY_NAMES
         if name in settings.policies
     }
+
+
+def _judge_policy(settings: DictConfig) -> Policy:
+    path = settings.judge_path
+    if path is None or not Path(path).is_file():
+        raise SetupError(
+            f"decode.policies has judge, but decode.judge_path={path} is not a file: train one with "
+            "bench/judges.py, which writes judge_sup.pt, judge_grpo.pt and judge_exact.pt to its --out"
+        )
+    head, saved_threshold = load_judge(path)
+    threshold = saved_threshold if settings.judge_threshold is None else settings.judge_threshold
+    log.info("zero-cost judge from %s, accepting mismatches at p >= %.4g", path, threshold)
+    return judge_policy(head, threshold)
 
 
 def _scorer_policy(cfg: DictConfig, tokenizer, device: str) -> Policy:
@@ -142,6 +166,8 @@ def _scorer_policy(cfg: DictConfig, tokenizer, device: str) -> Policy:
     _check_vocab(tokenizer, {"the scorer backbone (model.path)": scorer.backbone})
     log.info("scorer from %s, accepting mismatches at p >= %.3f", cfg.ckpt_path, threshold)
     pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    if isinstance(scorer, ZeroCostJudge):  # model=judge: its head reads what the block computed
+        return judge_policy(scorer.head.eval(), threshold)
     return scorer_policy(scorer.to(device), threshold, pad)
 
 

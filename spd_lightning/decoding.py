@@ -30,7 +30,8 @@ from transformers import PreTrainedModel
 
 from spd_lightning.data import Record, collate_records
 from spd_lightning.hf import id_set
-from spd_lightning.lm import CachedLM, PrefixCache, greedy_tokens, teacher_forced_logits
+from spd_lightning.judge import JudgeHead, JudgeInputs, judge_token_features
+from spd_lightning.lm import CachedLM, PrefixCache, greedy_tokens, teacher_forced_logits, teacher_forced_states
 from spd_lightning.rules import kl_decisions, token_features
 from spd_lightning.sampling import first_reject, threshold_decisions
 from spd_lightning.scorer import ScoringActor
@@ -46,6 +47,9 @@ class Block:
     target_ids: torch.Tensor  # [B, K+1] the target's greedy token at each draft position, then after the block
     target_logits: torch.Tensor | None = None  # [B, K+1, V] the target's distributions there
     draft_logits: torch.Tensor | None = None  # [B, K+1, V] the draft's, for policies that ask (needs_logits)
+    target_hidden: torch.Tensor | None = (
+        None  # [B, K, H] the target's last hidden states at the draft tokens (needs_hidden)
+    )
 
     @property
     def mismatch(self) -> torch.Tensor:
@@ -114,6 +118,26 @@ def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
     return decide
 
 
+def judge_policy(head: JudgeHead, threshold: float) -> Policy:
+    """The zero-cost judge (judge.py): keep a mismatch when its accept probability is >= threshold.
+    It reads the target's hidden states at the draft tokens and both models' distributions, which
+    the block's verification pass and the draft's proposals computed anyway: no extra model pass."""
+    if "draft_hidden" in head.inputs:
+        raise ValueError(
+            "a judge that reads the draft's hidden states needs another draft pass; decode takes judges without"
+        )
+
+    @torch.no_grad()
+    def decide(block: Block) -> torch.Tensor:
+        tokens = judge_token_features(block.target_logits, block.draft_logits, block.draft_ids)  # [B, K, F]
+        data = JudgeInputs(block.mismatch, tokens.cpu(), block.target_hidden.cpu())
+        return threshold_decisions(torch.sigmoid(head(data)), block.mismatch, threshold)
+
+    decide.needs_logits = True  # type: ignore[attr-defined]
+    decide.needs_hidden = True  # type: ignore[attr-defined]
+    return decide
+
+
 @dataclass
 class Generation:
     """One prompt's response and what producing it cost."""
@@ -171,13 +195,18 @@ def decode_step(
 ) -> list[BlockOutcome]:
     """One block for every row (its prompt + response so far): one target forward pass."""
     drafts = greedy_tokens(draft, contexts, block_size, pad_id) if block_size else [[] for _ in contexts]
-    target_logits = teacher_forced_logits(target, contexts, drafts, pad_id)  # [B, K+1, V]
+    target_hidden = None
+    if block_size and getattr(policy, "needs_hidden", False):
+        target_logits, target_hidden = teacher_forced_states(target, contexts, drafts, pad_id)  # [B, K+1, V], [B, K, H]
+    else:
+        target_logits = teacher_forced_logits(target, contexts, drafts, pad_id)  # [B, K+1, V]
     draft_logits = None
     if block_size and getattr(policy, "needs_logits", False):
         draft_logits = teacher_forced_logits(draft, contexts, drafts, pad_id)  # [B, K+1, V]
     target_ids = target_logits.argmax(-1).cpu()  # [B, K+1]
     draft_ids = torch.tensor(drafts, dtype=torch.long)  # [B, K]
-    return decide_block(Block(contexts, prompt_lens, draft_ids, target_ids, target_logits, draft_logits), policy)
+    block = Block(contexts, prompt_lens, draft_ids, target_ids, target_logits, draft_logits, target_hidden)
+    return decide_block(block, policy)
 
 
 def decide_block(block: Block, policy: Policy) -> list[BlockOutcome]:
@@ -243,10 +272,16 @@ def _generate_one(draft, target, prompt, policy, block_size, max_new_tokens, eos
     target_lm = CachedLM(target)
     draft_lm = CachedLM(draft) if block_size else None
     needs_logits = bool(block_size) and getattr(policy, "needs_logits", False)
+    needs_hidden = bool(block_size) and getattr(policy, "needs_hidden", False)
+    target_hidden = None
     while not gen.stopped_at_eos and gen.num_tokens < max_new_tokens:
         seq = prompt + gen.response_ids
         drafts, draft_logits = draft_lm.propose(seq, block_size, needs_logits) if draft_lm else ([], None)
-        target_logits = target_lm.feed(seq + drafts, block_size + 1)  # [K+1, V]
+        if needs_hidden:
+            target_logits, hidden = target_lm.feed_states(seq + drafts, block_size + 1)  # [K+1, V], [K+1, H]
+            target_hidden = hidden[1:][None]  # [1, K, H] at the draft tokens
+        else:
+            target_logits = target_lm.feed(seq + drafts, block_size + 1)  # [K+1, V]
         block = Block(
             [seq],
             [len(prompt)],
@@ -254,6 +289,7 @@ def _generate_one(draft, target, prompt, policy, block_size, max_new_tokens, eos
             target_logits.argmax(-1).cpu()[None],
             target_logits[None] if needs_logits else None,
             draft_logits[None] if needs_logits else None,
+            target_hidden,
         )
         emit(gen, decide_block(block, policy)[0], eos_ids, max_new_tokens)
     return gen

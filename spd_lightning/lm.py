@@ -115,6 +115,20 @@ def teacher_forced_logits(
     return out.logits.float()
 
 
+@torch.no_grad()
+def teacher_forced_states(
+    model: PreTrainedModel, contexts: list[list[int]], drafts: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As teacher_forced_logits ([B, K+1, V]), and the last hidden states [B, K, H] at the K
+    draft tokens, from the same pass (what the zero-cost judge reads)."""
+    k = len(drafts[0])
+    device = _device(model)
+    ids, mask, positions = (t.to(device) for t in left_pad([c + d for c, d in zip(contexts, drafts)], pad_id))
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    hidden = out.last_hidden_state[:, -(k + 1) :]  # [B, K+1, H]: the context's last token, then the draft's
+    return _logits_at(model, hidden), hidden[:, 1:].float()
+
+
 @dataclass
 class Trunk:
     """Contexts that are all prefixes of one token sequence (the blocks of one response)."""
@@ -163,14 +177,20 @@ class _Branches:
         self.mask = ((cols >= offset[:, None]) & (cols < (offset + lengths)[:, None])).long()  # [B, T]
         self.next_position = lengths  # [B]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feeds tokens [B, n] after each branch; returns their logits [B, n, V]."""
+    def _feed(self, module: torch.nn.Module, tokens: torch.Tensor):
         n = tokens.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), n)], dim=1)
         positions = self.next_position[:, None] + torch.arange(n, device=tokens.device)[None, :]
         self.next_position = self.next_position + n
-        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache)
-        return out.logits.float()
+        return module(input_ids=tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feeds tokens [B, n] after each branch; returns their logits [B, n, V]."""
+        return self._feed(self.model, tokens).logits.float()
+
+    def step_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feeds tokens [B, n] after each branch; returns their last hidden states [B, n, H]."""
+        return self._feed(self.model.get_decoder(), tokens).last_hidden_state
 
     def in_caller_order(self, rows: list[list[int]]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in rows]
@@ -200,6 +220,23 @@ def argmax_shared(
     ordered = torch.tensor([drafts[i] for i in branches.order], device=first.device)  # [B, K]
     rest = branches.step(ordered[:, :-1]).argmax(-1) if ordered.shape[1] > 1 else first[:, :0]  # [B, K-1]
     return branches.in_caller_order(torch.cat([first, rest], dim=1).tolist())
+
+
+@torch.no_grad()
+def block_states_shared(
+    model: PreTrainedModel, contexts: list[list[int]], drafts: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one verification pass over context + draft computes, with one pass per shared trunk:
+    (logits [B, K+1, V] float32 after context + draft[:i], i = 0..K, as teacher_forced_logits;
+    hidden [B, K, H], the last hidden state at each draft token), in the caller's order."""
+    branches = _Branches(model, contexts, trunk_groups(contexts), pad_id)
+    ordered = torch.tensor([drafts[i] for i in branches.order], device=branches.first_logits.device)  # [B, K]
+    hidden = branches.step_hidden(ordered)  # [B, K, H]
+    logits = torch.cat([branches.first_logits[:, None], _logits_at(model, hidden)], dim=1)  # [B, K+1, V]
+    back = torch.empty(len(branches.order), dtype=torch.long)
+    back[torch.tensor(branches.order)] = torch.arange(len(branches.order))
+    back = back.to(logits.device)
+    return logits[back], hidden[back].float()
 
 
 def teacher_forced_argmax(
@@ -239,6 +276,12 @@ class CachedLM(PrefixCache):
     def feed(self, ids: list[int], keep: int) -> torch.Tensor:
         """float32 logits [keep, V] after each of the last `keep` tokens of ids."""
         return self.read(ids, keep, logits_to_keep=keep).logits[0].float()
+
+    def feed_states(self, ids: list[int], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `feed`, and the last hidden states [keep, H] at those tokens (the final norm applied:
+        transformers puts it in the last entry of hidden_states)."""
+        out = self.read(ids, keep, logits_to_keep=keep, output_hidden_states=True)
+        return out.logits[0].float(), out.hidden_states[-1][0, -keep:].float()
 
     def propose(self, ids: list[int], k: int, with_logits: bool) -> tuple[list[int], torch.Tensor | None]:
         """k greedy tokens after ids (not stopping at EOS) and, with_logits, the logits [k+1, V]

@@ -59,6 +59,13 @@ class SPDModule(L.LightningModule):
         if loss.kl_coef > 0:
             self.ref_scorer = copy.deepcopy(scorer).eval().requires_grad_(False)
 
+    def setup(self, stage: str) -> None:
+        """model=judge: the frozen models' inputs of every training record, computed once before
+        the first step (and before any validation, which must not fix the input scaling)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(self.scorer, "precompute") and datamodule is not None and datamodule.train_records:
+            self.scorer.precompute(datamodule.train_records)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["verify_totals"] = dict(self.verify_totals)  # a resumed run's cost axis goes on
 

@@ -63,10 +63,17 @@ TRADEOFF_STYLE = {
     "entropy_above": {"color": "tab:purple", "marker": "v"},
     "standard_sd": {"color": "black", "marker": "D"},
     "accept_all": {"color": "tab:gray", "marker": "X"},
+    # bench/judges.py's trained judges
+    "judge_sup": {"color": "tab:orange", "marker": "P"},
+    "judge_grpo": {"color": "tab:red", "marker": "o"},
+    "judge_exact": {"color": "tab:brown", "marker": "d"},
+    "scorer_grpo": {"color": "tab:pink", "marker": "h"},
 }
 
 
-def plot_tradeoff(rows: list[dict], labels: dict[str, str], highlight: dict | None, out_png: Path) -> Path:
+def plot_tradeoff(
+    rows: list[dict], labels: dict[str, str], highlight: dict | None, out_png: Path, title: str | None = None
+) -> Path:
     """Accuracy against draft tokens accepted per block. rows: tradeoff rows (policy, parameter,
     accept_len, accuracy); labels: policy -> legend text; highlight: the row to mark (the scorer at
     its configured threshold). Parameters are left to tradeoff.csv: a trained scorer's quantile
@@ -95,7 +102,7 @@ def plot_tradeoff(rows: list[dict], labels: dict[str, str], highlight: dict | No
         )
     ax.set_xlabel("draft tokens accepted per block")
     ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy vs accepted draft tokens, per policy")
+    ax.set_title(title or "Accuracy vs accepted draft tokens, per policy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()

@@ -79,6 +79,8 @@ def run_settings(cfg: DictConfig, raw_sha256: str | None) -> dict:
     """What decides the records: a rerun resumes only when all of it is unchanged."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.pop("raw", None)  # the content counts, not where the file lies
+    if not data.get("skip"):
+        data.pop("skip", None)  # records prepared before the knob existed still resume
 
     def identity(backend: DictConfig) -> dict:
         keys = ("_target_", "model_path", "model", "dtype")

@@ -88,6 +88,7 @@ def load_prompts(
     limit: int | None = None,
     chat_template: bool = False,
     system_prompt: str | None = None,
+    skip: int = 0,
 ) -> PromptList:
     """Prompts from a JSONL file, one JSON object per line.
 
@@ -96,16 +97,20 @@ def load_prompts(
     and skipped (on_error="skip"; `.skipped` counts them, task=prepare's stats report it).
     answer_key=None reads prompts without answers (then only reference=target can give
     records a reference). `chat_template` and `system_prompt` say how `encode_prompts` turns
-    the prompts into token ids."""
+    the prompts into token ids. `skip` passes over the file's first `skip` non-empty lines (a
+    held-out set that continues an earlier one: skip=12 limit=12 reads lines 13-24)."""
     if on_error not in ("skip", "fail"):
         raise RecordError(f"data.on_error must be 'skip' or 'fail', got {on_error!r}")
     path = Path(raw)
     if not path.is_file():
         raise RecordError(f"prompt file {path} does not exist (data.raw=PATH, JSONL with '{question_key}' fields)")
     prompts = PromptList()
-    skipped = 0
+    skipped = passed = 0
     for lineno, line in utf8_lines(path, "prompt file", "data.raw"):
         if not line.strip():
+            continue
+        if passed < skip:
+            passed += 1
             continue
         if limit is not None and len(prompts) >= limit:
             break

@@ -72,6 +72,8 @@ RANGES: dict[str, Range] = {
     "loss.entropy_coef": FINITE,
     "model.init_accept_prob": OPEN_PROBABILITY,
     "model.head_hidden": COUNT.or_null(),
+    "model.hidden": COUNT_OR_ZERO,  # model=judge
+    "model.pad_id": COUNT_OR_ZERO,
     "model.lora.r": COUNT_OR_ZERO,
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": FRACTION_BELOW_ONE,
@@ -83,6 +85,7 @@ RANGES: dict[str, Range] = {
     "data.num_workers": COUNT_OR_ZERO,
     "data.num_prompts": COUNT,
     "data.limit": COUNT.or_null(),
+    "data.skip": COUNT_OR_ZERO,
     # target and draft backends
     "target.max_new_tokens": COUNT,
     "target.batch_size": COUNT,
@@ -120,6 +123,7 @@ RANGES: dict[str, Range] = {
     "decode.batch_size": COUNT,
     "decode.threshold": PROBABILITY.or_null(),
     "decode.kl_threshold": NON_NEGATIVE.or_null(),
+    "decode.judge_threshold": PROBABILITY.or_null(),
     "decode.kl_confidence": PROBABILITY.or_null(),
 }
 

@@ -15,6 +15,7 @@ from spd_lightning.config import build_scorer
 from spd_lightning.errors import SetupError
 from spd_lightning.exact import ExactLoss
 from spd_lightning.grpo import GRPOLoss
+from spd_lightning.judge_scorer import ZeroCostJudge
 from spd_lightning.prompts import Prompt
 from spd_lightning.ranges import RANGES, check_ranges
 from spd_lightning.reward import RewardWeights
@@ -102,7 +103,7 @@ def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_pa
         assert isinstance(data, L.LightningDataModule)
     else:  # prompts (data=prompts, data=toy_prompts)
         assert data and all(isinstance(p, Prompt) for p in data)
-    assert isinstance(build_scorer(cfg.model), ScoringActor)
+    assert isinstance(build_scorer(cfg.model), (ScoringActor, ZeroCostJudge))
     for backend in ("target", "draft"):
         if backend in cfg:
             target = instantiate(cfg[backend])
@@ -176,6 +177,7 @@ TASK_OVERRIDES = {
     "eval": ["task=eval"],
     "decode": ["task=decode"],
     "vllm": ["target=vllm", "target.url=http://h:1/v1"],
+    "judge": ["model=judge"],
     "prompts": ["task=prepare", "data.raw=x.jsonl"],
 }
 

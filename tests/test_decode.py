@@ -53,12 +53,33 @@ def test_baselines_in_process_write_decode_json(compose_train, toy_world: Path, 
         (["decode.policies=[greedy]", "decode.target_path=no-such-model"], "(?s)'no-such-model'.*decode.target_path="),
         (["decode.policies=[greedy]", "decode.block_size=0"], "decode.block_size, .* must be >= 1"),
         (["decode.policies=[greedy,kl_below]"], "decode.policies has kl_below: set decode.kl_threshold="),
+        (["decode.policies=[greedy,judge]"], "decode.policies has judge, but decode.judge_path=None is not a file"),
     ],
 )
 def test_bad_settings_are_one_clear_error(compose_train, toy_world: Path, tmp_path: Path, overrides, message):
     cfg = compose_train([f"toy.out={toy_world}", "task=decode", "data.num_prompts=4", *overrides], tmp_path)
     with pytest.raises(SetupError, match=message):
         decode(cfg)
+
+
+def test_a_saved_judge_decodes_at_its_saved_threshold(compose_train, toy_world: Path, tmp_path: Path):
+    """bench/judges.py saves judges with save_judge; decode.judge_path runs one (here an accept-all
+    judge at its saved threshold 0: it must emit what accept_all emits)."""
+    from spd_lightning.judge import TOKEN_FEATURES, JudgeHead, save_judge
+
+    head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": 128})
+    save_judge(head, tmp_path / "judge.pt", threshold=0.0)
+    overrides = [
+        f"toy.out={toy_world}",
+        "task=decode",
+        "data.num_prompts=8",
+        "decode.policies=[greedy,judge,accept_all]",
+    ]
+    cfg = compose_train([*overrides, f"decode.judge_path={tmp_path / 'judge.pt'}"], tmp_path)
+    decode(cfg)
+    summary = json.loads((tmp_path / "decode.json").read_text())
+    assert summary["judge/target_calls_per_token"] == summary["accept_all/target_calls_per_token"]
+    assert summary["judge/accuracy"] == summary["accept_all/accuracy"]
 
 
 def test_prompts_without_answers_are_judged_against_greedy(compose_train, toy_world: Path, tmp_path: Path):

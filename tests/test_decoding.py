@@ -18,6 +18,7 @@ from spd_lightning.decoding import (
     accept_all,
     block_tokens,
     generate,
+    judge_policy,
     kl_policy,
     reject_all,
     scorer_policy,
@@ -220,6 +221,32 @@ def test_kl_policy_spans_standard_sd_to_accept_all_on_the_toy_models(toy_lms, to
     assert middle != sd
 
 
+def _random_judge(target, seed: int = 0):
+    """A zero-cost judge with random output weights: it accepts some mismatches and not others."""
+    from spd_lightning.judge import TOKEN_FEATURES, JudgeHead
+
+    torch.manual_seed(seed)
+    head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": target.config.hidden_size})
+    torch.nn.init.normal_(head.net[-1].weight, std=0.5)
+    return head.eval()
+
+
+def test_judge_policy_spans_standard_sd_to_accept_all_on_the_toy_models(toy_lms, toy_tokenizer):
+    from spd_lightning.prompts import toy_prompts
+
+    draft, target = toy_lms
+    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(24, seed=8)]
+    eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
+
+    def ids(policy):
+        return [g.response_ids for g in generate(draft, target, prompts, policy, K, 24, eos, pad, batch_size=12)]
+
+    head = _random_judge(target)
+    assert ids(judge_policy(head, 1.01)) == ids(reject_all)  # no probability reaches 1.01
+    assert ids(judge_policy(head, 0.0)) == ids(accept_all)
+    assert ids(judge_policy(head, 0.5)) not in (ids(reject_all), ids(accept_all))
+
+
 def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_policy(toy_lms, toy_tokenizer, toy_world):
     from spd_lightning.decoding import generate_cached
     from spd_lightning.prompts import toy_prompts
@@ -237,6 +264,7 @@ def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_pol
         "accept_all": (accept_all, K),
         "kl_below": (kl_policy(0.85), K),
         "scorer": (scorer_policy(scorer, 0.5, pad), K),
+        "judge": (judge_policy(_random_judge(target), 0.5), K),
     }
     for name, (policy, k) in policies.items():
         batched = generate(draft, target, prompts, policy, k, 24, eos, pad, batch_size=6)

@@ -23,6 +23,8 @@ from spd_lightning.train import build_components
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if not p.stem.startswith("_"))
+# model=judge is not a ScoringActor (tests/test_judge.py builds, trains and decodes it).
+SCORING_ACTORS = [name for name in MODELS if name != "judge"]
 # The hub id each real-model file names, and the target its vLLM server must report.
 HUB = {
     "llama3_8b": ("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"),
@@ -33,7 +35,7 @@ HUB = {
 
 
 def test_every_model_file_is_listed():
-    assert set(MODELS) == {"toy", *HUB}
+    assert set(MODELS) == {"toy", "judge", *HUB}
 
 
 @pytest.mark.parametrize("name", sorted(HUB))
@@ -45,7 +47,7 @@ def test_real_model_file_names_hub_id_and_served_name(name: str, tmp_path: Path,
     assert cfg.model.dtype == "bfloat16" and cfg.model.local_files_only is True
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", SCORING_ACTORS)
 def test_model_file_builds_its_scorer(name: str, toy_world: Path, tmp_path: Path, compose_train):
     stand_in = [] if name == "toy" else [f"model.path={toy_world}/draft"]
     cfg = compose_train([f"model={name}", f"toy.out={toy_world}", *stand_in], tmp_path)

@@ -41,6 +41,9 @@ def test_template_keys_and_limit(tmp_path):
     prompts = load_prompts(str(raw), question_key="q", answer_key="a", template="[{topic}] {question} A:", limit=2)
     assert [(p.index, p.text, p.answer) for p in prompts] == [(1, "[sums] 0+1= A:", "1"), (2, "[sums] 1+1= A:", "2")]
     assert [p.answer for p in load_prompts(str(raw), question_key="q", answer_key=None)] == [None] * 5
+    # skip continues where an earlier set stopped; line numbers stay the file's.
+    later = load_prompts(str(raw), question_key="q", answer_key="a", skip=2, limit=2)
+    assert [(p.index, p.answer) for p in later] == [(3, "3"), (4, "4")]
 
 
 def test_malformed_lines_are_skipped_and_counted(tmp_path, caplog):
