@@ -35,7 +35,14 @@ from spd_lightning.data import Record, load_records, split_by_prompt
 from spd_lightning.hf import end_of_sequence_ids, tokenizer_eos_ids
 from spd_lightning.judge import INPUT_GROUPS, JudgeInputs, save_judge
 from spd_lightning.judge_compare import JUDGE_LABELS, CompareSettings, Split, compare, train_judges
-from spd_lightning.judge_data import DiskCompletions, block_inputs, complete_outcomes, prompt_of, target_answers
+from spd_lightning.judge_data import (
+    DiskCompletions,
+    Greedy,
+    block_inputs,
+    complete_outcomes,
+    prompt_of,
+    target_answers,
+)
 from spd_lightning.judge_training import FitSettings
 from spd_lightning.outcomes import POLICY_LABELS, OutcomeTable, best_at_parity, verify_outcomes
 from spd_lightning.plots import plot_tradeoff
@@ -132,7 +139,7 @@ def build_splits(args, out: Path):
     }
     store = DiskCompletions(out / "completions.jsonl")
     eos = end_of_sequence_ids(target) | tokenizer_eos_ids(tokenizer)
-    complete_outcomes(target, train + heldout, store, budget, pad_id, eos, args.batch)
+    complete_outcomes(Greedy(target, pad_id, eos, args.batch), train + heldout, store, budget)
     splits = {}
     for name, recs in (("train", train), ("heldout", heldout)):
         judge_inputs, rules = inputs[name]
@@ -160,7 +167,7 @@ def print_table(rows: list[dict], parity: dict, n: int, tolerance: float) -> Non
         print(f"{SHORT[policy]:48s} {param:>8s} {figures} {ratio:>6s}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", choices=["toy", "pair"], default=None, help="toy: the embedded default world")
     parser.add_argument("--pair", help="a pair directory with draft/ and target/ (python -m spd_lightning.pairs)")
@@ -195,6 +202,35 @@ def main() -> None:
     args.world = args.world or ("pair" if args.pair else "toy")
     if args.world == "pair" and not (args.pair and args.train and args.heldout):
         parser.error("--pair needs --train and --heldout record files")
+    return args
+
+
+def write_outputs(out: Path, rows: list[dict], parity: dict, heads: dict, args, n: int, title: str) -> None:
+    """tradeoff.csv (every policy point), judges.json, the judges at their thresholds at parity
+    (for task=decode decode.judge_path=...), and judges.png (every curve)."""
+    with (out / "tradeoff.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"heldout_records": n, "parity": parity, "args": vars(args)}
+    (out / "judges.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, head in heads.items():
+        save_judge(head, out / f"{name}.pt", parity.get(name, {"parameter": 1.0})["parameter"])
+    png = plot_tradeoff(rows, {**POLICY_LABELS, **JUDGE_LABELS}, None, out / "judges.png", title)
+    print(f"all {len(rows)} policy points: {out / 'tradeoff.csv'}; curves: {png}")
+
+
+def last_line(parity: dict) -> str:
+    pick = {"rl": "judge_grpo", "sup": "judge_sup", "kl": "kl_below", "sd": "standard_sd"}
+    last = []
+    for short, policy in pick.items():
+        row = parity.get(policy, {"accept_len": float("nan"), "accuracy": float("nan")})
+        last.append(f"{short}_accept_len={row['accept_len']:.3f} {short}_accuracy={row['accuracy']:.3f}")
+    return " ".join(last)
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out or ROOT / "outputs" / "judges" / args.world)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -207,22 +243,9 @@ def main() -> None:
     parity = best_at_parity(rows, args.tolerance)
     n = int(splits["heldout"].table.verified.sum())
     print_table(rows, parity, n, args.tolerance)
-    with (out / "tradeoff.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "judges.json").write_text(json.dumps({"records": n, "parity": parity, "args": vars(args)}, indent=2) + "\n")
-    for name, head in heads.items():  # for task=decode policies=[...,judge] decode.judge_path=...
-        save_judge(head, out / f"{name}.pt", parity.get(name, {"parameter": 1.0})["parameter"])
     title = f"{args.world}: {n} held-out records, judges trained on {len(splits['train'].mismatch)}"
-    png = plot_tradeoff(rows, {**POLICY_LABELS, **JUDGE_LABELS}, None, out / "judges.png", title)
-    print(f"all {len(rows)} policy points: {out / 'tradeoff.csv'}; curves: {png}")
-    pick = {"rl": "judge_grpo", "sup": "judge_sup", "kl": "kl_below", "sd": "standard_sd"}
-    last = []
-    for short, policy in pick.items():
-        row = parity.get(policy, {"accept_len": float("nan"), "accuracy": float("nan")})
-        last.append(f"{short}_accept_len={row['accept_len']:.3f} {short}_accuracy={row['accuracy']:.3f}")
-    print(" ".join(last))
+    write_outputs(out, rows, parity, heads, args, n, title)
+    print(last_line(parity))
 
 
 if __name__ == "__main__":

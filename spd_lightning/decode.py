@@ -271,6 +271,8 @@ def headline(summary: dict[str, float]) -> str:
     keys = {
         "scorer_accuracy": "scorer/accuracy",
         "scorer_target_calls_per_token": "scorer/target_calls_per_token",
+        "judge_accuracy": "judge/accuracy",
+        "judge_target_calls_per_token": "judge/target_calls_per_token",
         "sd_accuracy": "standard_sd/accuracy",
         "sd_target_calls_per_token": "standard_sd/target_calls_per_token",
         "greedy_accuracy": "greedy/accuracy",

@@ -8,7 +8,6 @@ Shapes: N records, K draft tokens per block.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -78,7 +77,8 @@ def train_judges(
     train: Split, settings: CompareSettings, reward: RewardWeights, scorer: ScoringActor | None
 ) -> tuple[dict[str, Scorer], dict[str, JudgeHead]]:
     """Every judge trained on `train`'s table: (name -> its accept probabilities on a split,
-    name -> the trained zero-cost heads, for task=decode)."""
+    name -> the trained zero-cost heads, for task=decode). `scorer`: an untrained ScoringActor on
+    the draft's backbone (None: left out); its head trains in place, its backbone stays frozen."""
     fit = settings.fit or FitSettings()
     table = train.self_table if settings.labels == "target" else train.table
     judges: dict[str, Scorer] = {}
@@ -99,7 +99,7 @@ def train_judges(
         judges[name] = lambda split, head=head: torch.sigmoid(head(split.inputs)).detach()
         heads[name] = head.eval()
     if scorer is not None and train.inputs.draft_hidden is not None:
-        actor = copy.deepcopy(scorer)
+        actor = scorer  # a fresh ScoringActor: only its head trains, on the stored draft states
 
         def actor_logits(split: Split, index) -> torch.Tensor:
             return actor.score(split.inputs.draft_hidden[index], split.target_ids[index])

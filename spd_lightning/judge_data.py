@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from spd_lightning.data import Record
 from spd_lightning.judge import JudgeInputs, judge_token_features
@@ -88,36 +91,34 @@ class DiskCompletions(CompletionCache):
             os.fsync(f.fileno())
 
 
-def _complete(
-    model, prefixes: list[tuple[int, ...]], budgets: list[int], store: DiskCompletions, pad_id, eos, batch_size, desc
-):
-    """Greedy completions of the prefixes not stored yet, longest budget first, each cut to its own
-    budget (greedy decoding is causal, so a cut row equals a row generated with that budget)."""
-    todo = sorted({p: b for p, b in zip(prefixes, budgets) if store.get(p) is None}.items(), key=lambda x: -x[1])
-    for cut in _batches(len(todo), batch_size, desc):
-        rows = todo[cut]
-        budget = max(b for _, b in rows)
-        outs = greedy_generate(
-            model, [list(p) for p, _ in rows], budget, pad_id, eos, "generating" if budget >= 64 else None
-        )
-        store.add([(p, out[:b]) for (p, b), out in zip(rows, outs)])
+@dataclass
+class Greedy:
+    """How completions are generated: a causal LM (transformers), its pad id, the ids that end a
+    response, and rows per batch."""
+
+    model: PreTrainedModel
+    pad_id: int
+    eos: Collection[int]
+    batch_size: int = 32
+
+    def fill(self, store: DiskCompletions, prefixes: list[tuple[int, ...]], budgets: list[int], desc: str) -> None:
+        """Greedy completions of the prefixes not stored yet, longest budget first, each cut to its
+        own budget (greedy decoding is causal: a cut row equals a row generated with that budget)."""
+        todo = sorted({p: b for p, b in zip(prefixes, budgets) if store.get(p) is None}.items(), key=lambda x: -x[1])
+        for cut in _batches(len(todo), self.batch_size, desc):
+            rows = todo[cut]
+            budget = max(b for _, b in rows)
+            steps = "generating" if budget >= 64 else None
+            outs = greedy_generate(self.model, [list(p) for p, _ in rows], budget, self.pad_id, self.eos, steps)
+            store.add([(p, out[:b]) for (p, b), out in zip(rows, outs)])
 
 
 def prompt_of(record: Record) -> tuple[int, ...]:
     return tuple(record.context_ids[: record.prompt_len])
 
 
-def complete_outcomes(
-    target, records: list[Record], store: DiskCompletions, max_response: int, pad_id: int, eos, batch_size: int = 32
-) -> None:
-    """Completes every reachable outcome of every record into `store` (resumable).
-
-    First each prompt's response (max_response tokens at most); a record whose standard-SD prefix
-    lies on that response takes its completion from there; every other outcome is completed with
-    what is left of the response budget. target: a causal LM (transformers)."""
-    prompts = sorted({prompt_of(r) for r in records})
-    _complete(target, prompts, [max_response] * len(prompts), store, pad_id, eos, batch_size, "responses")
-    eos_ids = set(eos)
+def _outcome_prefixes(records: list[Record], store: DiskCompletions, max_response: int, eos: Collection[int]):
+    """(prefixes to complete, their budgets, (prefix, completion) pairs known without the target)."""
     mismatch = torch.tensor([[d != t for d, t in zip(r.draft_ids, r.target_ids)] for r in records])  # [N, K]
     accept_len, possible = all_outcomes(mismatch)  # [N, K+1]
     needed, budgets, derived = [], [], []
@@ -127,7 +128,7 @@ def complete_outcomes(
         for j in {j for j, reachable in zip(js, ok) if reachable}:
             prefix = tuple(hybrid_prefix(r.context_ids, r.draft_ids, r.target_ids, j))
             left = max(0, len(prompt) + max_response - len(prefix))
-            if not eos_ids.isdisjoint(prefix[len(prompt) :]):
+            if not set(eos).isdisjoint(prefix[len(prompt) :]):
                 continue  # the response ended inside the block: nothing to complete
             if left == 0:
                 derived.append((prefix, []))  # the response budget is spent
@@ -136,9 +137,21 @@ def complete_outcomes(
             else:
                 needed.append(prefix)
                 budgets.append(left)
+    return needed, budgets, derived
+
+
+def complete_outcomes(greedy: Greedy, records: list[Record], store: DiskCompletions, max_response: int) -> None:
+    """Completes every reachable outcome of every record into `store` (resumable).
+
+    First each prompt's response (max_response tokens at most); a record whose standard-SD prefix
+    lies on that response takes its completion from there; every other outcome is completed with
+    what is left of the response budget."""
+    prompts = sorted({prompt_of(r) for r in records})
+    greedy.fill(store, prompts, [max_response] * len(prompts), "responses")
+    needed, budgets, derived = _outcome_prefixes(records, store, max_response, greedy.eos)
     for prefix, completion in derived:
         CompletionCache.put(store, prefix, completion)  # in memory only: the response file holds it
-    _complete(target, needed, budgets, store, pad_id, eos, batch_size, "outcomes")
+    greedy.fill(store, needed, budgets, "outcomes")
 
 
 def target_answers(records: list[Record], store: DiskCompletions, decode, extract) -> list[str | None]:

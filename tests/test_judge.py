@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from spd_lightning.data import Record, load_records, split_by_prompt
 from spd_lightning.judge import TOKEN_FEATURES, JudgeHead, JudgeInputs, autojudge_labels, judge_token_features
 from spd_lightning.judge_compare import JUDGE_LABELS, CompareSettings, Split, compare, train_judges
-from spd_lightning.judge_data import DiskCompletions, block_inputs, complete_outcomes
+from spd_lightning.judge_data import DiskCompletions, Greedy, block_inputs, complete_outcomes
 from spd_lightning.judge_training import FitSettings
 from spd_lightning.lm import greedy_generate
 from spd_lightning.outcomes import OutcomeTable, best_at_parity
@@ -98,7 +98,7 @@ def test_outcomes_reuse_the_targets_response_exactly(toy_world, tmp_path):
     records = load_records(toy_world / "records.jsonl")[:20]
     store = DiskCompletions(tmp_path / "c.jsonl")
     eos = {int(target.config.eos_token_id)}
-    complete_outcomes(target, records, store, max_response=16, pad_id=0, eos=eos, batch_size=8)
+    complete_outcomes(Greedy(target, 0, eos, batch_size=8), records, store, max_response=16)
     lines = len((tmp_path / "c.jsonl").read_text().splitlines())
     checked = 0
     for r in records:
@@ -113,7 +113,7 @@ def test_outcomes_reuse_the_targets_response_exactly(toy_world, tmp_path):
         checked += 1
     assert checked > 5
     # A second run finds everything stored and completes nothing.
-    complete_outcomes(target, records, DiskCompletions(tmp_path / "c.jsonl"), 16, 0, eos, 8)
+    complete_outcomes(Greedy(target, 0, eos, batch_size=8), records, DiskCompletions(tmp_path / "c.jsonl"), 16)
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == lines
 
 
