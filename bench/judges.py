@@ -34,7 +34,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spd_lightning.data import Record, load_records, split_by_prompt
 from spd_lightning.hf import end_of_sequence_ids, tokenizer_eos_ids
 from spd_lightning.judge import INPUT_GROUPS, JudgeInputs, save_judge
-from spd_lightning.judge_compare import JUDGE_LABELS, CompareSettings, Split, compare, train_judges
+from spd_lightning.judge_compare import (
+    JUDGE_LABELS,
+    CompareSettings,
+    Split,
+    compare,
+    parity_by_agreement,
+    train_judges,
+)
 from spd_lightning.judge_data import (
     DiskCompletions,
     Greedy,
@@ -149,8 +156,8 @@ def build_splits(args, out: Path):
     return splits, scorer
 
 
-def print_table(rows: list[dict], parity: dict, n: int, tolerance: float) -> None:
-    print(f"\nHeld-out: {n} records; each policy at its longest blocks with accuracy >= standard SD's - {tolerance}")
+def print_table(rows: list[dict], parity: dict, n: int, tolerance: float, measure: str = "accuracy") -> None:
+    print(f"\nHeld-out: {n} records; each policy at its longest blocks with {measure} >= standard SD's - {tolerance}")
     header = (
         f"{'policy':48s} {'param':>8s} {'accuracy':>8s} {'95% CI':>13s} {'agree':>6s} {'accept_len':>10s} {'vs SD':>6s}"
     )
@@ -216,8 +223,10 @@ def write_outputs(out: Path, rows: list[dict], parity: dict, heads: dict, args, 
     (out / "judges.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, head in heads.items():
         save_judge(head, out / f"{name}.pt", parity.get(name, {"parameter": 1.0})["parameter"])
-    png = plot_tradeoff(rows, {**POLICY_LABELS, **JUDGE_LABELS}, None, out / "judges.png", title)
-    print(f"all {len(rows)} policy points: {out / 'tradeoff.csv'}; curves: {png}")
+    labels = {**POLICY_LABELS, **JUDGE_LABELS}
+    png = plot_tradeoff(rows, labels, None, out / "judges.png", title)
+    fidelity = plot_tradeoff(rows, labels, None, out / "judges_agreement.png", title, "agreement")
+    print(f"all {len(rows)} policy points: {out / 'tradeoff.csv'}; curves: {png}, {fidelity}")
 
 
 def last_line(parity: dict) -> str:
@@ -242,6 +251,7 @@ def main() -> None:
     rows = compare(splits["heldout"], judges, settings)
     parity = best_at_parity(rows, args.tolerance)
     n = int(splits["heldout"].table.verified.sum())
+    print_table(rows, parity_by_agreement(rows, args.tolerance), n, args.tolerance, "agreement with the target")
     print_table(rows, parity, n, args.tolerance)
     title = f"{args.world}: {n} held-out records, judges trained on {len(splits['train'].mismatch)}"
     write_outputs(out, rows, parity, heads, args, n, title)

@@ -154,7 +154,7 @@ def _judge_policy(settings: DictConfig) -> Policy:
         )
     head, saved_threshold = load_judge(path)
     threshold = saved_threshold if settings.judge_threshold is None else settings.judge_threshold
-    log.info("zero-cost judge from %s, accepting mismatches at p >= %.4g", path, threshold)
+    log.info("zero-cost judge from %s, accepting mismatches at p >= %.8g", path, threshold)
     return judge_policy(head, threshold)
 
 

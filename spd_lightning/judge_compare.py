@@ -17,7 +17,14 @@ from spd_lightning.exact import ExactLoss
 from spd_lightning.grpo import GRPOLoss
 from spd_lightning.judge import JudgeHead, JudgeInputs, autojudge_labels
 from spd_lightning.judge_training import FitSettings, fit_rl, fit_supervised
-from spd_lightning.outcomes import OutcomeTable, PolicyPoint, policy_points, score_policy, tradeoff_rows
+from spd_lightning.outcomes import (
+    OutcomeTable,
+    PolicyPoint,
+    best_at_parity,
+    policy_points,
+    score_policy,
+    tradeoff_rows,
+)
 from spd_lightning.reward import RewardWeights
 from spd_lightning.rules import TokenFeatures, quantile_thresholds
 from spd_lightning.sampling import threshold_decisions
@@ -143,3 +150,12 @@ def compare(heldout: Split, judges: dict[str, Scorer], settings: CompareSettings
     for row, point in zip(rows, points):
         row["agreement"] = score_policy(heldout.self_table, point.decisions)["accuracy"]
     return rows
+
+
+def parity_by_agreement(rows: list[dict], tolerance: float) -> dict[str, dict]:
+    """As outcomes.best_at_parity, with fidelity instead of accuracy: each family's longest blocks
+    whose share of responses keeping the target's own answer is at most `tolerance` below standard
+    SD's (1.0 by construction). Where the target is often wrong, a changed answer rarely moves
+    accuracy, and this is the measure that sees it."""
+    sd = next(r for r in rows if r["policy"] == "standard_sd")["agreement"]
+    return best_at_parity([{**r, "accuracy_drop": sd - r["agreement"]} for r in rows], tolerance)

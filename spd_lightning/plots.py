@@ -72,19 +72,25 @@ TRADEOFF_STYLE = {
 
 
 def plot_tradeoff(
-    rows: list[dict], labels: dict[str, str], highlight: dict | None, out_png: Path, title: str | None = None
+    rows: list[dict],
+    labels: dict[str, str],
+    highlight: dict | None,
+    out_png: Path,
+    title: str | None = None,
+    measure: str = "accuracy",
 ) -> Path:
-    """Accuracy against draft tokens accepted per block. rows: tradeoff rows (policy, parameter,
-    accept_len, accuracy); labels: policy -> legend text; highlight: the row to mark (the scorer at
-    its configured threshold). Parameters are left to tradeoff.csv: a trained scorer's quantile
-    thresholds crowd near 0 and 1, and their labels would cover the curves."""
+    """`measure` (accuracy, or another field of the rows) against draft tokens accepted per block.
+    rows: tradeoff rows (policy, parameter, accept_len, accuracy); labels: policy -> legend text;
+    highlight: the row to mark (the scorer at its configured threshold). Parameters are left to
+    tradeoff.csv: a trained scorer's quantile thresholds crowd near 0 and 1, and their labels
+    would cover the curves."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for policy, label in labels.items():
         points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["accept_len"])
         if not points:
             continue
         style = TRADEOFF_STYLE.get(policy, {"marker": "o"})
-        x, y = [r["accept_len"] for r in points], [r["accuracy"] for r in points]
+        x, y = [r["accept_len"] for r in points], [r[measure] for r in points]
         if len(points) == 1:
             ax.scatter(x, y, s=90, label=label, zorder=3, **style)
         else:
@@ -101,7 +107,7 @@ def plot_tradeoff(
             label=f"SPD scorer at t={highlight['parameter']:g} (configured)",
         )
     ax.set_xlabel("draft tokens accepted per block")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(measure.replace("_", " "))
     ax.set_title(title or "Accuracy vs accepted draft tokens, per policy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
