@@ -202,7 +202,9 @@ def test_standard_sd_equals_greedy_on_the_toy_models(toy_lms, toy_tokenizer):
     assert [g.response_ids for g in lossy] != [g.response_ids for g in greedy]
 
 
-def test_kl_policy_spans_standard_sd_to_accept_all_on_the_toy_models(toy_lms, toy_tokenizer):
+@pytest.fixture
+def responses_under(toy_lms, toy_tokenizer):
+    """policy -> the toy pair's responses to 24 fresh prompts under it (batched loop)."""
     from spd_lightning.prompts import toy_prompts
 
     draft, target = toy_lms
@@ -212,6 +214,11 @@ def test_kl_policy_spans_standard_sd_to_accept_all_on_the_toy_models(toy_lms, to
     def ids(policy):
         return [g.response_ids for g in generate(draft, target, prompts, policy, K, 24, eos, pad, batch_size=12)]
 
+    return ids
+
+
+def test_kl_policy_spans_standard_sd_to_accept_all_on_the_toy_models(responses_under):
+    ids = responses_under
     sd = ids(reject_all)
     # No divergence is <= -1: every mismatch rejected, as standard SD. Any divergence is <= inf and
     # without the confidence mask nothing is verified strictly: accept-all.
@@ -231,17 +238,9 @@ def _random_judge(target, seed: int = 0):
     return head.eval()
 
 
-def test_judge_policy_spans_standard_sd_to_accept_all_on_the_toy_models(toy_lms, toy_tokenizer):
-    from spd_lightning.prompts import toy_prompts
-
-    draft, target = toy_lms
-    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(24, seed=8)]
-    eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
-
-    def ids(policy):
-        return [g.response_ids for g in generate(draft, target, prompts, policy, K, 24, eos, pad, batch_size=12)]
-
-    head = _random_judge(target)
+def test_judge_policy_spans_standard_sd_to_accept_all_on_the_toy_models(responses_under, toy_lms):
+    ids = responses_under
+    head = _random_judge(toy_lms[1])
     assert ids(judge_policy(head, 1.01)) == ids(reject_all)  # no probability reaches 1.01
     assert ids(judge_policy(head, 0.0)) == ids(accept_all)
     assert ids(judge_policy(head, 0.5)) not in (ids(reject_all), ids(accept_all))
