@@ -108,7 +108,11 @@ def teacher_forced_logits(
     the whole block (the token speculative decoding gets for free when every draft token stays).
     All drafts must have the same length K; left padding puts those K+1 positions last in every
     row, so only they reach the output layer."""
-    return teacher_forced_states(model, contexts, drafts, pad_id)[0]
+    k = len(drafts[0])
+    device = _device(model)
+    ids, mask, positions = (t.to(device) for t in left_pad([c + d for c, d in zip(contexts, drafts)], pad_id))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=k + 1, use_cache=False)
+    return out.logits.float()
 
 
 @torch.no_grad()
