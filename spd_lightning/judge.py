@@ -84,8 +84,15 @@ class JudgeInputs:
     def __len__(self) -> int:
         return self.mismatch.shape[0]
 
+    def _map(self, fn) -> JudgeInputs:
+        """fn applied to every tensor field (absent fields stay None)."""
+        return JudgeInputs(*(None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(JudgeInputs)))
+
+    def to(self, device) -> JudgeInputs:
+        return self._map(lambda v: v.to(device))
+
     def select(self, index: torch.Tensor | slice) -> JudgeInputs:
-        return JudgeInputs(*(None if (v := getattr(self, f.name)) is None else v[index] for f in fields(JudgeInputs)))
+        return self._map(lambda v: v[index])
 
     @staticmethod
     def cat(parts: list[JudgeInputs]) -> JudgeInputs:

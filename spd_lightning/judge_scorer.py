@@ -96,5 +96,4 @@ class ZeroCostJudge(nn.Module):
             records.append(Record(row[:c], c, row[c : c + k], t, ""))
         self.precompute(records)
         data = JudgeInputs.cat([self._cache[self._key(r)] for r in records])
-        device = self.head.mean.device
-        return self.head(JudgeInputs(*(None if v is None else v.to(device) for v in vars(data).values())))
+        return self.head(data.to(self.head.mean.device))
