@@ -106,7 +106,8 @@ def load_world(args):
         train = whole_prompts([r for f in args.train for r in load_records(f)], args.train_records)
         heldout = [r for f in args.heldout for r in load_records(f)]
         budget = args.max_response
-    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # noqa: E731
+    dtype = getattr(torch, args.dtype)
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()  # noqa: E731
     return load(target_dir), load(draft_dir), AutoTokenizer.from_pretrained(target_dir), train, heldout, budget
 
 
@@ -185,6 +186,9 @@ def parse_args() -> argparse.Namespace:
         "--max-response", type=int, default=320, help="the target's response budget (prepare.max_new_tokens)"
     )
     parser.add_argument("--out", default=None, help="where every stage is kept (default outputs/judges/<world>)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="both models' (as prepare's records)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="rows per model pass")
     parser.add_argument(
         "--labels", choices=["target", "reference"], default="target", help="the verdicts judges train on"
@@ -212,17 +216,23 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def write_outputs(out: Path, rows: list[dict], parity: dict, heads: dict, args, n: int, title: str) -> None:
-    """tradeoff.csv (every policy point), judges.json, the judges at their thresholds at parity
-    (for task=decode decode.judge_path=...), and judges.png (every curve)."""
+def save_judges(out: Path, heads: dict, parity: dict, measure: str) -> None:
+    """Each judge at its threshold at parity in `measure` (for task=decode decode.judge_path=...
+    and the generation API), with the KL rule's tau at parity on the same records in its notes."""
+    kl = parity.get("kl_below")
+    notes = {"parity_measure": measure, **({"kl_threshold": kl["parameter"]} if kl else {})}
+    for name, head in heads.items():
+        save_judge(head, out / f"{name}.pt", parity.get(name, {"parameter": 1.0})["parameter"], notes)
+
+
+def write_outputs(out: Path, rows: list[dict], parity: dict, args, n: int, title: str) -> None:
+    """tradeoff.csv (every policy point), judges.json and judges.png (every curve)."""
     with (out / "tradeoff.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     summary = {"heldout_records": n, "parity": parity, "args": vars(args)}
     (out / "judges.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for name, head in heads.items():
-        save_judge(head, out / f"{name}.pt", parity.get(name, {"parameter": 1.0})["parameter"])
     labels = {**POLICY_LABELS, **JUDGE_LABELS}
     png = plot_tradeoff(rows, labels, None, out / "judges.png", title)
     fidelity = plot_tradeoff(rows, labels, None, out / "judges_agreement.png", title, "agreement")
@@ -251,10 +261,16 @@ def main() -> None:
     rows = compare(splits["heldout"], judges, settings)
     parity = best_at_parity(rows, args.tolerance)
     n = int(splits["heldout"].table.verified.sum())
-    print_table(rows, parity_by_agreement(rows, args.tolerance), n, args.tolerance, "agreement with the target")
+    agreement = parity_by_agreement(rows, args.tolerance)
+    print_table(rows, agreement, n, args.tolerance, "agreement with the target")
     print_table(rows, parity, n, args.tolerance)
     title = f"{args.world}: {n} held-out records, judges trained on {len(splits['train'].mismatch)}"
-    write_outputs(out, rows, parity, heads, args, n, title)
+    write_outputs(out, rows, parity, args, n, title)
+    # Judges trained on agreement with the target run at their point at parity in agreement.
+    if args.labels == "target":
+        save_judges(out, heads, agreement, "agreement")
+    else:
+        save_judges(out, heads, parity, "accuracy")
     print(last_line(parity))
 
 

@@ -29,23 +29,12 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from spd_lightning.checkpoint import load_trained_scorer
-from spd_lightning.decoding import (
-    Generation,
-    Policy,
-    accept_all,
-    generate,
-    generate_cached,
-    judge_policy,
-    kl_policy,
-    reject_all,
-    scorer_policy,
-    summarize,
-    timed,
-)
+from spd_lightning.decoding import Generation, generate, generate_cached, summarize, timed
 from spd_lightning.errors import SetupError
 from spd_lightning.hf import check_covers_tokenizer, load_tokenizer, resolve_device, tokenizer_eos_ids
-from spd_lightning.judge import load_judge
+from spd_lightning.judge import JudgeHead, load_judge
 from spd_lightning.judge_scorer import ZeroCostJudge
+from spd_lightning.policies import POLICY_NAMES, Policy, PolicySettings, judge_policy, named_policy, scorer_policy
 from spd_lightning.prompts import Prompt, encode_prompts
 from spd_lightning.stats import wilson_interval
 from spd_lightning.targets.local import load_causal_lm
@@ -53,15 +42,6 @@ from spd_lightning.toy.build import build_toy_world
 
 log = logging.getLogger(__name__)
 
-# Policy name -> what the table calls it. greedy runs first: it is the reference of the others.
-POLICY_NAMES = {
-    "greedy": "greedy target",
-    "standard_sd": "standard SD",
-    "scorer": "SPD scorer",
-    "kl_below": "KL rule",
-    "judge": "zero-cost judge",
-    "accept_all": "accept all",
-}
 DEFAULT_POLICIES = ["greedy", "standard_sd", "scorer", "accept_all"]
 
 
@@ -71,12 +51,16 @@ class DecodeConfig:
     block_size: int = 4
     # Tokens generated per prompt at most (an EOS ends a response earlier).
     max_new_tokens: int = 32
-    # Prompts decoded together, each row with its own growing context (without kv_cache).
+    # Prompts decoded together, each row with its own growing context. Timing a user's setting
+    # of one request at a time: kv_cache=true with batch_size=1.
     batch_size: int = 64
-    # true: one prompt at a time with a KV cache per model, rolled back after each block (what
-    # real models need, and what makes wall times meaningful); false: batched rows, every block
-    # re-running both models over the whole context (faster for the toy world's tiny models).
+    # true: a KV cache per model, rolled back to the kept tokens after each block (what real
+    # models need, and what makes wall times meaningful); false: every block re-runs both models
+    # over the whole context (faster for the toy world's tiny models). Both give the same tokens.
     kv_cache: bool = False
+    # With kv_cache: end a block's drafting early, after a step at which the draft gives its own
+    # token less than this probability (transformers' assisted generation uses 0.4); null: always K.
+    draft_confidence: Optional[float] = None  # noqa: UP045
     # Accept a mismatch when the scorer's probability is >= this; null: the threshold the
     # checkpoint's training run validated with (module.threshold there).
     threshold: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional, not X | None)
@@ -124,28 +108,31 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
     unknown = sorted(set(settings.policies) - set(POLICY_NAMES))
     if unknown or not settings.policies:
         raise SetupError(f"decode.policies {list(settings.policies)}: choose among {list(POLICY_NAMES)}")
+    if settings.draft_confidence is not None and not settings.kv_cache:
+        raise SetupError("decode.draft_confidence needs decode.kv_cache=true (the loop that drafts per block)")
     if settings.block_size < 1 or settings.max_new_tokens < 1 or settings.batch_size < 1:
         raise SetupError("decode.block_size, decode.max_new_tokens and decode.batch_size must be >= 1")
     k = settings.block_size
-    fixed = {"greedy": (reject_all, 0), "standard_sd": (reject_all, k), "accept_all": (accept_all, k)}
-    if "kl_below" in settings.policies:
-        if settings.kl_threshold is None:
-            raise SetupError(
-                "decode.policies has kl_below: set decode.kl_threshold=TAU (task=eval's tradeoff.csv lists "
-                "the KL rule's accuracy and accepted tokens at each tau)"
-            )
-        fixed["kl_below"] = (kl_policy(settings.kl_threshold, settings.kl_confidence), k)
+    if "kl_below" in settings.policies and settings.kl_threshold is None:
+        raise SetupError(
+            "decode.policies has kl_below: set decode.kl_threshold=TAU (task=eval's tradeoff.csv lists "
+            "the KL rule's accuracy and accepted tokens at each tau)"
+        )
+    choice = PolicySettings(settings.kl_threshold, settings.kl_confidence)
     if "judge" in settings.policies:
-        fixed["judge"] = (_judge_policy(settings), k)
+        choice.judge, choice.judge_threshold = _judge(settings)
+    policies = {}
     # A fixed order, whatever the config's: greedy's responses are the others' reference.
-    return {
-        name: (_scorer_policy(cfg, tokenizer, device), k) if name == "scorer" else fixed[name]
-        for name in POLICY_NAMES
-        if name in settings.policies
-    }
+    for name in (n for n in POLICY_NAMES if n in settings.policies):
+        if name == "scorer":
+            policies[name] = (_scorer_policy(cfg, tokenizer, device), k)
+        else:
+            policy, drafts = named_policy(name, choice)
+            policies[name] = (policy, k if drafts else 0)
+    return policies
 
 
-def _judge_policy(settings: DictConfig) -> Policy:
+def _judge(settings: DictConfig) -> tuple[JudgeHead, float]:
     path = settings.judge_path
     if path is None or not Path(path).is_file():
         raise SetupError(
@@ -155,7 +142,7 @@ def _judge_policy(settings: DictConfig) -> Policy:
     head, saved_threshold = load_judge(path)
     threshold = saved_threshold if settings.judge_threshold is None else settings.judge_threshold
     log.info("zero-cost judge from %s, accepting mismatches at p >= %.8g", path, threshold)
-    return judge_policy(head, threshold)
+    return head, threshold
 
 
 def _scorer_policy(cfg: DictConfig, tokenizer, device: str) -> Policy:
@@ -200,11 +187,11 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     pad = tokenizer.eos_token_id if pad is None else pad
     outputs: dict[str, tuple[list[Generation], float]] = {}
     for name, (policy, k) in policies.items():
-        common = (draft, target, prompt_ids, policy, k, settings.max_new_tokens, eos)
+        common = (draft, target, prompt_ids, policy, k, settings.max_new_tokens, eos, pad, settings.batch_size)
         if settings.kv_cache:
-            outputs[name] = timed(generate_cached, *common, desc=name)
+            outputs[name] = timed(generate_cached, *common, desc=name, draft_confidence=settings.draft_confidence)
         else:
-            outputs[name] = timed(generate, *common, pad, settings.batch_size, desc=name)
+            outputs[name] = timed(generate, *common, desc=name)
         log.info("%s: %d prompts in %.1f s", name, len(prompts), outputs[name][1])
     texts = {name: [response_text(tokenizer, g) for g in gens] for name, (gens, _) in outputs.items()}
     refs = references(prompts, texts.get("greedy"))
@@ -215,6 +202,10 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
         summary.update({f"{name}/{m}": v for m, v in summarize(gens, correct[name], seconds).items()})
         low, high = wilson_interval(sum(correct[name]), len(prompts))
         summary.update({f"{name}/accuracy_ci95_low": low, f"{name}/accuracy_ci95_high": high})
+    for base, key in (("greedy", "speedup_vs_greedy"), ("standard_sd", "speedup_vs_sd")):
+        if base in outputs:  # wall tokens per second against the base's, for every policy
+            for name in outputs:
+                summary[f"{name}/{key}"] = summary[f"{name}/tokens_per_s"] / summary[f"{base}/tokens_per_s"]
     if "greedy" in outputs and "standard_sd" in outputs:
         # Standard SD is lossless: a share below 1 means the loop (or the numerics) is off.
         pairs = zip(outputs["standard_sd"][0], outputs["greedy"][0])
@@ -248,21 +239,22 @@ def print_table(summary: dict[str, float], path: Path, kv_cache: bool = False) -
         "target_calls_per_token": "calls/token",
         "accepted_draft_tokens_per_block": "kept/block",
         "tokens_per_prompt": "tokens",
-        "wall_s": "wall s*",
+        "tokens_per_s": "tokens/s*",
+        "speedup_vs_greedy": "x greedy*",
     }
     table.add_column("policy")
     for title in columns.values():
         table.add_column(title, justify="right")
     for name, title in POLICY_NAMES.items():
         if f"{name}/accuracy" in summary:
-            table.add_row(title, *(f"{summary[f'{name}/{m}']:.3f}" for m in columns))
+            table.add_row(title, *(f"{summary.get(f'{name}/{m}', float('nan')):.3f}" for m in columns))
     console = Console()
     console.print(table)
     console.print("calls/token: target passes per generated token; kept/block: draft tokens kept")
     if kv_cache:
-        console.print("per block; tokens: generated per prompt; *wall s: batch size 1, KV caches")
+        console.print("per block; tokens: generated per prompt; *wall-clock, KV caches")
     else:
-        console.print("per block; tokens: generated per prompt; *wall s: no KV cache, so secondary")
+        console.print("per block; tokens: generated per prompt; *wall-clock without KV caches, so secondary")
     console.print(f"decode: {path}", soft_wrap=True)
 
 

@@ -13,9 +13,11 @@ speculative decoding (reject every mismatch) emits exactly greedy's tokens in fe
 
 Two loops give the same tokens. `generate` batches rows and re-runs both models over each
 row's whole context every block: plain, and cheap at the toy world's lengths.
-`generate_cached` decodes one row at a time with a KV cache per model, rolled back to the kept
-tokens after each block, so a block costs the target one pass over K+1 new tokens: what real
-models need (a 1.5B target on a CPU reads all its weights for every pass, whatever its length).
+`generate_cached` keeps a KV cache per model (row_cache.RowCache; batched rows too), rolled back
+to each row's kept tokens after each block, so a block costs the draft K passes over one token
+and the target one pass over K+1: what real models need (a 1.5B target reads all its weights for
+every pass, and on a memory-bound device a pass over K+1 tokens costs about one over a single
+token).
 """
 
 from __future__ import annotations
@@ -28,114 +30,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from spd_lightning.data import Record, collate_records
 from spd_lightning.hf import id_set
-from spd_lightning.judge import JudgeHead, JudgeInputs, judge_token_features
-from spd_lightning.lm import CachedLM, PrefixCache, greedy_tokens, teacher_forced_logits, teacher_forced_states
-from spd_lightning.rules import kl_decisions, token_features
-from spd_lightning.sampling import first_reject, threshold_decisions
-from spd_lightning.scorer import ScoringActor
-
-
-@dataclass
-class Block:
-    """One speculative block of the B unfinished rows."""
-
-    contexts: list[list[int]]  # prompt + response so far, per row
-    prompt_lens: list[int]  # where each row's response starts
-    draft_ids: torch.Tensor  # [B, K] the draft's proposals (CPU)
-    target_ids: torch.Tensor  # [B, K+1] the target's greedy token at each draft position, then after the block
-    target_logits: torch.Tensor | None = None  # [B, K+1, V] the target's distributions there
-    draft_logits: torch.Tensor | None = None  # [B, K+1, V] the draft's, for policies that ask (needs_logits)
-    target_hidden: torch.Tensor | None = (
-        None  # [B, K, H] the target's last hidden states at the draft tokens (needs_hidden)
-    )
-
-    @property
-    def mismatch(self) -> torch.Tensor:
-        """[B, K] bool: the draft token differs from the target's."""
-        k = self.draft_ids.shape[1]
-        return self.draft_ids != self.target_ids[:, :k]
-
-
-# A policy: Block -> [B, K] bool, True = keep the draft token. Only mismatches are read;
-# the loop keeps matching tokens whatever it says.
-Policy = Callable[[Block], torch.Tensor]
-
-
-def reject_all(block: Block) -> torch.Tensor:
-    """Standard speculative decoding: every mismatch ends the block (lossless)."""
-    return torch.zeros_like(block.draft_ids, dtype=torch.bool)
-
-
-def accept_all(block: Block) -> torch.Tensor:
-    """The lossy extreme: the target never overrules the draft inside a block."""
-    return torch.ones_like(block.draft_ids, dtype=torch.bool)
-
-
-def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy:
-    """The trained judge: keep a mismatch when its accept probability is >= threshold, the
-    probability computed as training's validation computes it (context + draft, with the
-    target's tokens as the alternatives). A block of one row (the KV-cached loop) re-reads only
-    what its backbone has not read yet (lm.PrefixCache)."""
-    device = next(scorer.parameters()).device
-    prefix_cache = PrefixCache(scorer.backbone)
-
-    @torch.no_grad()
-    def decide(block: Block) -> torch.Tensor:
-        k = block.draft_ids.shape[1]
-        if len(block.contexts) == 1:
-            ids = block.contexts[0] + block.draft_ids[0].tolist()
-            at_draft = prefix_cache.read(ids, k).last_hidden_state[:, -k:]  # [1, K, H]
-            logits = scorer.score(at_draft, block.target_ids[:, :k].to(device))  # [1, K]
-            return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
-        drafts, targets = block.draft_ids.tolist(), block.target_ids[:, :k].tolist()
-        records = [
-            Record(ctx, plen, d, t, "") for ctx, plen, d, t in zip(block.contexts, block.prompt_lens, drafts, targets)
-        ]
-        batch = collate_records(records, pad_id)
-        logits = scorer(
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
-            batch.context_len.to(device),
-            batch.target_ids.to(device),
-        )  # [B, K]
-        return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
-
-    return decide
-
-
-def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
-    """The training-free KL rule (rules.kl_decisions): keep a mismatch when KL(target || draft)
-    <= tau at its position, except where the target's top-1 probability exceeds `confidence`.
-    It reads both models' distributions: one more draft pass per block, no extra target call."""
-
-    def decide(block: Block) -> torch.Tensor:
-        features = token_features(block.target_logits, block.draft_logits, block.draft_ids)
-        return kl_decisions(features.kl.cpu(), block.mismatch, tau, features.target_top1.cpu(), confidence)
-
-    decide.needs_logits = True  # type: ignore[attr-defined]
-    return decide
-
-
-def judge_policy(head: JudgeHead, threshold: float) -> Policy:
-    """The zero-cost judge (judge.py): keep a mismatch when its accept probability is >= threshold.
-    It reads the target's hidden states at the draft tokens and both models' distributions, which
-    the block's verification pass and the draft's proposals computed anyway: no extra model pass."""
-    if "draft_hidden" in head.inputs:
-        raise ValueError(
-            "a judge that reads the draft's hidden states needs another draft pass; decode takes judges without"
-        )
-
-    @torch.no_grad()
-    def decide(block: Block) -> torch.Tensor:
-        tokens = judge_token_features(block.target_logits, block.draft_logits, block.draft_ids)  # [B, K, F]
-        data = JudgeInputs(block.mismatch, tokens.cpu(), block.target_hidden.cpu())
-        return threshold_decisions(torch.sigmoid(head(data)), block.mismatch, threshold)
-
-    decide.needs_logits = True  # type: ignore[attr-defined]
-    decide.needs_hidden = True  # type: ignore[attr-defined]
-    return decide
+from spd_lightning.lm import greedy_tokens, teacher_forced_logits, teacher_forced_states
+from spd_lightning.policies import Block, Policy
+from spd_lightning.row_cache import RowCache
+from spd_lightning.sampling import first_reject
 
 
 @dataclass
@@ -259,40 +158,129 @@ def generate_cached(
     block_size: int,
     max_new_tokens: int,
     eos_ids: int | Collection[int],
+    pad_id: int = 0,
+    batch_size: int = 1,
     desc: str | None = None,
+    clock: LoopClock | None = None,
+    draft_confidence: float | None = None,
 ) -> list[Generation]:
-    """As `generate`, one prompt at a time with a KV cache per model (batch size 1)."""
-    bar = tqdm(prompts, desc=desc, leave=False, disable=desc is None)
-    return [_generate_one(draft, target, p, policy, block_size, max_new_tokens, eos_ids) for p in bar]
+    """As `generate`, with a KV cache per model (row_cache.RowCache): a block feeds the draft
+    its new tokens and K-1 proposals, the target the row's new token and the K proposals, and
+    rolls both caches back to the kept tokens. `clock` adds up where the time went.
+    `draft_confidence`: end a block's drafting early, after a step at which the draft gives its
+    own token less than this probability in every row (as transformers' assisted generation
+    does with 0.4); None: always K tokens."""
+    gens = [Generation([]) for _ in prompts]
+    clock = clock if clock is not None else LoopClock()
+    with tqdm(total=len(prompts), desc=desc, leave=False, disable=desc is None) as bar:
+        for start in range(0, len(prompts), batch_size):
+            rows = list(range(start, min(start + batch_size, len(prompts))))
+            loop = _CachedRows(draft, target, policy, block_size, pad_id, clock)
+            loop.confidence = draft_confidence
+            loop.run([prompts[i] for i in rows], [gens[i] for i in rows], eos_ids, max_new_tokens, bar)
+    return gens
 
 
-@torch.no_grad()
-def _generate_one(draft, target, prompt, policy, block_size, max_new_tokens, eos_ids) -> Generation:
-    gen = Generation([])
-    target_lm = CachedLM(target)
-    draft_lm = CachedLM(draft) if block_size else None
-    needs_logits = bool(block_size) and getattr(policy, "needs_logits", False)
-    needs_hidden = bool(block_size) and getattr(policy, "needs_hidden", False)
-    target_hidden = None
-    while not gen.stopped_at_eos and gen.num_tokens < max_new_tokens:
-        seq = prompt + gen.response_ids
-        drafts, draft_logits = draft_lm.propose(seq, block_size, needs_logits) if draft_lm else ([], None)
-        if needs_hidden:
-            target_logits, hidden = target_lm.feed_states(seq + drafts, block_size + 1)  # [K+1, V], [K+1, H]
-            target_hidden = hidden[1:][None]  # [1, K, H] at the draft tokens
-        else:
-            target_logits = target_lm.feed(seq + drafts, block_size + 1)  # [K+1, V]
-        block = Block(
-            [seq],
-            [len(prompt)],
-            torch.tensor([drafts], dtype=torch.long).reshape(1, block_size),
-            target_logits.argmax(-1).cpu()[None],
-            target_logits[None] if needs_logits else None,
-            draft_logits[None] if needs_logits else None,
-            target_hidden,
-        )
-        emit(gen, decide_block(block, policy)[0], eos_ids, max_new_tokens)
-    return gen
+@dataclass
+class LoopClock:
+    """Seconds spent in each part of the cached loop, and the forward passes made."""
+
+    draft_s: float = 0.0
+    target_s: float = 0.0
+    policy_s: float = 0.0
+    draft_passes: int = 0
+    target_passes: int = 0
+
+    def draft_cost(self, target_s_per_pass: float) -> float:
+        """c: the draft's seconds per pass relative to the target's (given, from a greedy run)."""
+        return self.draft_s / max(self.draft_passes, 1) / target_s_per_pass
+
+
+class _CachedRows:
+    """The cached loop over one batch of rows; a row leaves when it finishes."""
+
+    def __init__(self, draft, target, policy: Policy, block_size: int, pad_id: int, clock: LoopClock) -> None:
+        self.k, self.policy, self.clock = block_size, policy, clock
+        self.confidence: float | None = None  # draft_confidence
+        self.drafted = 0  # draft tokens in the current block
+        self.target = RowCache(target, pad_id)
+        self.draft = RowCache(draft, pad_id) if block_size else None
+        self.needs_logits = bool(block_size) and getattr(policy, "needs_logits", False)
+        self.needs_hidden = bool(block_size) and getattr(policy, "needs_hidden", False)
+
+    def propose(self, new: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Up to K greedy draft tokens per row after its new tokens: (ids [B, k], logits [B, k, V]
+        or None). With draft_confidence, drafting stops after the first step at which every row's
+        draft gives its own token less than that probability (k < K then)."""
+        start, rows, logits = time.perf_counter(), [], []
+        step, _ = self.draft.feed(new, 1)  # [B, 1, V]
+        for i in range(self.k):
+            last = step[:, -1]  # [B, V]
+            logits.append(last)
+            rows.append(last.argmax(-1).cpu())
+            if i == self.k - 1 or self._unsure(last):
+                break
+            step, _ = self.draft.feed([[t] for t in rows[-1].tolist()], 1)
+        self.clock.draft_s += time.perf_counter() - start
+        self.clock.draft_passes += len(rows)
+        return torch.stack(rows, dim=1), torch.stack(logits, dim=1) if self.needs_logits else None
+
+    def _unsure(self, logits: torch.Tensor) -> bool:
+        """logits [B, V]: the draft's top probability is below draft_confidence in every row."""
+        if self.confidence is None:
+            return False
+        return bool((torch.softmax(logits, dim=-1).max(dim=-1).values < self.confidence).all())
+
+    def block(self, seqs: list[list[int]], prompt_lens: list[int], draft_new, target_new) -> list[BlockOutcome]:
+        no_draft = (torch.zeros(len(seqs), 0, dtype=torch.long), None)  # greedy: the target alone
+        drafts, draft_logits = self.propose(draft_new) if self.k else no_draft
+        k = self.drafted = drafts.shape[1]
+        start = time.perf_counter()
+        fed = [t + d for t, d in zip(target_new, drafts.tolist())]
+        target_logits, hidden = self.target.feed(fed, k + 1, self.needs_hidden)  # [B, K+1, V], [B, K+1, H]
+        self.clock.target_s += time.perf_counter() - start
+        self.clock.target_passes += 1
+        start = time.perf_counter()
+        block = Block(seqs, prompt_lens, drafts, target_logits.argmax(-1).cpu(), target_logits, draft_logits)
+        block.target_hidden = hidden[:, 1:] if hidden is not None else None  # [B, K, H] at the draft tokens
+        outcomes = decide_block(block, self.policy)
+        self.clock.policy_s += time.perf_counter() - start
+        return outcomes
+
+    def roll_back(self, outcomes: list[BlockOutcome]) -> tuple[list[list[int]], list[list[int]]]:
+        """Cuts both caches back to each row's kept tokens. -> the tokens each model reads next
+        (draft, target): the target read all K proposals, the draft the first K-1 of them."""
+        kept = [len(o.tokens) - 1 for o in outcomes]  # j per row
+        k = self.drafted
+        self.target.discard([k - j for j in kept])
+        if self.draft is None:
+            return [], [o.tokens[-1:] for o in outcomes]
+        self.draft.discard([max(k - 1 - j, 0) for j in kept])
+        draft_new = [o.tokens[-2:] if j == k else o.tokens[-1:] for o, j in zip(outcomes, kept)]
+        return draft_new, [o.tokens[-1:] for o in outcomes]
+
+    def run(self, prompts, gens: list[Generation], eos_ids, max_new_tokens: int, bar) -> None:
+        active = list(range(len(prompts)))
+        draft_new, target_new = [list(p) for p in prompts], [list(p) for p in prompts]
+        while active:
+            seqs = [prompts[i] + gens[i].response_ids for i in active]
+            outcomes = self.block(seqs, [len(prompts[i]) for i in active], draft_new, target_new)
+            for i, outcome in zip(active, outcomes):
+                emit(gens[i], outcome, eos_ids, max_new_tokens)
+            draft_new, target_new = self.roll_back(outcomes)
+            still = [b for b, i in enumerate(active) if not _finished(gens[i], max_new_tokens)]
+            bar.update(len(active) - len(still))
+            if still and len(still) < len(active):  # finished rows leave both caches
+                for cache in (self.target, self.draft):
+                    if cache is not None:
+                        cache.keep_rows(still)
+                draft_new = [draft_new[b] for b in still] if self.draft is not None else []
+                target_new = [target_new[b] for b in still]
+            active = [active[b] for b in still]
+
+
+def _finished(gen: Generation, max_new_tokens: int) -> bool:
+    return gen.stopped_at_eos or gen.num_tokens >= max_new_tokens
 
 
 def summarize(gens: list[Generation], correct: list[bool], seconds: float) -> dict[str, float]:
@@ -309,6 +297,7 @@ def summarize(gens: list[Generation], correct: list[bool], seconds: float) -> di
         "target_calls": float(calls),
         "stopped_at_eos": sum(g.stopped_at_eos for g in gens) / max(len(gens), 1),
         "wall_s": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
     }
 
 

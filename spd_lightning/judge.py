@@ -183,14 +183,16 @@ def autojudge_labels(correct: torch.Tensor, mismatch: torch.Tensor) -> tuple[tor
     return labels & defined, defined
 
 
-def save_judge(head: JudgeHead, path, threshold: float) -> None:
-    """A trained judge and the threshold to run it at, for task=decode (decode.judge_path)."""
+def save_judge(head: JudgeHead, path, threshold: float, notes: dict | None = None) -> None:
+    """A trained judge and the threshold to run it at, for task=decode (decode.judge_path).
+    `notes`: numbers that travel with it (e.g. the KL rule's tau chosen on the same records)."""
     torch.save(
         {
             "sizes": head.sizes,
             "inputs": list(head.inputs),
             "hidden": head.hidden,
             "threshold": threshold,
+            "notes": dict(notes or {}),
             "state_dict": head.state_dict(),
         },
         path,
@@ -203,3 +205,8 @@ def load_judge(path) -> tuple[JudgeHead, float]:
     head = JudgeHead(saved["sizes"], tuple(saved["inputs"]), saved["hidden"])
     head.load_state_dict(saved["state_dict"])
     return head.eval(), float(saved["threshold"])
+
+
+def judge_notes(path) -> dict:
+    """The notes saved with a judge ({} for judges saved without)."""
+    return dict(torch.load(path, map_location="cpu", weights_only=True).get("notes", {}))

@@ -268,28 +268,3 @@ class PrefixCache:
         out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True, **kwargs)
         self.cache, self.ids = out.past_key_values, list(ids)
         return out
-
-
-class CachedLM(PrefixCache):
-    """A causal LM over one growing sequence: logits at its last positions, greedy proposals."""
-
-    def feed(self, ids: list[int], keep: int) -> torch.Tensor:
-        """float32 logits [keep, V] after each of the last `keep` tokens of ids."""
-        return self.read(ids, keep, logits_to_keep=keep).logits[0].float()
-
-    def feed_states(self, ids: list[int], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `feed`, and the last hidden states [keep, H] at those tokens (the final norm applied:
-        transformers puts it in the last entry of hidden_states)."""
-        out = self.read(ids, keep, logits_to_keep=keep, output_hidden_states=True)
-        return out.logits[0].float(), out.hidden_states[-1][0, -keep:].float()
-
-    def propose(self, ids: list[int], k: int, with_logits: bool) -> tuple[list[int], torch.Tensor | None]:
-        """k greedy tokens after ids (not stopping at EOS) and, with_logits, the logits [k+1, V]
-        after ids + tokens[:i], i = 0..k (one more pass, over the last token)."""
-        rows = [self.feed(ids, 1)[-1]]
-        tokens: list[int] = []
-        for i in range(k):
-            tokens.append(int(rows[-1].argmax()))
-            if i < k - 1 or with_logits:
-                rows.append(self.feed(ids + tokens, 1)[-1])
-        return tokens, torch.stack(rows) if with_logits else None

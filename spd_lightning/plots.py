@@ -115,3 +115,33 @@ def plot_tradeoff(
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def plot_speed(rows: list[dict], out_png: Path, title: str) -> Path:
+    """Wall-clock tokens per second (x) against accuracy (y) per decoding method, with the
+    accuracy's 95% Wilson interval as a vertical bar. rows: name, tokens_per_s, accuracy,
+    ci_low, ci_high; names starting with "HF" are transformers' own generate()."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for row in rows:
+        ours = not row["name"].startswith("HF")
+        err = [[row["accuracy"] - row["ci_low"]], [row["ci_high"] - row["accuracy"]]]
+        ax.errorbar(
+            [row["tokens_per_s"]],
+            [row["accuracy"]],
+            yerr=err,
+            fmt="o" if ours else "s",
+            markersize=9,
+            capsize=4,
+            label=row["name"],
+        )
+    ax.set_xlabel("generated tokens per second (wall clock, batch size 1)")
+    ax.set_ylabel("accuracy (95% Wilson interval)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -13,18 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd_lightning.decoding import (
-    Block,
-    accept_all,
-    block_tokens,
-    generate,
-    judge_policy,
-    kl_policy,
-    reject_all,
-    scorer_policy,
-    summarize,
-)
+from spd_lightning.decoding import block_tokens, generate, summarize
 from spd_lightning.lm import greedy_responses
+from spd_lightning.policies import Block, accept_all, judge_policy, kl_policy, reject_all, scorer_policy
 
 V, EOS, PAD = 64, 1, 0
 K = 4
@@ -267,11 +258,12 @@ def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_pol
     }
     for name, (policy, k) in policies.items():
         batched = generate(draft, target, prompts, policy, k, 24, eos, pad, batch_size=6)
-        cached = generate_cached(draft, target, prompts, policy, k, 24, eos)
-        assert [g.response_ids for g in cached] == [g.response_ids for g in batched], name
-        assert [(g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in cached] == [
-            (g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in batched
-        ], name
+        for batch_size in (1, 5):  # one row (caches cut back) and rows rolled back by different amounts
+            cached = generate_cached(draft, target, prompts, policy, k, 24, eos, pad, batch_size)
+            assert [g.response_ids for g in cached] == [g.response_ids for g in batched], (name, batch_size)
+            assert [(g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in cached] == [
+                (g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in batched
+            ], (name, batch_size)
 
 
 @torch.no_grad()
@@ -288,3 +280,23 @@ def test_backbone_prefix_cache_reads_what_a_full_pass_reads(toy_world):
         full = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -4:]  # [4, H]
         assert torch.allclose(cache.read(ids, 4).last_hidden_state[0, -4:], full, atol=1e-4)
         assert cache.ids == ids
+
+
+def test_draft_confidence_ends_drafting_early_and_standard_sd_stays_greedy(toy_lms, toy_tokenizer):
+    from spd_lightning.decoding import LoopClock, generate_cached
+    from spd_lightning.prompts import toy_prompts
+
+    draft, target = toy_lms
+    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(8, seed=3)]
+    eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
+    greedy = generate_cached(draft, target, prompts, reject_all, 0, 24, eos, pad, 4)
+    fixed, never, always = LoopClock(), LoopClock(), LoopClock()
+    full = generate_cached(draft, target, prompts, reject_all, K, 24, eos, pad, 4, clock=fixed)
+    sure = generate_cached(draft, target, prompts, reject_all, K, 24, eos, pad, 4, clock=never, draft_confidence=0.0)
+    one = generate_cached(draft, target, prompts, reject_all, K, 24, eos, pad, 4, clock=always, draft_confidence=1.01)
+    for gens in (full, sure, one):  # lossless whatever the draft length
+        assert [g.response_ids for g in gens] == [g.response_ids for g in greedy]
+    assert never.draft_passes == fixed.draft_passes == K * fixed.target_passes  # probability >= 0: never unsure
+    assert always.draft_passes == always.target_passes  # nothing reaches 1.01: one draft token per block
+    assert all(g.accepted_draft_tokens <= g.target_calls for g in one)  # at most one kept per block
+    assert sum(g.accepted_draft_tokens for g in full) > sum(g.accepted_draft_tokens for g in one)

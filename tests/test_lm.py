@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from spd_lightning.lm import (
-    CachedLM,
     argmax_shared,
     greedy_generate,
     greedy_responses,
@@ -20,6 +19,7 @@ from spd_lightning.lm import (
     teacher_forced_logits,
     trunk_groups,
 )
+from spd_lightning.row_cache import RowCache
 from spd_lightning.targets import LocalTarget
 
 
@@ -149,16 +149,35 @@ def test_local_target_ends_a_response_at_every_eos_id_of_its_generation_config(t
 
 
 @torch.no_grad()
-def test_cached_lm_cut_back_to_the_shared_prefix_reads_what_a_fresh_pass_reads(target, draft, toy_prefixes):
-    context = toy_prefixes[0]
-    lm = CachedLM(target)
-    block = [5, 6, 7, 8]
-    assert torch.allclose(lm.feed(context + block, 5), recompute_logits(target, context, block), atol=1e-4)
-    after = context + block[:2] + [9]  # two draft tokens kept, then the target's own token
-    assert torch.allclose(lm.feed(after + [10], 2), recompute_logits(target, after, [10]), atol=1e-4)
-    assert lm.cache.get_seq_length() == len(after) + 1  # the rejected tail was cut, not kept beside
-    proposer = CachedLM(draft)
-    tokens, logits = proposer.propose(context, 3, with_logits=True)
-    assert tokens == recompute_greedy(draft, context, 3)
-    assert torch.allclose(logits, recompute_logits(draft, context, tokens), atol=1e-4)  # [K+1, V]
-    assert proposer.cache.get_seq_length() == len(context) + 3
+def test_row_cache_rolls_rows_back_by_different_amounts_and_reads_what_a_fresh_pass_reads(target, toy_prefixes):
+    rows = [list(p) for p in toy_prefixes[:3]]
+    assert len({len(r) for r in rows}) > 1  # rows of different lengths share the batch
+    cache = RowCache(target, pad_id=0)
+    blocks = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    logits, _ = cache.feed([r + b for r, b in zip(rows, blocks)], 5)  # [3, 5, V]
+    for b in range(3):
+        assert torch.allclose(logits[b], recompute_logits(target, rows[b], blocks[b]), atol=1e-4)
+    kept = [4, 2, 0]  # row 0 keeps its whole block, row 1 two tokens, row 2 none
+    cache.discard([4 - j for j in kept])
+    seqs = [r + block[:j] for r, block, j in zip(rows, blocks, kept)]
+    new = [[20, 21], [22], [23, 24, 25]]  # what each row appends next: different lengths again
+    logits, _ = cache.feed(new, 1)
+    for b in range(3):
+        assert torch.allclose(logits[b, -1], recompute_logits(target, seqs[b] + new[b], [])[0], atol=1e-4)
+    assert cache.lengths.tolist() == [len(s) + len(n) for s, n in zip(seqs, new)]
+    cache.keep_rows([2, 0])  # row 1 finished
+    logits, _ = cache.feed([[30], [31]], 1)
+    for b, row in zip(range(2), (2, 0)):
+        after = seqs[row] + new[row] + [[30], [31]][b]
+        assert torch.allclose(logits[b, -1], recompute_logits(target, after, [])[0], atol=1e-4)
+
+
+@torch.no_grad()
+def test_row_cache_of_one_row_cuts_its_rolled_back_tail(target, toy_prefixes):
+    cache = RowCache(target, pad_id=0)
+    cache.feed([toy_prefixes[0] + [5, 6, 7, 8]], 5)
+    cache.discard([2])
+    assert cache.cache.get_seq_length() == len(toy_prefixes[0]) + 2  # cut, not masked beside
+    assert bool(cache.mask.all())
+    with pytest.raises(ValueError, match="more than its last fed tokens"):
+        cache.discard([10_000])

@@ -125,3 +125,17 @@ def test_the_built_target_decodes_greedily_as_transformers_generate():
     theirs = model.generate(torch.tensor([prompt]), generation_config=greedy)[0, len(prompt) :].tolist()
     assert ours == theirs
     assert "42" in tokenizer.decode(ours)
+
+
+@real_pair
+@pytest.mark.real_pair
+@pytest.mark.slow
+def test_the_generation_api_on_the_built_pair_is_lossless_with_standard_sd():
+    from spd_lightning.speculative import SpeculativeDecoder
+
+    pair = (str(PAIR_DIR / "draft"), str(PAIR_DIR / "target"))
+    question = "What is 17 + 25? Answer with the number."
+    sd = SpeculativeDecoder.from_pretrained(*pair, "standard_sd", dtype="bfloat16").generate(question, 12)
+    greedy = SpeculativeDecoder.from_pretrained(*pair, "greedy", dtype="bfloat16").generate(question, 12)
+    assert sd.generations[0].response_ids == greedy.generations[0].response_ids
+    assert "42" in sd.text and sd.stats["target_calls"] < greedy.stats["target_calls"]

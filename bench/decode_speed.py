@@ -1,0 +1,261 @@
+"""Wall-clock tokens per second of (lossy) speculative decoding on a real pair, against the tools
+users already have, on the same models and prompts at batch size 1.
+
+    python bench/decode_speed.py                 # qwen_coder pair, 5 held-out GSM8K prompts, 128 new tokens
+    python bench/decode_speed.py --prompts 8 --judge judges/qwen_coder_grpo.pt --kl-threshold 0.2
+
+Methods, one after another, each warmed up on one short generation first:
+- HF greedy: target.generate(do_sample=False), KV cache;
+- HF assisted: target.generate(assistant_model=draft, do_sample=False), transformers' assisted
+  generation with its defaults (up to 20 draft tokens per round, the draft stops early below
+  confidence 0.4): standard, lossless speculative decoding as users run it today;
+- ours (spd_lightning.speculative.SpeculativeDecoder, KV caches, K draft tokens per block):
+  greedy, standard SD, the zero-cost judge, the KL rule.
+Both models' generation_config.json is replaced by a neutral one, so generate() is plain greedy.
+Prompts are GSM8K test questions through the chat template, after the first --skip (the ones the
+judge's threshold was chosen on). Target calls are counted with a forward hook, for HF as for
+ours. The ideal speed-up of a speculative method over greedy is (tokens per target call) /
+(1 + K c), c the draft's seconds per pass over the target's (both measured here); the measured
+speed-up over our greedy divided by it is the loop's efficiency.
+
+Writes decode_speed.json and decode_speed.png (tokens/s against accuracy) to --out; the last line is
+    hf_greedy_tps=.. hf_assisted_tps=.. sd_tps=.. judge_tps=.. judge_accuracy=.. sd_accuracy=..
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from spd_lightning.hf import end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.judge import judge_notes, load_judge
+from spd_lightning.plots import plot_speed
+from spd_lightning.policies import PolicySettings
+from spd_lightning.prompts import encode_prompts, load_prompts
+from spd_lightning.speculative import SpeculativeDecoder
+from spd_lightning.stats import wilson_interval
+from spd_lightning.targets.local import load_causal_lm
+from spd_lightning.verifiers import gsm8k_final_number
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {
+    "greedy": "ours: greedy",
+    "standard_sd": "ours: standard SD",
+    "judge": "ours: judge",
+    "kl_below": "ours: KL rule",
+}
+
+
+class CallCounter:
+    """Counts a model's forward passes (a hook; generate() and our loop alike)."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+
+def cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
+    stop = next((i for i, t in enumerate(row) if t in eos), None)
+    return row if stop is None else row[: stop + 1]
+
+
+@torch.no_grad()
+def hf_run(target, draft, prompt: list[int], max_new_tokens: int, eos: set[int], pad: int) -> list[int]:
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), pad_token_id=pad
+    )
+    ids = torch.tensor([prompt])
+    extra = {"assistant_model": draft} if draft is not None else {}
+    out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, **extra)
+    return cut_at_eos(out[0, ids.shape[1] :].tolist(), eos)
+
+
+def run_hf(name, target, draft, prompts, args, eos, pad, counter) -> dict:
+    hf_run(target, draft, prompts[0][:16], 8, eos, pad)  # warm-up
+    rows, seconds, calls = [], 0.0, counter.calls
+    for prompt in prompts:
+        start = time.perf_counter()
+        rows.append(hf_run(target, draft, prompt, args.max_new_tokens, eos, pad))
+        seconds += time.perf_counter() - start
+        print(f"  {name}: {len(rows[-1])} tokens, {seconds:.1f} s so far", flush=True)
+    return {"rows": rows, "seconds": seconds, "target_calls": counter.calls - calls}
+
+
+def run_ours(decoder: SpeculativeDecoder, prompts, args, counter) -> dict:
+    decoder.generate_ids([prompts[0][:16]], 8)  # warm-up
+    rows, seconds, calls, clock = [], 0.0, counter.calls, {"draft_s": 0.0, "target_s": 0.0, "policy_s": 0.0}
+    kept = draft_passes = 0
+    for prompt in prompts:
+        out = decoder.generate_ids([prompt], args.max_new_tokens)
+        rows.append(out.generations[0].response_ids)
+        seconds += out.seconds
+        kept += out.generations[0].accepted_draft_tokens
+        draft_passes += out.clock.draft_passes
+        for key in clock:
+            clock[key] += getattr(out.clock, key)
+        print(f"  {len(rows[-1])} tokens, {seconds:.1f} s so far", flush=True)
+    return {"rows": rows, "seconds": seconds, "target_calls": counter.calls - calls, "kept": kept,
+            "draft_passes": draft_passes, **clock}  # fmt: skip
+
+
+def figures(run: dict, correct: list[bool]) -> dict:
+    tokens = sum(map(len, run["rows"]))
+    low, high = wilson_interval(sum(correct), len(correct))
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "ci_low": low,
+        "ci_high": high,
+        "correct": sum(correct),
+        "tokens": tokens,
+        "tokens_per_s": tokens / run["seconds"],
+        "target_calls_per_token": run["target_calls"] / tokens,
+    }
+
+
+def ideal_and_efficiency(results: dict, k: int) -> None:
+    """Adds c, the ideal speed-up over our greedy and the efficiency to every speculative method of ours."""
+    greedy = results["greedy"]
+    target_pass_s = greedy["target_s"] / greedy["target_calls"]
+    for name in ("standard_sd", "judge", "kl_below"):
+        if name not in results:
+            continue
+        r = results[name]
+        r["draft_cost"] = r["draft_s"] / r["draft_passes"] / target_pass_s
+        r["ideal_speedup"] = (1 / r["target_calls_per_token"]) / (1 + k * r["draft_cost"])
+        r["speedup_vs_greedy"] = r["tokens_per_s"] / greedy["tokens_per_s"]
+        r["efficiency"] = r["speedup_vs_greedy"] / r["ideal_speedup"]
+        r["kept_per_block"] = r["kept"] / r["target_calls"]
+
+
+def print_table(results: dict, names: dict, n: int) -> None:
+    base = {key: results[key]["tokens_per_s"] for key in ("hf_greedy", "hf_assisted", "standard_sd") if key in results}
+    head = f"{'method':22s} {'accuracy':>9s} {'calls/tok':>9s} {'kept/blk':>8s} {'tok/s':>6s} "
+    head += f"{'xHFgreedy':>9s} {'xHFassist':>9s} {'xSD':>5s} {'ideal':>6s} {'effic.':>6s} {'same':>5s}"
+    print(f"\n{n} prompts, batch size 1\n{head}\n" + "-" * len(head))
+    for key, name in names.items():
+        if key not in results:
+            continue
+        r = results[key]
+        ratios = " ".join(
+            f"{r['tokens_per_s'] / base[b]:>{w}.2f}" if b in base else f"{'-':>{w}s}"
+            for b, w in (("hf_greedy", 9), ("hf_assisted", 9), ("standard_sd", 5))
+        )
+        ideal = f"{r['ideal_speedup']:6.2f} {r['efficiency']:6.2f}" if "ideal_speedup" in r else f"{'-':>6s} {'-':>6s}"
+        kept = f"{r['kept_per_block']:8.2f}" if "kept_per_block" in r else f"{'-':>8s}"
+        print(f"{name:22s} {r['correct']:>3d}/{n:<5d} {r['target_calls_per_token']:9.3f} {kept} "
+              f"{r['tokens_per_s']:6.2f} {ratios} {ideal} {r.get('same', '-'):>5}")  # fmt: skip
+    print("calls/tok: target forward passes per generated token (the prefill included); same: prompts whose")
+    print("tokens equal greedy's (ours against ours, HF assisted against HF greedy); ideal: (tokens per")
+    print("target call) / (1 + K c); effic.: the measured speed-up over our greedy / ideal")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", default=str(ROOT / ".cache" / "pairs" / "qwen_coder"))
+    parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
+    parser.add_argument("--skip", type=int, default=8, help="test questions the judge's threshold was chosen on")
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=4, help="K, our draft tokens per block")
+    parser.add_argument("--judge", default=str(ROOT / "judges" / "qwen_coder_grpo.pt"))
+    parser.add_argument("--judge-threshold", type=float, default=None, help="default: the one saved with it")
+    parser.add_argument("--kl-threshold", type=float, default=None, help="default: from --judge's metadata")
+    parser.add_argument("--methods", nargs="+", default=["hf_greedy", "hf_assisted", *OURS])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "decode_speed"))
+    return parser.parse_args()
+
+
+def load_pair(args):
+    """(draft, target, tokenizer, eos ids, pad id), generate() made plain greedy on both."""
+    pair = Path(args.pair)
+    draft = load_causal_lm(str(pair / "draft"), args.dtype, "cpu", "draft model", "--pair")
+    target = load_causal_lm(str(pair / "target"), args.dtype, "cpu", "target model", "--pair")
+    tokenizer = AutoTokenizer.from_pretrained(pair / "target")
+    eos = end_of_sequence_ids(target) | tokenizer_eos_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # generate() merges the model's generation_config.json into any config it is given: Qwen's
+    # repetition penalty and sampling defaults would make it something other than greedy.
+    for model in (draft, target):
+        model.generation_config = GenerationConfig(eos_token_id=sorted(eos), pad_token_id=pad)
+    return draft, target, tokenizer, eos, pad
+
+
+def policy_settings(args) -> PolicySettings:
+    """The judge (and the KL rule's tau saved beside it, unless --kl-threshold) for the methods that need them."""
+    settings = PolicySettings(kl_threshold=args.kl_threshold)
+    needs_judge = "judge" in args.methods or ("kl_below" in args.methods and args.kl_threshold is None)
+    if needs_judge and not Path(args.judge).is_file():
+        raise SystemExit(f"--judge {args.judge} is not a file: bench/judges.py writes judge_grpo.pt to its --out")
+    if needs_judge:
+        head, saved = load_judge(args.judge)
+        settings.judge, settings.judge_threshold = head, args.judge_threshold or saved
+        settings.kl_threshold = settings.kl_threshold or judge_notes(args.judge).get("kl_threshold")
+    if "kl_below" in args.methods and settings.kl_threshold is None:
+        raise SystemExit(f"{args.judge} carries no KL tau: pass --kl-threshold TAU")
+    return settings
+
+
+def main() -> None:
+    args = parse_args()
+    draft, target, tokenizer, eos, pad = load_pair(args)
+    questions = load_prompts(args.gsm8k, limit=args.prompts, chat_template=True, skip=args.skip)
+    prompts = encode_prompts(tokenizer, questions)
+    settings = policy_settings(args)
+    print(f"{args.pair}: {len(prompts)} GSM8K test prompts (lines {questions[0].index}-{questions[-1].index}), "
+          f"{args.max_new_tokens} new tokens at most, K={args.block_size}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads; judge threshold {settings.judge_threshold}, "
+          f"KL tau {settings.kl_threshold}", flush=True)  # fmt: skip
+    counter = CallCounter(target)
+    runs = {}
+    for method in args.methods:
+        print(f"{method} ...", flush=True)
+        if method.startswith("hf_"):
+            helper = draft if method == "hf_assisted" else None
+            runs[method] = run_hf(method, target, helper, prompts, args, eos, pad, counter)
+        else:
+            decoder = SpeculativeDecoder(draft, target, tokenizer, method, args.block_size, settings)
+            runs[method] = run_ours(decoder, prompts, args, counter)
+    report(runs, questions, tokenizer, args)
+
+
+def report(runs: dict, questions, tokenizer, args) -> None:
+    results = {}
+    for method, run in runs.items():
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in run["rows"]]
+        correct = [gsm8k_final_number(t, q.answer) for t, q in zip(texts, questions)]
+        results[method] = {**figures(run, correct), **{k: v for k, v in run.items() if k != "rows"}}
+        results[method]["finished"] = sum(bool(r) and r[-1] in tokenizer_eos_ids(tokenizer) for r in run["rows"])
+    for method, reference in (("hf_assisted", "hf_greedy"), *((m, "greedy") for m in OURS if m != "greedy")):
+        if method in runs and reference in runs:
+            same = sum(a == b for a, b in zip(runs[method]["rows"], runs[reference]["rows"]))
+            results[method]["same"] = f"{same}/{len(questions)}"
+    if "greedy" in runs and "hf_greedy" in runs:
+        same = sum(a == b for a, b in zip(runs["greedy"]["rows"], runs["hf_greedy"]["rows"]))
+        results["greedy"]["same"] = f"{same}/{len(questions)}"
+    if "greedy" in results:
+        ideal_and_efficiency(results, args.block_size)
+    names = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation", **OURS}
+    print_table(results, names, len(questions))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_speed.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    rows = [{"name": names[m], **results[m]} for m in names if m in results]
+    title = f"{len(questions)} GSM8K test prompts, {args.max_new_tokens} new tokens, {Path(args.pair).name}"
+    print(f"figures: {out / 'decode_speed.json'}, plot: {plot_speed(rows, out / 'decode_speed.png', title)}")
+    pick = {"hf_greedy_tps": ("hf_greedy", "tokens_per_s"), "hf_assisted_tps": ("hf_assisted", "tokens_per_s"),
+            "sd_tps": ("standard_sd", "tokens_per_s"), "judge_tps": ("judge", "tokens_per_s"),
+            "judge_accuracy": ("judge", "accuracy"), "sd_accuracy": ("standard_sd", "accuracy")}  # fmt: skip
+    print(" ".join(f"{k}={results[m][f]:.3f}" for k, (m, f) in pick.items() if m in results))
+
+
+if __name__ == "__main__":
+    main()
