@@ -1,0 +1,61 @@
+"""What a forward pass over n new tokens costs against one over a single token, per dtype: the
+premise of speculative decoding is that verifying K+1 tokens costs about one token's pass.
+
+    python bench/pass_cost.py                                  # the qwen_coder target, float32 and bfloat16
+    python bench/pass_cost.py --model DIR --context 200 --tokens 1 2 5 9 17
+
+For each dtype the model reads a --context-token prompt once (KV cache), then, for each n, passes
+over n new tokens after it (the cache cut back each time); the median of --repeats timings is
+printed, and its ratio to the single-token pass. On a CPU whose matrix units only speed up
+bfloat16 (Intel AMX), a float32 pass over a few tokens can cost several single-token passes,
+and speculative decoding then gains little there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def pass_seconds(model, context: int, n: int, repeats: int) -> float:
+    prompt = torch.randint(100, 1000, (1, context))
+    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        new = torch.randint(100, 1000, (1, n))
+        start = time.perf_counter()
+        model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=n)
+        times.append(time.perf_counter() - start)
+        cache.crop(-n)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / ".cache" / "pairs" / "qwen_coder" / "target"))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"{args.model}, context {args.context} tokens, {torch.get_num_threads()} threads")
+    for name in args.dtypes:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, name)).eval()
+        single = None
+        for n in args.tokens:
+            seconds = pass_seconds(model, args.context, n, args.repeats)
+            single = single or seconds
+            print(f"{name:9s} {n:3d} new tokens: {seconds * 1000:7.1f} ms  ({seconds / single:.2f}x one token)")
+        del model
+
+
+if __name__ == "__main__":
+    main()
