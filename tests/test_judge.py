@@ -171,3 +171,16 @@ def test_model_judge_trains_in_lightning_and_decodes(toy_world, tmp_path, compos
         decode(cfg)
         result = json.loads((out / "decode.json").read_text())
         assert result["scorer/target_calls_per_token"] < result["standard_sd/target_calls_per_token"]
+
+
+def test_the_shipped_qwen_coder_judge_loads_with_its_threshold_and_kl_tau():
+    from pathlib import Path
+
+    from spd_lightning.judge import judge_notes, load_judge
+
+    path = Path(__file__).resolve().parents[1] / "judges" / "qwen_coder_grpo.pt"
+    head, threshold = load_judge(path)
+    assert head.inputs == ("tokens", "target_hidden")  # what decoding computes anyway: no extra pass
+    assert head.sizes["tokens"] == len(TOKEN_FEATURES) and head.sizes["target_hidden"] == 1536  # the 1.5B's width
+    assert 0.0 < threshold <= 1.0 and bool(head.fitted)
+    assert judge_notes(path)["parity_measure"] == "agreement"
