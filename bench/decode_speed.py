@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+from greedy_speed import hf_generate  # bench/: the script's own directory
 from transformers import AutoTokenizer, GenerationConfig
 
 from spd_lightning.hf import end_of_sequence_ids, tokenizer_eos_ids
 from spd_lightning.judge import judge_notes, load_judge
 from spd_lightning.plots import plot_speed
-from spd_lightning.policies import PolicySettings
+from spd_lightning.policies import POLICY_NAMES, PolicySettings
 from spd_lightning.prompts import encode_prompts, load_prompts
 from spd_lightning.speculative import SpeculativeDecoder
 from spd_lightning.stats import wilson_interval
@@ -43,12 +44,7 @@ from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.verifiers import gsm8k_final_number
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {
-    "greedy": "ours: greedy",
-    "standard_sd": "ours: standard SD",
-    "judge": "ours: judge",
-    "kl_below": "ours: KL rule",
-}
+OURS = {name: f"ours: {POLICY_NAMES[name]}" for name in ("greedy", "standard_sd", "judge", "kl_below")}
 
 
 class CallCounter:
@@ -62,28 +58,12 @@ class CallCounter:
         self.calls += 1
 
 
-def cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
-    stop = next((i for i, t in enumerate(row) if t in eos), None)
-    return row if stop is None else row[: stop + 1]
-
-
-@torch.no_grad()
-def hf_run(target, draft, prompt: list[int], max_new_tokens: int, eos: set[int], pad: int) -> list[int]:
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), pad_token_id=pad
-    )
-    ids = torch.tensor([prompt])
-    extra = {"assistant_model": draft} if draft is not None else {}
-    out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, **extra)
-    return cut_at_eos(out[0, ids.shape[1] :].tolist(), eos)
-
-
 def run_hf(name, target, draft, prompts, args, eos, pad, counter) -> dict:
-    hf_run(target, draft, prompts[0][:16], 8, eos, pad)  # warm-up
+    hf_generate(target, [prompts[0][:16]], 8, pad, eos, draft)  # warm-up
     rows, seconds, calls = [], 0.0, counter.calls
     for prompt in prompts:
         start = time.perf_counter()
-        rows.append(hf_run(target, draft, prompt, args.max_new_tokens, eos, pad))
+        rows.extend(hf_generate(target, [prompt], args.max_new_tokens, pad, eos, draft))
         seconds += time.perf_counter() - start
         print(f"  {name}: {len(rows[-1])} tokens, {seconds:.1f} s so far", flush=True)
     return {"rows": rows, "seconds": seconds, "target_calls": counter.calls - calls}
@@ -228,12 +208,12 @@ def main() -> None:
 
 
 def report(runs: dict, questions, tokenizer, args) -> None:
-    results = {}
+    results, ends = {}, tokenizer_eos_ids(tokenizer)
     for method, run in runs.items():
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in run["rows"]]
         correct = [gsm8k_final_number(t, q.answer) for t, q in zip(texts, questions)]
         results[method] = {**figures(run, correct), **{k: v for k, v in run.items() if k != "rows"}}
-        results[method]["finished"] = sum(bool(r) and r[-1] in tokenizer_eos_ids(tokenizer) for r in run["rows"])
+        results[method]["finished"] = sum(bool(r) and r[-1] in ends for r in run["rows"])
     for method, reference in (("hf_assisted", "hf_greedy"), *((m, "greedy") for m in OURS if m != "greedy")):
         if method in runs and reference in runs:
             same = sum(a == b for a, b in zip(runs[method]["rows"], runs[reference]["rows"]))

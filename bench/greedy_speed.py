@@ -35,10 +35,16 @@ def chat_prompts(tokenizer, path: Path, n: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad: int, eos: set[int]) -> list[list[int]]:
+def hf_generate(
+    model, prompts: list[list[int]], max_new_tokens: int, pad: int, eos: set[int], assistant=None
+) -> list[list[int]]:
+    """transformers' greedy generate(), or its assisted generation with `assistant` as the draft
+    (batch size 1 then), each row cut after its first end of sequence."""
     ids, mask, _ = left_pad(prompts, pad)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos))
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :].tolist()
+    extra = {"assistant_model": assistant} if assistant is not None else {}
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
+    out = out[:, ids.shape[1] :].tolist()
     rows = []
     for row in out:  # cut after the first end of sequence (generate pads finished rows)
         ends = [i for i, t in enumerate(row) if t in eos]

@@ -191,10 +191,6 @@ class LoopClock:
     draft_passes: int = 0
     target_passes: int = 0
 
-    def draft_cost(self, target_s_per_pass: float) -> float:
-        """c: the draft's seconds per pass relative to the target's (given, from a greedy run)."""
-        return self.draft_s / max(self.draft_passes, 1) / target_s_per_pass
-
 
 class _CachedRows:
     """The cached loop over one batch of rows; a row leaves when it finishes."""
@@ -241,8 +237,8 @@ class _CachedRows:
         self.clock.target_s += time.perf_counter() - start
         self.clock.target_passes += 1
         start = time.perf_counter()
-        block = Block(seqs, prompt_lens, drafts, target_logits.argmax(-1).cpu(), target_logits, draft_logits)
-        block.target_hidden = hidden[:, 1:] if hidden is not None else None  # [B, K, H] at the draft tokens
+        at_drafts = hidden[:, 1:] if hidden is not None else None  # [B, K, H] at the draft tokens
+        block = Block(seqs, prompt_lens, drafts, target_logits.argmax(-1).cpu(), target_logits, draft_logits, at_drafts)
         outcomes = decide_block(block, self.policy)
         self.clock.policy_s += time.perf_counter() - start
         return outcomes

@@ -32,7 +32,7 @@ class Block:
     draft_ids: torch.Tensor  # [B, K] the draft's proposals (CPU)
     target_ids: torch.Tensor  # [B, K+1] the target's greedy token at each draft position, then after the block
     target_logits: torch.Tensor | None = None  # [B, K+1, V] the target's distributions there
-    draft_logits: torch.Tensor | None = None  # [B, K+1, V] the draft's, for policies that ask (needs_logits)
+    draft_logits: torch.Tensor | None = None  # [B, K(+1), V] the draft's, for policies that ask (needs_logits)
     target_hidden: torch.Tensor | None = (
         None  # [B, K, H] the target's last hidden states at the draft tokens (needs_hidden)
     )
