@@ -24,14 +24,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from spd_lightning.callbacks import finish_wandb
-from spd_lightning.config import register_schemas
-from spd_lightning.decode import decode
 from spd_lightning.errors import SPDError
-from spd_lightning.evaluate import evaluate
-from spd_lightning.prepare import prepare
-from spd_lightning.ranges import check_ranges
-from spd_lightning.train import train
+from spd_lightning.tasks.decode import decode
+from spd_lightning.tasks.evaluate import evaluate
+from spd_lightning.tasks.prepare import prepare
+from spd_lightning.tasks.ranges import check_ranges
+from spd_lightning.tasks.schemas import register_schemas
+from spd_lightning.tasks.train import train
+from spd_lightning.training.callbacks import finish_wandb
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 register_schemas()

@@ -9,7 +9,7 @@ Methods, one after another, each warmed up on one short generation first:
 - HF assisted: target.generate(assistant_model=draft, do_sample=False), transformers' assisted
   generation with its defaults (up to 20 draft tokens per round, the draft stops early below
   confidence 0.4): standard, lossless speculative decoding as users run it today;
-- ours (spd_lightning.speculative.SpeculativeDecoder, KV caches, K draft tokens per block):
+- ours (spd_lightning.decoding.speculative.SpeculativeDecoder, KV caches, K draft tokens per block):
   greedy, standard SD, the zero-cost judge, the KL rule.
 Both models' generation_config.json is replaced by a neutral one, so generate() is plain greedy.
 Prompts are GSM8K test questions through the chat template, after the first --skip (the ones the
@@ -33,15 +33,15 @@ import torch
 from greedy_speed import hf_generate  # bench/: the script's own directory
 from transformers import AutoTokenizer, GenerationConfig
 
-from spd_lightning.hf import end_of_sequence_ids, tokenizer_eos_ids
-from spd_lightning.judge import judge_notes, load_judge
-from spd_lightning.plots import plot_speed
-from spd_lightning.policies import POLICY_NAMES, PolicySettings
-from spd_lightning.prompts import encode_prompts, load_prompts
-from spd_lightning.speculative import SpeculativeDecoder
-from spd_lightning.stats import wilson_interval
+from spd_lightning.core.stats import wilson_interval
+from spd_lightning.data.answers import gsm8k_final_number
+from spd_lightning.data.prompts import encode_prompts, load_prompts
+from spd_lightning.decoding.policies import POLICY_NAMES, PolicySettings
+from spd_lightning.decoding.speculative import SpeculativeDecoder
+from spd_lightning.judge.head import judge_notes, load_judge
+from spd_lightning.models.hf import end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.reporting.plots import plot_speed
 from spd_lightning.targets.local import load_causal_lm
-from spd_lightning.verifiers import gsm8k_final_number
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {name: f"ours: {POLICY_NAMES[name]}" for name in ("greedy", "standard_sd", "judge", "kl_below")}

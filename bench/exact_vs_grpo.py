@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spd_lightning.plots import plt, read_metrics  # noqa: E402
+from spd_lightning.reporting.plots import plt, read_metrics  # noqa: E402
 
 LOSSES = {"grpo": "GRPO, N=8 samples", "exact": "exact expected reward"}
 

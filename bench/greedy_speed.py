@@ -1,4 +1,4 @@
-"""The project's greedy generation (spd_lightning.lm.greedy_generate) against transformers'
+"""The project's greedy generation (spd_lightning.models.lm.greedy_generate) against transformers'
 `model.generate(do_sample=False)` with its KV cache: same model, prompts, max_new_tokens, batch.
 
     python bench/greedy_speed.py                           # the qwen_coder target, 4 GSM8K test prompts
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from spd_lightning.hf import end_of_sequence_ids
-from spd_lightning.lm import greedy_generate, left_pad
-from spd_lightning.prompts import encode_prompts, load_prompts
+from spd_lightning.data.prompts import encode_prompts, load_prompts
+from spd_lightning.models.hf import end_of_sequence_ids
+from spd_lightning.models.lm import greedy_generate, left_pad
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spd_lightning.data import Record, collate_records
-from spd_lightning.scorer import ScoringActor
+from spd_lightning.data.records import Record, collate_records
+from spd_lightning.models.scorer import ScoringActor
 
 ROOT = Path(__file__).resolve().parents[1]
 

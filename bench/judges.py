@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spd_lightning.data import Record, load_records, split_by_prompt
-from spd_lightning.hf import end_of_sequence_ids, tokenizer_eos_ids
-from spd_lightning.judge import INPUT_GROUPS, JudgeInputs, save_judge
-from spd_lightning.judge_compare import (
+from spd_lightning.core.reward import RewardWeights
+from spd_lightning.core.rules import TokenFeatures
+from spd_lightning.core.stats import wilson_interval
+from spd_lightning.data.answers import extract_final_number, gsm8k_final_number
+from spd_lightning.data.records import Record, load_records, split_by_prompt
+from spd_lightning.judge.compare import (
     JUDGE_LABELS,
     CompareSettings,
     Split,
@@ -42,7 +44,9 @@ from spd_lightning.judge_compare import (
     parity_by_agreement,
     train_judges,
 )
-from spd_lightning.judge_data import (
+from spd_lightning.judge.fit import FitSettings
+from spd_lightning.judge.head import INPUT_GROUPS, JudgeInputs, save_judge
+from spd_lightning.judge.inputs import (
     DiskCompletions,
     Greedy,
     block_inputs,
@@ -50,16 +54,12 @@ from spd_lightning.judge_data import (
     prompt_of,
     target_answers,
 )
-from spd_lightning.judge_training import FitSettings
-from spd_lightning.outcomes import POLICY_LABELS, OutcomeTable, best_at_parity, verify_outcomes
-from spd_lightning.plots import plot_tradeoff
-from spd_lightning.reward import RewardWeights
-from spd_lightning.rollout import HybridVerifier
-from spd_lightning.rules import TokenFeatures
-from spd_lightning.scorer import ScoringActor
-from spd_lightning.stats import wilson_interval
+from spd_lightning.models.hf import end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.models.scorer import ScoringActor
+from spd_lightning.reporting.plots import plot_tradeoff
 from spd_lightning.toy.build import SHIPPED_WORLD
-from spd_lightning.verifiers import extract_final_number, gsm8k_final_number
+from spd_lightning.verification.hybrid import HybridVerifier
+from spd_lightning.verification.outcomes import POLICY_LABELS, OutcomeTable, best_at_parity, verify_outcomes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {
@@ -178,7 +178,7 @@ def print_table(rows: list[dict], parity: dict, n: int, tolerance: float, measur
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", choices=["toy", "pair"], default=None, help="toy: the embedded default world")
-    parser.add_argument("--pair", help="a pair directory with draft/ and target/ (python -m spd_lightning.pairs)")
+    parser.add_argument("--pair", help="a pair directory with draft/, target/ (python -m spd_lightning.models.pairs)")
     parser.add_argument("--train", nargs="+", default=[], help="records.jsonl file(s) the judges train on")
     parser.add_argument("--train-records", type=int, default=150, help="records of the first prompts, whole prompts")
     parser.add_argument("--heldout", nargs="+", default=[], help="records.jsonl file(s) of held-out prompts")

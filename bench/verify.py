@@ -27,13 +27,13 @@ import requests
 import torch
 from transformers import AutoTokenizer
 
-from spd_lightning.data import Record, load_records
+from spd_lightning.core.sampling import first_reject, hybrid_prefix, mismatch_mask, sample_decisions
+from spd_lightning.data.answers import extract_final_number
+from spd_lightning.data.records import Record, load_records
 from spd_lightning.errors import SPDError
-from spd_lightning.sampling import first_reject, hybrid_prefix, mismatch_mask, sample_decisions
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import launch_vllm_server
 from spd_lightning.toy.build import SHIPPED_WORLD, build_toy_world
-from spd_lightning.verifiers import extract_final_number
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -54,7 +54,7 @@ def _compose_train(overrides: list[str], output_dir: Path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from spd_lightning.config import register_schemas
+    from spd_lightning.tasks.schemas import register_schemas
 
     register_schemas()
     GlobalHydra.instance().clear()

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_lightning.checkpoint import check_resume_checkpoint
 from spd_lightning.errors import SetupError
+from spd_lightning.tasks.checkpoint import check_resume_checkpoint
 
 
 def test_a_missing_checkpoint_is_named_with_its_key(tmp_path: Path):
@@ -39,7 +39,7 @@ def test_no_checkpoint_a_lightning_file_and_a_sharded_folder_pass(tmp_path: Path
 
 
 def test_train_with_a_missing_checkpoint_stops_before_building_anything(tmp_path: Path, toy_world: Path, compose_train):
-    from spd_lightning.train import train
+    from spd_lightning.tasks.train import train
 
     cfg = compose_train([f"toy.out={toy_world}", f"ckpt_path={tmp_path}/gone.ckpt"], tmp_path)
     with pytest.raises(SetupError, match="gone.ckpt does not exist"):

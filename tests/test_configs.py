@@ -11,18 +11,18 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from spd_lightning.config import build_scorer
+from spd_lightning.core.exact import ExactLoss
+from spd_lightning.core.grpo import GRPOLoss
+from spd_lightning.core.reward import RewardWeights
+from spd_lightning.data.prompts import Prompt
 from spd_lightning.errors import SetupError
-from spd_lightning.exact import ExactLoss
-from spd_lightning.grpo import GRPOLoss
-from spd_lightning.judge_scorer import ZeroCostJudge
-from spd_lightning.prompts import Prompt
-from spd_lightning.ranges import RANGES, check_ranges
-from spd_lightning.reward import RewardWeights
-from spd_lightning.scorer import ScoringActor
+from spd_lightning.judge.zero_cost import ZeroCostJudge
+from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.vllm import VLLMTarget
-from spd_lightning.train import instantiate_dict
+from spd_lightning.tasks.ranges import RANGES, check_ranges
+from spd_lightning.tasks.builders import build_scorer
+from spd_lightning.tasks.train import instantiate_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Groups whose files are selected with `group=name`; the primary config is composed as is.
@@ -52,7 +52,7 @@ EXTRA_OVERRIDES: dict[str, list[str]] = {
         "trainer.precision=32-true",
         "logger.wandb.mode=disabled",
     ],
-    # The real pair's directories are built by hand (python -m spd_lightning.pairs): the toy pair stands in.
+    # The real pair's directories are built by hand (python -m spd_lightning.models.pairs): the toy pair stands in.
     "pair/qwen_coder.yaml": ["pair.draft={toy}/draft", "pair.target={toy}/target"],
     "experiment/qwen_coder_gsm8k.yaml": [
         "toy=default",
@@ -210,7 +210,7 @@ def test_every_numeric_knob_has_a_range(composed_tasks):
         node.pop("hydra", None)
         leaves |= numeric_leaves(node)
     unranged = sorted(k for k in leaves if k not in RANGES and not k.startswith(UNRANGED))
-    assert not unranged, f"add these to spd_lightning/ranges.py RANGES: {unranged}"
+    assert not unranged, f"add these to spd_lightning/tasks/ranges.py RANGES: {unranged}"
 
 
 @pytest.mark.parametrize("key", sorted(RANGES))

@@ -6,16 +6,16 @@ import random
 import pytest
 import torch
 
-from spd_lightning.data import (
+from spd_lightning.data.records import (
     Record,
     RecordBatch,
-    RecordDataModule,
     RecordError,
     check_vocab,
     collate_records,
     load_records,
     split_by_prompt,
 )
+from spd_lightning.training.datamodule import RecordDataModule
 
 
 def rec(**over) -> dict:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from spd_lightning.decode import decode
 from spd_lightning.errors import SetupError
+from spd_lightning.tasks.decode import decode
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = re.compile(
@@ -65,7 +65,7 @@ def test_bad_settings_are_one_clear_error(compose_train, toy_world: Path, tmp_pa
 def test_a_saved_judge_decodes_at_its_saved_threshold(compose_train, toy_world: Path, tmp_path: Path):
     """bench/judges.py saves judges with save_judge; decode.judge_path runs one (here an accept-all
     judge at its saved threshold 0: it must emit what accept_all emits)."""
-    from spd_lightning.judge import TOKEN_FEATURES, JudgeHead, save_judge
+    from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, save_judge
 
     head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": 128})
     save_judge(head, tmp_path / "judge.pt", threshold=0.0)

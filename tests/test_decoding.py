@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd_lightning.decoding import block_tokens, generate, summarize
-from spd_lightning.lm import greedy_responses
-from spd_lightning.policies import Block, accept_all, judge_policy, kl_policy, reject_all, scorer_policy
+from spd_lightning.decoding.loop import block_tokens, generate, summarize
+from spd_lightning.decoding.policies import Block, accept_all, judge_policy, kl_policy, reject_all, scorer_policy
+from spd_lightning.models.lm import greedy_responses
 
 V, EOS, PAD = 64, 1, 0
 K = 4
@@ -175,7 +175,7 @@ def toy_lms(toy_world):
 
 
 def test_standard_sd_equals_greedy_on_the_toy_models(toy_lms, toy_tokenizer):
-    from spd_lightning.prompts import toy_prompts
+    from spd_lightning.toy.raw import toy_prompts
 
     draft, target = toy_lms
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(48, seed=7)]
@@ -196,7 +196,7 @@ def test_standard_sd_equals_greedy_on_the_toy_models(toy_lms, toy_tokenizer):
 @pytest.fixture
 def responses_under(toy_lms, toy_tokenizer):
     """policy -> the toy pair's responses to 24 fresh prompts under it (batched loop)."""
-    from spd_lightning.prompts import toy_prompts
+    from spd_lightning.toy.raw import toy_prompts
 
     draft, target = toy_lms
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(24, seed=8)]
@@ -221,7 +221,7 @@ def test_kl_policy_spans_standard_sd_to_accept_all_on_the_toy_models(responses_u
 
 def _random_judge(target, seed: int = 0):
     """A zero-cost judge with random output weights: it accepts some mismatches and not others."""
-    from spd_lightning.judge import TOKEN_FEATURES, JudgeHead
+    from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
 
     torch.manual_seed(seed)
     head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": target.config.hidden_size})
@@ -238,9 +238,9 @@ def test_judge_policy_spans_standard_sd_to_accept_all_on_the_toy_models(response
 
 
 def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_policy(toy_lms, toy_tokenizer, toy_world):
-    from spd_lightning.decoding import generate_cached
-    from spd_lightning.prompts import toy_prompts
-    from spd_lightning.scorer import ScoringActor
+    from spd_lightning.decoding.loop import generate_cached
+    from spd_lightning.models.scorer import ScoringActor
+    from spd_lightning.toy.raw import toy_prompts
 
     draft, target = toy_lms
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(12, seed=9)]
@@ -268,8 +268,8 @@ def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_pol
 
 @torch.no_grad()
 def test_backbone_prefix_cache_reads_what_a_full_pass_reads(toy_world):
-    from spd_lightning.lm import PrefixCache
-    from spd_lightning.scorer import ScoringActor
+    from spd_lightning.models.lm import PrefixCache
+    from spd_lightning.models.scorer import ScoringActor
 
     backbone = ScoringActor.from_pretrained(str(toy_world / "draft")).backbone.eval()
     cache = PrefixCache(backbone)
@@ -283,8 +283,8 @@ def test_backbone_prefix_cache_reads_what_a_full_pass_reads(toy_world):
 
 
 def test_draft_confidence_ends_drafting_early_and_standard_sd_stays_greedy(toy_lms, toy_tokenizer):
-    from spd_lightning.decoding import LoopClock, generate_cached
-    from spd_lightning.prompts import toy_prompts
+    from spd_lightning.decoding.loop import LoopClock, generate_cached
+    from spd_lightning.toy.raw import toy_prompts
 
     draft, target = toy_lms
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(8, seed=3)]

@@ -20,8 +20,8 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 
-from spd_lightning.data import collate_records
-from spd_lightning.train import build_components
+from spd_lightning.data.records import collate_records
+from spd_lightning.tasks.train import build_components
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from spd_lightning.core.rules import TokenFeatures
+from spd_lightning.core.sampling import threshold_decisions
 from spd_lightning.errors import SetupError
-from spd_lightning.outcomes import (
+from spd_lightning.verification.hybrid import Verification
+from spd_lightning.verification.outcomes import (
     OutcomeTable,
     PolicyPoint,
     best_at_parity,
@@ -24,9 +27,6 @@ from spd_lightning.outcomes import (
     tradeoff_rows,
     verify_outcomes,
 )
-from spd_lightning.rollout import Verification
-from spd_lightning.rules import TokenFeatures
-from spd_lightning.sampling import threshold_decisions
 
 ROOT = Path(__file__).resolve().parents[1]
 LAST_LINE = re.compile(r"scorer_accept_len=(\S+) scorer_accuracy=(\S+) sd_accept_len=(\S+) sd_accuracy=(\S+)")
@@ -204,7 +204,7 @@ def test_eval_logs_table_and_plot_to_wandb(eval_run):
 
 
 def test_eval_without_checkpoint_is_one_clear_error(tmp_path: Path, toy_world: Path, compose_train):
-    from spd_lightning.evaluate import evaluate
+    from spd_lightning.tasks.evaluate import evaluate
 
     cfg = compose_train(["task=eval", f"toy.out={toy_world}"], tmp_path)
     with pytest.raises(SetupError, match=r"^task=eval needs the trained scorer: ckpt_path=\S+$"):
@@ -214,7 +214,7 @@ def test_eval_without_checkpoint_is_one_clear_error(tmp_path: Path, toy_world: P
 def test_eval_outside_the_toy_world_names_the_rule_models_to_set(
     trained_ckpt: Path, toy_world: Path, tmp_path: Path, compose_train
 ):
-    from spd_lightning.evaluate import evaluate
+    from spd_lightning.tasks.evaluate import evaluate
 
     overrides = ["task=eval", "~toy", "data=jsonl", f"data.path={toy_world}/records.jsonl", "~logger"]
     overrides += [
@@ -231,7 +231,7 @@ def test_eval_outside_the_toy_world_names_the_rule_models_to_set(
 def test_eval_against_a_vllm_server_reads_the_rules_in_process(
     trained_ckpt: Path, toy_world: Path, tmp_path: Path, compose_train, fake_vllm, capsys
 ):
-    from spd_lightning.evaluate import evaluate
+    from spd_lightning.tasks.evaluate import evaluate
 
     overrides = ["task=eval", f"toy.out={toy_world}", f"ckpt_path={trained_ckpt}", "target=vllm"]
     overrides += [f"target.url={fake_vllm.url}", "eval.max_records=32", "eval.topk=[2]", "~logger"]

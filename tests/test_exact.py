@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from spd_lightning.exact import ExactLoss, outcome_mask, outcome_probs
-from spd_lightning.sampling import all_outcomes, first_reject
+from spd_lightning.core.exact import ExactLoss, outcome_mask, outcome_probs
+from spd_lightning.core.sampling import all_outcomes, first_reject
 
 T, F = True, False
 

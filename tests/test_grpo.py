@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from spd_lightning.grpo import GRPOLoss, bernoulli_entropy, bernoulli_kl, group_advantages
+from spd_lightning.core.grpo import GRPOLoss, bernoulli_entropy, bernoulli_kl, group_advantages
 
 T, F = True, False
 SQRT3 = math.sqrt(3.0)

@@ -6,17 +6,17 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from spd_lightning.data import Record, load_records, split_by_prompt
-from spd_lightning.judge import TOKEN_FEATURES, JudgeHead, JudgeInputs, autojudge_labels, judge_token_features
-from spd_lightning.judge_compare import JUDGE_LABELS, CompareSettings, Split, compare, train_judges
-from spd_lightning.judge_data import DiskCompletions, Greedy, block_inputs, complete_outcomes
-from spd_lightning.judge_training import FitSettings
-from spd_lightning.lm import greedy_generate
-from spd_lightning.outcomes import OutcomeTable, best_at_parity
-from spd_lightning.reward import RewardWeights
-from spd_lightning.rules import token_features
-from spd_lightning.sampling import hybrid_prefix
-from spd_lightning.scorer import ScoringActor
+from spd_lightning.core.reward import RewardWeights
+from spd_lightning.core.rules import token_features
+from spd_lightning.core.sampling import hybrid_prefix
+from spd_lightning.data.records import Record, load_records, split_by_prompt
+from spd_lightning.judge.compare import JUDGE_LABELS, CompareSettings, Split, compare, train_judges
+from spd_lightning.judge.fit import FitSettings
+from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, JudgeInputs, autojudge_labels, judge_token_features
+from spd_lightning.judge.inputs import DiskCompletions, Greedy, block_inputs, complete_outcomes
+from spd_lightning.models.lm import greedy_generate
+from spd_lightning.models.scorer import ScoringActor
+from spd_lightning.verification.outcomes import OutcomeTable, best_at_parity
 
 
 def _models(toy_world):
@@ -151,8 +151,8 @@ def test_model_judge_trains_in_lightning_and_decodes(toy_world, tmp_path, compos
     the head only, and task=decode running it on the blocks' own passes."""
     import json
 
-    from spd_lightning.decode import decode
-    from spd_lightning.train import train
+    from spd_lightning.tasks.decode import decode
+    from spd_lightning.tasks.train import train
 
     overrides = [f"toy.out={toy_world}", "model=judge", "trainer.max_steps=40", "trainer.val_check_interval=40"]
     cfg = compose_train([*overrides, "validate_before_fit=false", "data.max_val_records=64"], tmp_path / "train")
@@ -176,7 +176,7 @@ def test_model_judge_trains_in_lightning_and_decodes(toy_world, tmp_path, compos
 def test_the_shipped_qwen_coder_judge_loads_with_its_threshold_and_kl_tau():
     from pathlib import Path
 
-    from spd_lightning.judge import judge_notes, load_judge
+    from spd_lightning.judge.head import judge_notes, load_judge
 
     path = Path(__file__).resolve().parents[1] / "judges" / "qwen_coder_grpo.pt"
     head, threshold = load_judge(path)

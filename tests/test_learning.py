@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from spd_lightning.data import collate_records
-from spd_lightning.sampling import mismatch_mask
-from spd_lightning.train import build_components
+from spd_lightning.core.sampling import mismatch_mask
+from spd_lightning.data.records import collate_records
+from spd_lightning.tasks.train import build_components
 
 
 def first_mismatch_labels(module, records):

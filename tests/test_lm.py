@@ -1,4 +1,4 @@
-"""The greedy passes (spd_lightning/lm.py): KV-cached, batched, sharing prefixes, and token for
+"""The greedy passes (spd_lightning/models/lm.py): KV-cached, batched, sharing prefixes, and token for
 token what a plain full recomputation of each row alone, or transformers' generate, gives."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from spd_lightning.lm import (
+from spd_lightning.models.lm import (
     argmax_shared,
     greedy_generate,
     greedy_responses,
@@ -19,7 +19,7 @@ from spd_lightning.lm import (
     teacher_forced_logits,
     trunk_groups,
 )
-from spd_lightning.row_cache import RowCache
+from spd_lightning.models.row_cache import RowCache
 from spd_lightning.targets import LocalTarget
 
 

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spd_lightning.callbacks import SAMPLE_COLUMNS, SampleDashboard, finish_wandb, log_config, render_block
-from spd_lightning.data import Record, collate_records
+from spd_lightning.data.records import Record, collate_records
 from spd_lightning.errors import SetupError
+from spd_lightning.training.callbacks import SAMPLE_COLUMNS, SampleDashboard, finish_wandb, log_config, render_block
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["trainer.max_steps=10", "trainer.val_check_interval=5", "data.max_val_records=64"]

@@ -16,10 +16,10 @@ import torch
 from hydra.errors import ConfigCompositionException
 from peft import PeftModel
 
-from spd_lightning.config import build_scorer
-from spd_lightning.hf import DTYPES
-from spd_lightning.scorer import ScoringActor
-from spd_lightning.train import build_components
+from spd_lightning.models.hf import DTYPES
+from spd_lightning.models.scorer import ScoringActor
+from spd_lightning.tasks.builders import build_scorer
+from spd_lightning.tasks.train import build_components
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if not p.stem.startswith("_"))

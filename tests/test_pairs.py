@@ -1,4 +1,4 @@
-"""Building a real pair from the registry (spd_lightning/pairs.py): the steps on small fixtures, and
+"""Building a real pair from the registry (spd_lightning/models/pairs.py): the steps on small fixtures, and
 the built qwen_coder pair itself where it has been built (marked real_pair; skipped elsewhere)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_lightning import pairs
 from spd_lightning.errors import SetupError
-from spd_lightning.pairs import GgufSource, _keep_rope_theta_readable, build_role, download, join
+from spd_lightning.models import pairs
+from spd_lightning.models.pairs import GgufSource, _keep_rope_theta_readable, build_role, download, join
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR_DIR = ROOT / ".cache" / "pairs" / "qwen_coder"
@@ -83,7 +83,7 @@ def test_an_unknown_pair_is_named():
         pairs.build_pair("llama", Path("unused"))
 
 
-# --- the built pair (python -m spd_lightning.pairs qwen_coder), where it exists ---
+# --- the built pair (python -m spd_lightning.models.pairs qwen_coder), where it exists ---
 
 real_pair = pytest.mark.skipif(not (PAIR_DIR / "target" / "built_from.json").is_file(), reason="pair not built")
 
@@ -109,8 +109,8 @@ def test_the_built_pair_shares_one_tokenizer_and_ends_turns_at_im_end():
 def test_the_built_target_decodes_greedily_as_transformers_generate():
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from spd_lightning.hf import end_of_sequence_ids
-    from spd_lightning.lm import greedy_generate
+    from spd_lightning.models.hf import end_of_sequence_ids
+    from spd_lightning.models.lm import greedy_generate
 
     tokenizer = AutoTokenizer.from_pretrained(PAIR_DIR / "target")
     model = AutoModelForCausalLM.from_pretrained(PAIR_DIR / "target", dtype=torch.float32).eval()
@@ -131,7 +131,7 @@ def test_the_built_target_decodes_greedily_as_transformers_generate():
 @pytest.mark.real_pair
 @pytest.mark.slow
 def test_the_generation_api_on_the_built_pair_is_lossless_with_standard_sd():
-    from spd_lightning.speculative import SpeculativeDecoder
+    from spd_lightning.decoding.speculative import SpeculativeDecoder
 
     pair = (str(PAIR_DIR / "draft"), str(PAIR_DIR / "target"))
     question = "What is 17 + 25? Answer with the number."

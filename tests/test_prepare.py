@@ -1,4 +1,4 @@
-"""task=prepare: raw prompts -> records, on the embedded default world (spd_lightning/prepare.py)."""
+"""task=prepare: raw prompts -> records, on the embedded default world (spd_lightning/tasks/prepare.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 from fake_vllm import FakeVLLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import spd_lightning.prepare as prepare_module
-from spd_lightning.blocks import BlockSpec, block_starts, records_for_prompts, strip_eos, summarise
-from spd_lightning.data import REQUIRED_FIELDS, load_records
+import spd_lightning.tasks.prepare as prepare_module
+from spd_lightning.data.answers import extract_final_number
+from spd_lightning.data.builder import BlockSpec, block_starts, records_for_prompts, strip_eos, summarise
+from spd_lightning.data.prompts import Prompt
+from spd_lightning.data.records import REQUIRED_FIELDS, load_records
+from spd_lightning.data.resumable import ResumableJsonl
 from spd_lightning.errors import RecordError, SetupError
-from spd_lightning.lm import greedy_responses
-from spd_lightning.prepare import prepare
-from spd_lightning.prompts import Prompt
-from spd_lightning.resumable import ResumableJsonl
+from spd_lightning.models.lm import greedy_responses
+from spd_lightning.tasks.prepare import prepare
 from spd_lightning.toy.raw import write_raw_prompts
-from spd_lightning.verifiers import extract_final_number
 
 ROOT = Path(__file__).resolve().parents[1]
 # The toy world's records were built from its first prompts drawn with seed 0 (toy.spec.seed).

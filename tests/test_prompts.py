@@ -1,4 +1,4 @@
-"""Prompt sets: raw JSONL files (GSM8K-style) and fresh toy prompts (spd_lightning/prompts.py)."""
+"""Prompt sets: raw JSONL files (GSM8K-style) and fresh toy prompts (spd_lightning/data/prompts.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from spd_lightning.data.prompts import Prompt, encode_prompts, load_prompts
 from spd_lightning.errors import RecordError, SetupError
-from spd_lightning.prompts import Prompt, encode_prompts, load_prompts, toy_prompts
-from spd_lightning.toy.raw import write_raw_prompts
+from spd_lightning.toy.raw import toy_prompts, write_raw_prompts
 from spd_lightning.toy.task import make_example
 
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from spd_lightning.reward import RewardWeights, compute_reward, compute_reward_tensor, scenario
+from spd_lightning.core.reward import RewardWeights, compute_reward, compute_reward_tensor, scenario
 
 T, F = True, False
 K = 4

@@ -2,10 +2,10 @@
 
 import torch
 
-from spd_lightning.data import Record
-from spd_lightning.rollout import CompletionCache, HybridVerifier
-from spd_lightning.sampling import hybrid_prefix
-from spd_lightning.verifiers import gsm8k_final_number
+from spd_lightning.core.sampling import hybrid_prefix
+from spd_lightning.data.answers import gsm8k_final_number
+from spd_lightning.data.records import Record
+from spd_lightning.verification.hybrid import CompletionCache, HybridVerifier
 
 EOS = 1
 VOCAB = {0: "<pad>", EOS: "</s>", 20: "Q:", 21: " 2+2=", 22: " so", 23: " the", 24: " sum", 25: " is",

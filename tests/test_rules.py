@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spd_lightning.rules import (
+from spd_lightning.core.rules import (
     TokenFeatures,
     entropy_decisions,
     kl_decisions,

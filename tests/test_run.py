@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spd_lightning.plots import read_metrics
+from spd_lightning.reporting.plots import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = [

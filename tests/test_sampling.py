@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from spd_lightning.sampling import (
+from spd_lightning.core.sampling import (
     accepted_any_mismatch,
     decision_log_probs,
     executed_masks,

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from spd_lightning.data import Record, collate_records, load_records
-from spd_lightning.scorer import ScoringActor
+from spd_lightning.data.records import Record, collate_records, load_records
+from spd_lightning.models.scorer import ScoringActor
 
 K = 4
 

@@ -1,4 +1,4 @@
-"""The generation API (spd_lightning/speculative.py): text in, text and statistics out, on the
+"""The generation API (spd_lightning/decoding/speculative.py): text in, text and statistics out, on the
 toy world's models; its policies by name, and the errors a user meets."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spd_lightning.decoding.policies import PolicySettings
+from spd_lightning.decoding.speculative import SpeculativeDecoder
 from spd_lightning.errors import SetupError
-from spd_lightning.judge import TOKEN_FEATURES, JudgeHead, judge_notes, save_judge
-from spd_lightning.policies import PolicySettings
-from spd_lightning.prompts import toy_prompts
-from spd_lightning.speculative import SpeculativeDecoder
+from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, judge_notes, save_judge
+from spd_lightning.toy.raw import toy_prompts
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import pytest
 
-from spd_lightning.stats import wilson_interval
+from spd_lightning.core.stats import wilson_interval
 
 
 def test_wilson_interval_matches_published_values():

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
+from spd_lightning.data.answers import gsm8k_final_number
 from spd_lightning.targets.local import LocalTarget, load_causal_lm
 from spd_lightning.toy.task import make_example
-from spd_lightning.verifiers import gsm8k_final_number
 
 
 @pytest.fixture(scope="module")

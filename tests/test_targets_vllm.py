@@ -16,14 +16,14 @@ from fake_vllm import FakeVLLM
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from spd_lightning.data import load_records
+from spd_lightning.core.sampling import hybrid_prefix
+from spd_lightning.data.answers import gsm8k_final_number
+from spd_lightning.data.records import load_records
 from spd_lightning.errors import SetupError, VerificationError
-from spd_lightning.rollout import HybridVerifier
-from spd_lightning.sampling import hybrid_prefix
 from spd_lightning.targets.local import LocalTarget
 from spd_lightning.targets.vllm import VLLMTarget, _top_of_last
 from spd_lightning.toy.task import EOS, PAD, UNK, vocabulary
-from spd_lightning.verifiers import gsm8k_final_number
+from spd_lightning.verification.hybrid import HybridVerifier
 
 MAX_NEW = 12
 KEY_ENV = "SPD_TEST_VLLM_KEY"  # not VLLM_API_KEY: a developer's real key must not leak in

@@ -9,12 +9,13 @@ import time
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from spd_lightning.data import RecordDataModule, check_vocab, load_records
+from spd_lightning.data.records import check_vocab, load_records
 from spd_lightning.errors import SetupError
 from spd_lightning.toy import build
 from spd_lightning.toy.build import MANIFEST, SHIPPED_WORLD, LMSpec, ToyWorldSpec, build_toy_world, file_digests
 from spd_lightning.toy.task import FILLER_SLOTS
 from spd_lightning.toy.tokenizer import build_tokenizer
+from spd_lightning.training.datamodule import RecordDataModule
 
 TEXT = "Q: 37+45= A: so the total is 82."
 FILLER_TOKENS = {f" {w}" for slot in FILLER_SLOTS for w in slot}

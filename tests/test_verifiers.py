@@ -2,7 +2,7 @@
 
 import pytest
 
-from spd_lightning.verifiers import (
+from spd_lightning.data.answers import (
     VERIFIERS,
     contains,
     exact_match,

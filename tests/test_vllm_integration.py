@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from spd_lightning.data import load_records
-from spd_lightning.sampling import hybrid_prefix
+from spd_lightning.core.sampling import hybrid_prefix
+from spd_lightning.data.records import load_records
 from spd_lightning.targets.local import LocalTarget
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import find_vllm_python, launch_vllm_server
@@ -77,7 +77,7 @@ def test_vllm_completions_equal_local_target(vllm_url: str, toy_world: Path, tok
 
 
 def test_training_steps_against_vllm(vllm_url: str, toy_world: Path, tmp_path: Path, compose_train, monkeypatch):
-    from spd_lightning.train import train
+    from spd_lightning.tasks.train import train
 
     targets: list[VLLMTarget] = []
     init = VLLMTarget.__init__
@@ -119,7 +119,7 @@ def test_vllm_proposals_and_argmax_along_equal_local(vllm_url: str, toy_world: P
 
 
 def test_prepare_with_a_vllm_target_equals_in_process(vllm_url: str, toy_world: Path, tmp_path: Path, compose_train):
-    from spd_lightning.prepare import prepare
+    from spd_lightning.tasks.prepare import prepare
     from spd_lightning.toy.raw import write_raw_prompts
 
     raw = write_raw_prompts(tmp_path / "prompts.jsonl", 8, seed=0)

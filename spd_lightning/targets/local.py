@@ -2,7 +2,7 @@
 
 It serves as the target (completing hybrid prefixes, and for task=prepare the responses and the
 target's token at every draft position) and as the draft (proposing K tokens). Greedy means
-greedy: the passes of spd_lightning.lm take the argmax themselves, so a generation_config.json
+greedy: the passes of spd_lightning.models.lm take the argmax themselves, so a generation_config.json
 with sampling defaults or a repetition penalty (Qwen2.5-Instruct ships both) changes nothing."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from spd_lightning.errors import SetupError
-from spd_lightning.hf import end_of_sequence_ids, load_pretrained, resolve_device, torch_dtype
-from spd_lightning.lm import argmax_shared, greedy_generate, propose_shared, trunk_groups
+from spd_lightning.models.hf import end_of_sequence_ids, load_pretrained, resolve_device, torch_dtype
+from spd_lightning.models.lm import argmax_shared, greedy_generate, propose_shared, trunk_groups
 
 
 def load_causal_lm(

@@ -32,7 +32,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from spd_lightning.errors import SetupError
-from spd_lightning.hf import tokenizer_eos_ids
+from spd_lightning.models.hf import tokenizer_eos_ids
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Write prompts of the embedded default world's task as a raw JSONL file, for task=prepare.
+"""Prompts of the embedded default world's task: fresh ones for data=toy_prompts, or a raw JSONL
+file of them for task=prepare.
 
     python -m spd_lightning.toy.raw --out prompts.jsonl --num 100
     python run.py task=prepare data.raw=prompts.jsonl
@@ -10,9 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
-from spd_lightning.prompts import toy_prompts
+from spd_lightning.data.prompts import Prompt
+from spd_lightning.toy.task import make_example
+
+
+def toy_prompts(num_prompts: int = 200, seed: int = 1000) -> list[Prompt]:
+    """Fresh prompts of the embedded default world's task, with their answers. The default seed
+    differs from the one the world's records were built from (toy.spec.seed)."""
+    rng = random.Random(seed)
+    return [Prompt(i, ex.prompt, ex.answer) for i, ex in enumerate(make_example(rng) for _ in range(num_prompts))]
 
 
 def write_raw_prompts(out: str | Path, num: int, seed: int = 1000) -> Path:

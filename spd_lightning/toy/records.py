@@ -13,7 +13,7 @@ import random
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from spd_lightning.lm import greedy_responses, greedy_tokens, teacher_forced_argmax
+from spd_lightning.models.lm import greedy_responses, greedy_tokens, teacher_forced_argmax
 from spd_lightning.toy.task import make_example
 
 

@@ -1,0 +1,133 @@
+"""GRPO over accept/reject decisions.
+
+Group = the N samples of one record. How this departs from GRPO as published
+(DeepSeekMath, Shao et al. 2024):
+- The "tokens" of the ratio objective are the executed accept/reject decisions of a
+  block, not generated tokens; decisions after the first reject never ran and are masked.
+- The KL to the frozen initial scorer is the exact Bernoulli KL at every executed
+  decision, not the k3 estimator, because both distributions are known in closed form.
+- Samples whose verification failed are excluded from the group statistics and the
+  loss (`valid` mask), never scored 0: 0 would read as "wrong".
+- `scale_std=False` gives Dr. GRPO (Liu et al. 2025): mean-centred advantages only.
+- The loss is averaged over all executed decisions of the batch (token-level, as DAPO),
+  so records with many mismatches weigh more than records with one.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spd_lightning.core.sampling import executed_masks
+
+
+def group_advantages(
+    rewards: torch.Tensor, valid: torch.Tensor, scale_std: bool = True, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-normalised advantages.
+
+    rewards: [B, N], valid: [B, N] bool -> (advantages [B, N], zero_variance [B] bool).
+    Invalid samples get advantage 0. A group with fewer than two valid samples, or whose
+    valid rewards are all equal, carries no signal: zero advantages, flagged zero_variance.
+    """
+    w = valid.float()  # [B, N]
+    count = w.sum(-1, keepdim=True)  # [B, 1]
+    mean = (rewards * w).sum(-1, keepdim=True) / count.clamp(min=1)  # [B, 1]
+    centred = (rewards - mean) * w  # [B, N]
+    # Unbiased std over the valid samples, as torch.std and TRL's GRPO use.
+    var = (centred**2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)  # [B, 1]
+    std = var.sqrt()  # [B, 1]
+    zero_variance = (count.squeeze(-1) < 2) | (std.squeeze(-1) < 1e-8)  # [B]
+    adv = centred / (std + eps) if scale_std else centred  # [B, N]
+    adv = torch.where(zero_variance.unsqueeze(-1), torch.zeros_like(adv), adv)
+    return adv, zero_variance
+
+
+def bernoulli_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(Bern(p) || Bern(q)) elementwise, from logits of p and q."""
+    log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    log_q, log_1mq = F.logsigmoid(ref_logits), F.logsigmoid(-ref_logits)
+    p = torch.sigmoid(logits)
+    return p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq)
+
+
+def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of Bern(sigmoid(logits)) elementwise, in nats."""
+    p = torch.sigmoid(logits)
+    return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
+
+
+class GRPOStats(NamedTuple):
+    loss: torch.Tensor  # scalar, what is minimised
+    policy_loss: torch.Tensor  # scalar, the clipped surrogate
+    kl: torch.Tensor  # scalar, mean Bernoulli KL to the reference at executed decisions
+    entropy: torch.Tensor  # scalar, mean Bernoulli entropy at executed decisions
+    clip_fraction: torch.Tensor  # scalar, share of executed decisions whose ratio was clipped
+    num_decisions: torch.Tensor  # scalar, executed decisions that entered the loss
+
+
+class GRPOLoss(nn.Module):
+    """PPO-clipped ratio objective over executed decisions, with optional KL and entropy terms."""
+
+    def __init__(
+        self,
+        num_samples: int = 8,
+        scale_std: bool = True,
+        ppo_epochs: int = 1,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        kl_coef: float = 0.0,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_samples < 2:
+            raise ValueError(f"loss.num_samples must be >= 2 for a group baseline, got {num_samples}")
+        self.num_samples, self.scale_std, self.ppo_epochs = num_samples, scale_std, ppo_epochs
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
+
+    def advantages(self, rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N] rewards -> ([B, N] advantages, [B] zero-variance flags) for this loss's settings."""
+        return group_advantages(rewards, valid, self.scale_std)
+
+    def forward(
+        self,
+        logits: torch.Tensor,  # [B, K] accept logits of the scorer being trained
+        old_logits: torch.Tensor,  # [B, K] accept logits the samples were drawn with
+        accept_len: torch.Tensor,  # [B, N] first-reject position j of each sample
+        mismatch: torch.Tensor,  # [B, K] bool
+        advantages: torch.Tensor,  # [B, N]
+        valid: torch.Tensor,  # [B, N] bool, False where verification failed
+        ref_logits: torch.Tensor | None = None,  # [B, K] frozen initial scorer, needed when kl_coef > 0
+    ) -> GRPOStats:
+        if self.kl_coef > 0 and ref_logits is None:
+            raise ValueError("GRPOLoss: kl_coef > 0 needs ref_logits from the frozen initial scorer")
+        accepted, rejected = executed_masks(accept_len, mismatch)  # [B, N, K] each
+        executed = (accepted | rejected) & valid.unsqueeze(-1)  # [B, N, K]
+        # Log-probability of the decision taken at each position: log p to accept, log(1-p) to reject.
+        sign = torch.where(accepted, 1.0, -1.0)  # [B, N, K]
+        logp = F.logsigmoid(sign * logits.unsqueeze(1))  # [B, N, K]
+        old_logp = F.logsigmoid(sign * old_logits.detach().unsqueeze(1))  # [B, N, K]
+        ratio = torch.exp(logp - old_logp)  # [B, N, K]
+        adv = advantages.unsqueeze(-1)  # [B, N, 1]
+        unclipped = ratio * adv  # [B, N, K]
+        clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high) * adv  # [B, N, K]
+        surrogate = torch.minimum(unclipped, clipped)  # [B, N, K]
+        n = executed.sum().clamp(min=1)  # scalar
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return (x * executed).sum() / n
+
+        policy_loss = -mean(surrogate)
+        entropy = mean(bernoulli_entropy(logits).unsqueeze(1).expand_as(logp))
+        kl = torch.zeros((), device=logits.device)
+        if ref_logits is not None:
+            kl = mean(bernoulli_kl(logits, ref_logits.detach()).unsqueeze(1).expand_as(logp))
+        loss = policy_loss + self.kl_coef * kl - self.entropy_coef * entropy
+        # The clip is active where min() took the clipped branch with a different value.
+        clip_active = ((adv > 0) & (ratio > 1 + self.clip_high)) | ((adv < 0) & (ratio < 1 - self.clip_low))
+        clip_fraction = mean(clip_active.float())
+        return GRPOStats(loss, policy_loss, kl, entropy, clip_fraction.detach(), executed.sum())

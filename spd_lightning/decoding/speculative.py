@@ -1,0 +1,141 @@
+"""Lossy speculative decoding from Python: your draft, your target, an accept policy (a trained
+zero-cost judge, the KL rule, or standard SD), prompt text in, text and statistics out.
+
+    from spd_lightning.decoding.speculative import SpeculativeDecoder
+
+    decoder = SpeculativeDecoder.from_pretrained(
+        ".cache/pairs/qwen_coder/draft", ".cache/pairs/qwen_coder/target",
+        policy="judge", judge_path="judges/qwen_coder_grpo.pt",
+    )
+    out = decoder.generate("Natalia sold clips to 48 of her friends ...", max_new_tokens=128)
+    print(out.text, out.stats["tokens_per_s"], out.stats["target_calls_per_token"])
+
+The loop is decoding.generate_cached (KV caches for both models, rolled back after each block).
+Policies, by name (policies.POLICY_NAMES): greedy (the target alone), standard_sd (lossless: every
+mismatch rejected), judge (a head saved by bench/judges.py), kl_below (the training-free KL
+rule), accept_all; or any decoding.Policy callable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from spd_lightning.data.prompts import Prompt, PromptList, encode_prompts
+from spd_lightning.decoding.loop import Generation, LoopClock, generate_cached
+from spd_lightning.decoding.policies import Policy, PolicySettings, named_policy
+from spd_lightning.errors import SetupError
+from spd_lightning.judge.head import load_judge
+from spd_lightning.models.hf import check_covers_tokenizer, end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.targets.local import load_causal_lm
+
+
+@dataclass
+class Speculation:
+    """What one generate call produced and what it cost."""
+
+    texts: list[str]  # one response per prompt, special tokens dropped
+    generations: list[Generation]  # token ids and per-prompt counts
+    seconds: float  # wall time of the whole call, every model pass and decision included
+    clock: LoopClock = field(default_factory=LoopClock)  # where those seconds went
+
+    @property
+    def text(self) -> str:
+        """The response to the first (or only) prompt."""
+        return self.texts[0]
+
+    @property
+    def stats(self) -> dict[str, float]:
+        tokens = sum(g.num_tokens for g in self.generations)
+        calls = sum(g.target_calls for g in self.generations)
+        return {
+            "tokens": tokens,
+            "seconds": self.seconds,
+            "tokens_per_s": tokens / self.seconds if self.seconds > 0 else float("nan"),
+            "target_calls": calls,
+            "target_calls_per_token": calls / max(tokens, 1),
+            "draft_tokens_kept_per_block": sum(g.accepted_draft_tokens for g in self.generations) / max(calls, 1),
+            "mismatches_kept_per_block": sum(g.accepted_mismatches for g in self.generations) / max(calls, 1),
+            "draft_s": self.clock.draft_s,
+            "target_s": self.clock.target_s,
+            "policy_s": self.clock.policy_s,
+        }
+
+
+class SpeculativeDecoder:
+    """Greedy-target speculative decoding with a lossy accept policy, KV caches on both models."""
+
+    def __init__(
+        self,
+        draft: PreTrainedModel,
+        target: PreTrainedModel,
+        tokenizer,
+        policy: str | Policy = "standard_sd",
+        block_size: int = 4,
+        settings: PolicySettings | None = None,
+        chat_template: bool = True,
+        system_prompt: str | None = None,
+        draft_confidence: float | None = None,
+    ) -> None:
+        if block_size < 1:
+            raise SetupError(f"block_size={block_size}: a block holds at least one draft token")
+        for what, model in (("draft", draft), ("target", target)):
+            check_covers_tokenizer(model.config.vocab_size, tokenizer, f"the {what}")
+        self.draft, self.target, self.tokenizer = draft, target, tokenizer
+        self.chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        self.system_prompt = system_prompt  # with the chat template: a system turn first (None: the template's)
+        # End a block's drafting early where the draft is unsure (decoding.generate_cached); None: always K.
+        self.draft_confidence = draft_confidence
+        drafts = True
+        if isinstance(policy, str):
+            policy, drafts = named_policy(policy, settings or PolicySettings())
+        self.policy, self.block_size = policy, block_size if drafts else 0
+        self.eos_ids = end_of_sequence_ids(target) | tokenizer_eos_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def from_pretrained(
+        cls, draft: str, target: str, policy: str = "standard_sd", judge_path: str | None = None, **kwargs
+    ) -> SpeculativeDecoder:
+        """Loads both models (transformers directories or hub ids) and the target's tokenizer.
+        kwargs: dtype, device, block_size, kl_threshold, kl_confidence, judge_threshold, chat_template,
+        system_prompt, draft_confidence."""
+        dtype, device = kwargs.pop("dtype", "float32"), kwargs.pop("device", "cpu")
+        settings = PolicySettings(**{k: kwargs.pop(k) for k in ("kl_threshold", "kl_confidence") if k in kwargs})
+        if judge_path is not None:
+            if not Path(judge_path).is_file():
+                raise SetupError(f"judge_path={judge_path} is not a file: bench/judges.py writes judge_*.pt")
+            settings.judge, saved = load_judge(judge_path)
+            settings.judge_threshold = kwargs.pop("judge_threshold", None) or saved
+        models = [load_causal_lm(p, dtype, device, f"{w} model", w) for p, w in ((draft, "draft"), (target, "target"))]
+        return cls(*models, AutoTokenizer.from_pretrained(target), policy, settings=settings, **kwargs)
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt: the user's turn of the chat template (instruct models), as
+        prepare, eval and decode write them, or the text alone."""
+        listed = PromptList(Prompt(i, text, None) for i, text in enumerate(prompts))
+        listed.chat_template, listed.system_prompt = self.chat_template, self.system_prompt
+        return encode_prompts(self.tokenizer, listed)
+
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 256, batch_size: int = 1) -> Speculation:
+        """Decodes every prompt (`batch_size` rows at a time) and times the whole call."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.generate_ids(self.encode(texts), max_new_tokens, batch_size)
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 1) -> Speculation:
+        """As generate, from token ids."""
+        if max_new_tokens < 1 or batch_size < 1:
+            raise SetupError("max_new_tokens and batch_size must be >= 1")
+        clock, start = LoopClock(), time.perf_counter()
+        gens = generate_cached(
+            self.draft, self.target, prompt_ids, self.policy, self.block_size, max_new_tokens,
+            self.eos_ids, self.pad_id, batch_size, clock=clock, draft_confidence=self.draft_confidence,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        texts = [self.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
+        return Speculation(texts, gens, seconds, clock)

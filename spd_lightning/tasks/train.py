@@ -1,0 +1,200 @@
+"""Hydra glue: build the world, the data, the scorer, the target and the trainer; fit; summarise."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from spd_lightning.data.records import check_vocab
+from spd_lightning.errors import VerificationError
+from spd_lightning.models.hf import load_tokenizer
+from spd_lightning.reporting.plots import plot_training_curves
+from spd_lightning.reporting.summary import accept_len_at_parity, print_summary
+from spd_lightning.tasks.builders import build_scorer, check_shared_vocab, instantiate_dict
+from spd_lightning.tasks.checkpoint import check_resume_checkpoint
+from spd_lightning.toy.build import build_toy_world
+from spd_lightning.training.callbacks import finish_wandb, log_config, log_images
+from spd_lightning.training.datamodule import RecordDataModule
+from spd_lightning.training.module import VAL_POLICIES, SPDModule
+from spd_lightning.verification.hybrid import HybridVerifier
+
+log = logging.getLogger(__name__)
+
+# Lightning internals that warn about things this project does on purpose.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen reference scorer
+
+
+def route_lightning_logs_through_hydra() -> None:
+    """Lightning adds its own stderr handlers; with Hydra's handlers on the root logger every
+    line would print twice and miss run.log. One set of handlers: Hydra's."""
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        # An advertisement for a hosted logger, printed at every start: not a log line.
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
+def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
+    # A scorer from outside the toy world loads first: a missing model stops the run in seconds.
+    in_toy_world = bool(cfg.get("toy")) and str(cfg.model.path).startswith(str(cfg.toy.out))
+    scorer = None if in_toy_world else build_scorer(cfg.model)
+    if cfg.get("toy"):
+        build_toy_world(cfg.toy.out, instantiate(cfg.toy.spec))
+    scorer = scorer if scorer is not None else build_scorer(cfg.model)
+    datamodule: RecordDataModule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
+    check_vocab(datamodule.train_records + datamodule.val_records, len(tokenizer), cfg.data.path)
+    target = instantiate(cfg.target)
+    check_shared_vocab(tokenizer, scorer, target)
+    verifier = HybridVerifier(
+        target, tokenizer, instantiate(cfg.verifier), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
+    )
+    module = SPDModule(
+        scorer=scorer,
+        verifier=verifier,
+        reward=instantiate(cfg.reward),
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        **cfg.module,
+    )
+    return datamodule, module
+
+
+def validation_metrics(
+    trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, ckpt_path: str | None = None
+) -> dict[str, float]:
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    return {k: float(v) for k, v in results[0].items()}
+
+
+def learn_csv_columns(trainer: L.Trainer) -> None:
+    """trainer=ddp_spawn runs every trainer call in new processes that log into copies of this
+    process's loggers: tell its CSV writer the columns they wrote, or the next call would
+    rewrite metrics.csv with a header that lacks them (and fail)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and os.path.isfile(logger.experiment.metrics_file_path):
+            with open(logger.experiment.metrics_file_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
+
+
+def children_run_this_job(trainer: L.Trainer) -> Callable[[], None]:
+    """trainer=ddp/fsdp2 start the other ranks by running run.py again: Lightning passes on sys.argv
+    plus `hydra.run.dir=<hydra.run.dir>`. In a multirun job that would re-run the whole sweep in
+    every child, into directories of its own. Here each child runs just this job (its overrides,
+    RUN mode) into this job's directory. Returns what undoes it once the job is done, so that the
+    sweep's next job starts processes of its own."""
+    strategy = trainer.strategy
+    launches = isinstance(strategy.launcher, _SubprocessScriptLauncher)
+    if not launches or strategy.cluster_environment.creates_processes_externally:
+        return lambda: None  # one process, spawned processes, or ranks started by torchrun/Slurm
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return lambda: None  # a single run: Lightning's command is right
+    hydra_cfg, argv = HydraConfig.get(), sys.argv
+    args = get_args_parser().parse_args(argv[1:])
+    flags = [f"--config-{k}={v}" for k in ("path", "name", "dir") if (v := getattr(args, f"config_{k}"))]
+    sys.argv = [argv[0], *flags, *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+    def undo() -> None:
+        sys.argv = argv
+        # What Lightning's launcher left for this job's processes (their group, its address).
+        for var in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            os.environ.pop(var, None)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    return undo
+
+
+def train(cfg: DictConfig) -> float | None:
+    route_lightning_logs_through_hydra()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    check_resume_checkpoint(cfg.get("ckpt_path"))
+    datamodule, module = build_components(cfg)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger"))
+    )
+    undo_launch = children_run_this_job(trainer)
+    out = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        log.info(
+            "records: %d train, %d val, K=%d; output: %s",
+            len(datamodule.train_records),
+            len(datamodule.val_records),
+            datamodule.block_size,
+            out,
+        )
+    try:
+        # The resolved config is the run's hyperparameters, on every logger (the module logs none).
+        log_config(trainer.loggers, OmegaConf.to_container(cfg, resolve=True))
+        return fit_and_summarise(cfg, trainer, module, datamodule, out)
+    finally:
+        module.verifier.target.close()
+        # Always end the wandb run (failed on a crash), so a multirun's next job gets its own.
+        finish_wandb(crashed=sys.exc_info()[0] is not None)
+        undo_launch()
+
+
+def fit_and_summarise(
+    cfg: DictConfig, trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, out: Path
+) -> float | None:
+    spawned = isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)  # trainer=ddp_spawn
+    # A resumed run starts from its checkpoint's weights: "initial/" reports those, not fresh ones.
+    resume = cfg.get("ckpt_path")
+    initial = validation_metrics(trainer, module, datamodule, resume) if cfg.validate_before_fit else {}
+    if spawned:
+        learn_csv_columns(trainer)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except VerificationError as err:
+        ckpt = out / "checkpoints" / "last.ckpt"  # a folder under trainer=fsdp2
+        hint = f"The last checkpoint is intact: resume with ckpt_path={ckpt}" if ckpt.exists() else ""
+        raise VerificationError(f"{err}\n{hint}".strip()) from None
+    steps = trainer.global_step
+    if spawned:
+        learn_csv_columns(trainer)
+        # Lightning hands the spawned processes' weights and metrics back, not their step count.
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            steps = torch.load(best, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    # Every rank gets the same values: validation metrics are reduced over the processes (sync_dist).
+    final = validation_metrics(trainer, module, datamodule)
+    summary = {**final, **{f"initial/{k}": v for k, v in initial.items()}}
+    summary["train/steps"] = steps
+    summary["val/accept_len_at_parity"] = accept_len_at_parity(summary, cfg.parity_tolerance)
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:  # so that W&B sweeps can optimise it too
+            logger.log_metrics({"val/accept_len_at_parity": summary["val/accept_len_at_parity"]}, step=steps)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        metrics_csv = out / "csv" / "metrics.csv"
+        if metrics_csv.is_file():
+            plot_training_curves(metrics_csv, out / "training_curves.png")
+        log_images(trainer.loggers, sorted(out.glob("*.png")), step=steps)
+        print_summary(summary, list(VAL_POLICIES), out / "summary.json")
+    return summary.get(cfg.optimized_metric)
