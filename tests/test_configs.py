@@ -20,9 +20,8 @@ from spd_lightning.judge.zero_cost import ZeroCostJudge
 from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.vllm import VLLMTarget
+from spd_lightning.tasks.builders import build_scorer, instantiate_dict
 from spd_lightning.tasks.ranges import RANGES, check_ranges
-from spd_lightning.tasks.builders import build_scorer
-from spd_lightning.tasks.train import instantiate_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Groups whose files are selected with `group=name`; the primary config is composed as is.
