@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.answers import gsm8k_final_number
-from spd_lightning.data.prompts import encode_prompts, load_prompts
+from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.decoding.policies import POLICY_NAMES, PolicySettings
 from spd_lightning.decoding.speculative import SpeculativeDecoder
 from spd_lightning.judge.head import judge_notes, load_judge
@@ -58,7 +58,8 @@ class CallCounter:
         self.calls += 1
 
 
-def run_hf(name, target, draft, prompts, args, eos, pad, counter) -> dict:
+def run_hf(target, draft, prompts, args, eos, pad, counter) -> dict:
+    name = "HF assisted" if draft is not None else "HF greedy"
     hf_generate(target, [prompts[0][:16]], 8, pad, eos, draft)  # warm-up
     rows, seconds, calls = [], 0.0, counter.calls
     for prompt in prompts:
@@ -187,7 +188,7 @@ def policy_settings(args) -> PolicySettings:
 def main() -> None:
     args = parse_args()
     draft, target, tokenizer, eos, pad = load_pair(args)
-    questions = load_prompts(args.gsm8k, limit=args.prompts, chat_template=True, skip=args.skip)
+    questions = PromptList.from_jsonl(args.gsm8k, limit=args.prompts, chat_template=True, skip=args.skip)
     prompts = encode_prompts(tokenizer, questions)
     settings = policy_settings(args)
     print(f"{args.pair}: {len(prompts)} GSM8K test prompts (lines {questions[0].index}-{questions[-1].index}), "
@@ -200,7 +201,7 @@ def main() -> None:
         print(f"{method} ...", flush=True)
         if method.startswith("hf_"):
             helper = draft if method == "hf_assisted" else None
-            runs[method] = run_hf(method, target, helper, prompts, args, eos, pad, counter)
+            runs[method] = run_hf(target, helper, prompts, args, eos, pad, counter)
         else:
             decoder = SpeculativeDecoder(draft, target, tokenizer, method, args.block_size, settings)
             runs[method] = run_ours(decoder, prompts, args, counter)

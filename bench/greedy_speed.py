@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from spd_lightning.data.prompts import encode_prompts, load_prompts
+from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.models.hf import end_of_sequence_ids
 from spd_lightning.models.lm import greedy_generate, left_pad
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def chat_prompts(tokenizer, path: Path, n: int) -> list[list[int]]:
     """The first n questions of a GSM8K file, each the user turn of the tokenizer's chat template."""
-    return encode_prompts(tokenizer, load_prompts(str(path), limit=n, chat_template=True))
+    return encode_prompts(tokenizer, PromptList.from_jsonl(str(path), limit=n, chat_template=True))
 
 
 @torch.no_grad()

@@ -191,72 +191,75 @@ class FakeVLLM:
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": self.served_model,
                 "choices": choices, "usage": usage}
 
-    def _handler_class(self):
-        fake = self
+    def _handler_class(self) -> type:
+        return type("Handler", (_Handler,), {"fake": self})
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # quiet
-                return
 
-            def _send(self, status: int, payload: dict | None = None) -> None:
-                data = json.dumps(payload).encode() if payload is not None else b""
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client gave up (timeout) meanwhile
-                    self.close_connection = True
+class _Handler(BaseHTTPRequestHandler):
+    """Answers as a vLLM server would, from the state of `fake` (set on a subclass per server)."""
 
-            def _authorised(self) -> bool:
-                if fake.api_key is None or not self.path.startswith("/v1"):
-                    return True
-                return self.headers.get("Authorization") == f"Bearer {fake.api_key}"
+    fake: FakeVLLM
 
-            def do_GET(self) -> None:
-                with fake._lock:
-                    fake.counts[self.path] += 1
-                if self.path in fake.failing_paths:
-                    self._send(fake.failing_paths[self.path], {"error": "Internal Server Error"})
-                elif not self._authorised():
-                    self._send(401, {"error": "Unauthorized"})
-                elif self.path == "/health":
-                    self._send(200)
-                elif self.path == "/v1/models":
-                    model = {"id": fake.served_model, "object": "model", "owned_by": "vllm", "max_model_len": 128}
-                    self._send(200, {"object": "list", "data": [model]})
-                else:
-                    self._send(404, {"detail": "Not Found"})
+    def log_message(self, *args) -> None:  # quiet
+        return
 
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                with fake._lock:
-                    fake.counts[self.path] += 1
-                    if self.path == "/v1/completions":
-                        fake.completion_bodies.append(body)
-                        fake.auth_headers.append(self.headers.get("Authorization"))
-                if self.path in fake.failing_paths:
-                    return self._send(fake.failing_paths[self.path], {"error": "Internal Server Error"})
-                if not self._authorised():
-                    return self._send(401, {"error": "Unauthorized"})
-                if self.path == "/tokenize":
-                    ids = fake.tokenize(body["prompt"], body.get("add_special_tokens", True))
-                    return self._send(200, {"count": len(ids), "max_model_len": 128, "tokens": ids, "token_strs": None})
-                if self.path != "/v1/completions":
-                    return self._send(404, {"detail": "Not Found"})
-                fault, status = fake._fault()
-                if fault == "drop":
-                    self.close_connection = True
-                    try:
-                        self.connection.shutdown(socket.SHUT_RDWR)  # no answer at all
-                    except OSError:
-                        pass
-                elif fault == "status":
-                    self._send(status, {"object": "error", "message": "injected fault", "code": status})
-                elif body.get("model") != fake.served_model:
-                    self._send(404, {"object": "error", "message": f"The model `{body.get('model')}` does not exist."})
-                else:
-                    self._send(200, fake._complete(body))
+    def _send(self, status: int, payload: dict | None = None) -> None:
+        data = json.dumps(payload).encode() if payload is not None else b""
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client gave up (timeout) meanwhile
+            self.close_connection = True
 
-        return Handler
+    def _authorised(self) -> bool:
+        if self.fake.api_key is None or not self.path.startswith("/v1"):
+            return True
+        return self.headers.get("Authorization") == f"Bearer {self.fake.api_key}"
+
+    def do_GET(self) -> None:
+        with self.fake._lock:
+            self.fake.counts[self.path] += 1
+        if self.path in self.fake.failing_paths:
+            self._send(self.fake.failing_paths[self.path], {"error": "Internal Server Error"})
+        elif not self._authorised():
+            self._send(401, {"error": "Unauthorized"})
+        elif self.path == "/health":
+            self._send(200)
+        elif self.path == "/v1/models":
+            model = {"id": self.fake.served_model, "object": "model", "owned_by": "vllm", "max_model_len": 128}
+            self._send(200, {"object": "list", "data": [model]})
+        else:
+            self._send(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        with self.fake._lock:
+            self.fake.counts[self.path] += 1
+            if self.path == "/v1/completions":
+                self.fake.completion_bodies.append(body)
+                self.fake.auth_headers.append(self.headers.get("Authorization"))
+        if self.path in self.fake.failing_paths:
+            return self._send(self.fake.failing_paths[self.path], {"error": "Internal Server Error"})
+        if not self._authorised():
+            return self._send(401, {"error": "Unauthorized"})
+        if self.path == "/tokenize":
+            ids = self.fake.tokenize(body["prompt"], body.get("add_special_tokens", True))
+            return self._send(200, {"count": len(ids), "max_model_len": 128, "tokens": ids, "token_strs": None})
+        if self.path != "/v1/completions":
+            return self._send(404, {"detail": "Not Found"})
+        fault, status = self.fake._fault()
+        if fault == "drop":
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)  # no answer at all
+            except OSError:
+                pass
+        elif fault == "status":
+            self._send(status, {"object": "error", "message": "injected fault", "code": status})
+        elif body.get("model") != self.fake.served_model:
+            self._send(404, {"object": "error", "message": f"The model `{body.get('model')}` does not exist."})
+        else:
+            self._send(200, self.fake._complete(body))

@@ -13,9 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd_lightning.decoding.loop import block_tokens, generate, summarize
+from spd_lightning.decoding.loop import LoopClock, LoopSettings, block_tokens, generate, generate_cached, summarize
 from spd_lightning.decoding.policies import Block, accept_all, judge_policy, kl_policy, reject_all, scorer_policy
-from spd_lightning.models.lm import greedy_responses
+from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
+from spd_lightning.models.lm import PrefixCache, greedy_responses
+from spd_lightning.models.scorer import ScoringActor
+from spd_lightning.targets.local import load_causal_lm
+from spd_lightning.toy.raw import toy_prompts
 
 V, EOS, PAD = 64, 1, 0
 K = 4
@@ -50,7 +54,7 @@ def counting(eos_after: int | None = None) -> LookupLM:
 
 
 def run(draft, target, prompts, policy, k=K, max_new_tokens=40, batch_size=8):
-    return generate(draft, target, prompts, policy, k, max_new_tokens, EOS, PAD, batch_size)
+    return generate(draft, target, prompts, policy, LoopSettings(k, max_new_tokens, EOS, PAD, batch_size))
 
 
 def test_block_emits_accepted_draft_then_the_targets_token():
@@ -169,20 +173,18 @@ def test_scorer_policy_ends_block_at_first_rejected_mismatch():
 
 @pytest.fixture(scope="module")
 def toy_lms(toy_world):
-    from spd_lightning.targets.local import load_causal_lm
 
     return load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
 
 
 def test_standard_sd_equals_greedy_on_the_toy_models(toy_lms, toy_tokenizer):
-    from spd_lightning.toy.raw import toy_prompts
 
     draft, target = toy_lms
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(48, seed=7)]
     eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
-    greedy = generate(None, target, prompts, reject_all, 0, 24, eos, pad, batch_size=16)
-    sd = generate(draft, target, prompts, reject_all, K, 24, eos, pad, batch_size=16)
-    lossy = generate(draft, target, prompts, accept_all, K, 24, eos, pad, batch_size=16)
+    greedy = generate(None, target, prompts, reject_all, LoopSettings(0, 24, eos, pad, 16))
+    sd = generate(draft, target, prompts, reject_all, LoopSettings(K, 24, eos, pad, 16))
+    lossy = generate(draft, target, prompts, accept_all, LoopSettings(K, 24, eos, pad, 16))
     assert [g.response_ids for g in sd] == [g.response_ids for g in greedy]
     # and greedy is the target's own greedy decoding (lm.greedy_responses cuts before EOS)
     assert [g.response_ids[:-1] for g in greedy] == greedy_responses(target, prompts, 24, eos, pad)
@@ -196,14 +198,13 @@ def test_standard_sd_equals_greedy_on_the_toy_models(toy_lms, toy_tokenizer):
 @pytest.fixture
 def responses_under(toy_lms, toy_tokenizer):
     """policy -> the toy pair's responses to 24 fresh prompts under it (batched loop)."""
-    from spd_lightning.toy.raw import toy_prompts
 
     draft, target = toy_lms
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(24, seed=8)]
     eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
 
     def ids(policy):
-        return [g.response_ids for g in generate(draft, target, prompts, policy, K, 24, eos, pad, batch_size=12)]
+        return [g.response_ids for g in generate(draft, target, prompts, policy, LoopSettings(K, 24, eos, pad, 12))]
 
     return ids
 
@@ -221,7 +222,6 @@ def test_kl_policy_spans_standard_sd_to_accept_all_on_the_toy_models(responses_u
 
 def _random_judge(target, seed: int = 0):
     """A zero-cost judge with random output weights: it accepts some mismatches and not others."""
-    from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
 
     torch.manual_seed(seed)
     head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": target.config.hidden_size})
@@ -238,9 +238,6 @@ def test_judge_policy_spans_standard_sd_to_accept_all_on_the_toy_models(response
 
 
 def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_policy(toy_lms, toy_tokenizer, toy_world):
-    from spd_lightning.decoding.loop import generate_cached
-    from spd_lightning.models.scorer import ScoringActor
-    from spd_lightning.toy.raw import toy_prompts
 
     draft, target = toy_lms
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(12, seed=9)]
@@ -257,9 +254,9 @@ def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_pol
         "judge": (judge_policy(_random_judge(target), 0.5), K),
     }
     for name, (policy, k) in policies.items():
-        batched = generate(draft, target, prompts, policy, k, 24, eos, pad, batch_size=6)
+        batched = generate(draft, target, prompts, policy, LoopSettings(k, 24, eos, pad, 6))
         for batch_size in (1, 5):  # one row (caches cut back) and rows rolled back by different amounts
-            cached = generate_cached(draft, target, prompts, policy, k, 24, eos, pad, batch_size)
+            cached = generate_cached(draft, target, prompts, policy, LoopSettings(k, 24, eos, pad, batch_size))
             assert [g.response_ids for g in cached] == [g.response_ids for g in batched], (name, batch_size)
             assert [(g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in cached] == [
                 (g.target_calls, g.accepted_draft_tokens, g.accepted_mismatches) for g in batched
@@ -268,8 +265,6 @@ def test_kv_cached_loop_gives_the_uncached_loops_tokens_and_counts_for_every_pol
 
 @torch.no_grad()
 def test_backbone_prefix_cache_reads_what_a_full_pass_reads(toy_world):
-    from spd_lightning.models.lm import PrefixCache
-    from spd_lightning.models.scorer import ScoringActor
 
     backbone = ScoringActor.from_pretrained(str(toy_world / "draft")).backbone.eval()
     cache = PrefixCache(backbone)
@@ -283,17 +278,15 @@ def test_backbone_prefix_cache_reads_what_a_full_pass_reads(toy_world):
 
 
 def test_draft_confidence_ends_drafting_early_and_standard_sd_stays_greedy(toy_lms, toy_tokenizer):
-    from spd_lightning.decoding.loop import LoopClock, generate_cached
-    from spd_lightning.toy.raw import toy_prompts
 
     draft, target = toy_lms
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(8, seed=3)]
     eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
-    greedy = generate_cached(draft, target, prompts, reject_all, 0, 24, eos, pad, 4)
+    greedy = generate_cached(draft, target, prompts, reject_all, LoopSettings(0, 24, eos, pad, 4))
     fixed, never, always = LoopClock(), LoopClock(), LoopClock()
-    full = generate_cached(draft, target, prompts, reject_all, K, 24, eos, pad, 4, clock=fixed)
-    sure = generate_cached(draft, target, prompts, reject_all, K, 24, eos, pad, 4, clock=never, draft_confidence=0.0)
-    one = generate_cached(draft, target, prompts, reject_all, K, 24, eos, pad, 4, clock=always, draft_confidence=1.01)
+    full = generate_cached(draft, target, prompts, reject_all, LoopSettings(K, 24, eos, pad, 4), clock=fixed)
+    sure = generate_cached(draft, target, prompts, reject_all, LoopSettings(K, 24, eos, pad, 4, 0.0), clock=never)
+    one = generate_cached(draft, target, prompts, reject_all, LoopSettings(K, 24, eos, pad, 4, 1.01), clock=always)
     for gens in (full, sure, one):  # lossless whatever the draft length
         assert [g.response_ids for g in gens] == [g.response_ids for g in greedy]
     assert never.draft_passes == fixed.draft_passes == K * fixed.target_passes  # probability >= 0: never unsure

@@ -21,6 +21,7 @@ from spd_lightning.verification.hybrid import Verification
 from spd_lightning.verification.outcomes import (
     OutcomeTable,
     PolicyPoint,
+    RuleSweep,
     best_at_parity,
     policy_points,
     score_policy,
@@ -115,7 +116,8 @@ def test_policy_points_cover_every_family():
         kl=torch.rand(3, 3),
         target_top1=torch.full((3, 3), 0.5),
     )
-    points = policy_points(mismatch, probs, features, [0.5, 0.1], [2, 5], None, [0.3], 0.9, auto_thresholds=4)
+    sweep = RuleSweep([0.5, 0.1], [2, 5], None, [0.3], 0.9, auto_thresholds=4)
+    points = policy_points(mismatch, probs, features, sweep)
     families = [p.policy for p in points]
     assert families[:2] == ["standard_sd", "accept_all"]
     assert families.count("scorer") == 2 and families.count("topk") == 2

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from rollouts_from import on_rollouts
 from torch.testing import assert_close
 
 from spd_lightning.core.exact import ExactLoss, outcome_mask, outcome_probs
@@ -59,7 +60,7 @@ def test_gradient_is_minus_the_exact_expected_reward_gradient(with_baseline: boo
     advantages, _ = loss_fn.advantages(rewards, possible)
     if not with_baseline:
         advantages = rewards * possible
-    stats = loss_fn(logits, logits.detach(), accept_len, MISMATCH, advantages, possible)
+    stats = on_rollouts(loss_fn, logits, logits.detach(), accept_len, MISMATCH, advantages, possible)
     (grad,) = torch.autograd.grad(stats.loss, logits)
     expected = sum(
         (brute_force_outcome_probs(torch.sigmoid(logits[b]), MISMATCH[b]) * rewards[b] * possible[b]).sum()
@@ -82,7 +83,7 @@ def test_record_with_an_unverified_outcome_is_left_out():
     loss_fn = ExactLoss()
     advantages, no_signal = loss_fn.advantages(rewards, mask)
     assert no_signal.tolist() == [True, False]
-    stats = loss_fn(logits, logits.detach(), accept_len, MISMATCH[:2], advantages, mask)
+    stats = on_rollouts(loss_fn, logits, logits.detach(), accept_len, MISMATCH[:2], advantages, mask)
     stats.loss.backward()
     assert logits.grad[0].abs().sum() == 0 and logits.grad[1].abs().sum() > 0
 
@@ -92,6 +93,6 @@ def test_kl_needs_reference_and_is_zero_against_itself():
     logits = torch.randn(4, 4)
     adv = torch.zeros(4, 5)
     with pytest.raises(ValueError, match="ref_logits"):
-        ExactLoss(kl_coef=0.1)(logits, logits, accept_len, MISMATCH, adv, possible)
-    stats = ExactLoss(kl_coef=0.1)(logits, logits, accept_len, MISMATCH, adv, possible, ref_logits=logits)
+        on_rollouts(ExactLoss(kl_coef=0.1), logits, logits, accept_len, MISMATCH, adv, possible)
+    stats = on_rollouts(ExactLoss(kl_coef=0.1), logits, logits, accept_len, MISMATCH, adv, possible, ref_logits=logits)
     assert stats.kl.abs() < 1e-6 and stats.entropy > 0

@@ -14,7 +14,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import spd_lightning.tasks.prepare as prepare_module
 from spd_lightning.data.answers import extract_final_number
-from spd_lightning.data.builder import BlockSpec, block_starts, records_for_prompts, strip_eos, summarise
+from spd_lightning.data.builder import (
+    BlockSpec,
+    ResponseReader,
+    block_starts,
+    records_for_prompts,
+    strip_eos,
+    summarise,
+)
 from spd_lightning.data.prompts import Prompt
 from spd_lightning.data.records import REQUIRED_FIELDS, load_records
 from spd_lightning.data.resumable import ResumableJsonl
@@ -51,9 +58,8 @@ def stub_records(reference="dataset", stride=1, max_new_tokens=8, draft=None):
     prompts = [Prompt(3, "a", "9"), Prompt(5, "b", "4")]
     spec = BlockSpec(block_size=2, stride=stride, max_new_tokens=max_new_tokens, reference=reference)
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-    return records_for_prompts(
-        prompts, [[2], [3, 3]], draft or StubBackend(), StubBackend(), spec, 1, decode, lambda r, a: r.endswith(a)
-    )
+    reader = ResponseReader(1, decode, lambda r, a: r.endswith(a))
+    return records_for_prompts(prompts, [[2], [3, 3]], draft or StubBackend(), StubBackend(), spec, reader)
 
 
 def test_block_starts_and_eos():

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from spd_lightning.core.grpo import GRPOStats, bernoulli_entropy, bernoulli_kl, group_advantages
-from spd_lightning.core.sampling import executed_masks, sequence_log_prob
+from spd_lightning.core.rollout import Rollouts
+from spd_lightning.core.sampling import all_outcomes, executed_masks, sequence_log_prob
 
 
 def outcome_mask(verified: torch.Tensor, possible: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,6 @@ def outcome_probs(logits: torch.Tensor, accept_len: torch.Tensor, mismatch: torc
 class ExactLoss(nn.Module):
     """-E[r - b] over every outcome of each record, with exact KL and entropy terms."""
 
-    # The module verifies all outcomes of a record instead of sampling decision vectors.
-    exact = True
     # One optimiser step per verified batch: the objective has no ratio to clip.
     ppo_epochs = 1
 
@@ -49,22 +48,30 @@ class ExactLoss(nn.Module):
         super().__init__()
         self.scale_std, self.kl_coef, self.entropy_coef = scale_std, kl_coef, entropy_coef
 
+    def rollouts(self, logits: torch.Tensor, mismatch: torch.Tensor, generator: torch.Generator | None = None):
+        """Every reachable outcome of each record, with P(j) under sigmoid(logits [B, K]): Rollouts with
+        N = K+1 (unreachable ones carry probability 0). Nothing is drawn: `generator` is unused."""
+        old_logits = logits.detach()  # [B, K]
+        accept_len, possible = all_outcomes(mismatch)  # [B, K+1] each
+        probs = outcome_probs(old_logits, accept_len, mismatch, possible)  # [B, K+1]
+        return Rollouts(mismatch, old_logits, accept_len, probs, possible)
+
+    def entering(self, verified: torch.Tensor, reachable: torch.Tensor) -> torch.Tensor:
+        """[B, K+1] outcomes that enter the loss: those of records whose every reachable outcome was verified."""
+        return outcome_mask(verified, reachable)
+
     def advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, K+1] rewards of the outcomes -> ([B, K+1] r - b, [B] records without signal)."""
         return group_advantages(rewards, mask, self.scale_std)
 
-    def forward(
-        self,
-        logits: torch.Tensor,  # [B, K] accept logits of the scorer being trained
-        old_logits: torch.Tensor,  # [B, K] unused: the objective is exact, not a sampled ratio
-        accept_len: torch.Tensor,  # [B, K+1] every outcome j (sampling.all_outcomes)
-        mismatch: torch.Tensor,  # [B, K] bool
-        advantages: torch.Tensor,  # [B, K+1]
-        mask: torch.Tensor,  # [B, K+1] bool, outcome_mask
-        ref_logits: torch.Tensor | None = None,  # [B, K] frozen initial scorer, needed when kl_coef > 0
-    ) -> GRPOStats:
+    def forward(self, logits: torch.Tensor, rollouts: Rollouts, ref_logits: torch.Tensor | None = None) -> GRPOStats:
+        """logits: [B, K] accept logits of the scorer being trained; rollouts: every outcome, scored
+        (rollout.score); ref_logits: [B, K] of the frozen initial scorer, needed when kl_coef > 0."""
         if self.kl_coef > 0 and ref_logits is None:
             raise ValueError("ExactLoss: kl_coef > 0 needs ref_logits from the frozen initial scorer")
+        accept_len, mismatch = rollouts.accept_len, rollouts.mismatch  # [B, K+1], [B, K]
+        mask = rollouts.valid  # [B, K+1]
+        advantages = rollouts.advantages  # [B, K+1]
         probs = outcome_probs(logits, accept_len, mismatch, mask)  # [B, K+1]
         records = mask.any(-1)  # [B] records that enter the loss
         n = records.sum().clamp(min=1)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd_lightning.core.sampling import executed_masks
+from spd_lightning.core.rollout import Rollouts
+from spd_lightning.core.sampling import executed_masks, first_reject, sample_decisions
 
 
 def group_advantages(
@@ -89,22 +90,29 @@ class GRPOLoss(nn.Module):
         self.clip_low, self.clip_high = clip_low, clip_high
         self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
 
+    def rollouts(self, logits: torch.Tensor, mismatch: torch.Tensor, generator: torch.Generator | None = None):
+        """num_samples decision vectors per record, drawn from sigmoid(logits [B, K]): Rollouts with N samples."""
+        old_logits = logits.detach()  # [B, K]
+        decisions = sample_decisions(torch.sigmoid(old_logits), mismatch, self.num_samples, generator)  # [B, N, K]
+        accept_len = first_reject(decisions)  # [B, N]
+        probs = torch.full(accept_len.shape, 1 / self.num_samples, device=logits.device)  # [B, N]
+        return Rollouts(mismatch, old_logits, accept_len, probs, torch.ones_like(accept_len, dtype=torch.bool))
+
+    def entering(self, verified: torch.Tensor, reachable: torch.Tensor) -> torch.Tensor:
+        """[B, N] samples that enter the loss: every verified one (a failed one is left out, never scored 0)."""
+        return verified & reachable
+
     def advantages(self, rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, N] rewards -> ([B, N] advantages, [B] zero-variance flags) for this loss's settings."""
         return group_advantages(rewards, valid, self.scale_std)
 
-    def forward(
-        self,
-        logits: torch.Tensor,  # [B, K] accept logits of the scorer being trained
-        old_logits: torch.Tensor,  # [B, K] accept logits the samples were drawn with
-        accept_len: torch.Tensor,  # [B, N] first-reject position j of each sample
-        mismatch: torch.Tensor,  # [B, K] bool
-        advantages: torch.Tensor,  # [B, N]
-        valid: torch.Tensor,  # [B, N] bool, False where verification failed
-        ref_logits: torch.Tensor | None = None,  # [B, K] frozen initial scorer, needed when kl_coef > 0
-    ) -> GRPOStats:
+    def forward(self, logits: torch.Tensor, rollouts: Rollouts, ref_logits: torch.Tensor | None = None) -> GRPOStats:
+        """logits: [B, K] accept logits of the scorer being trained; rollouts: scored (rollout.score);
+        ref_logits: [B, K] of the frozen initial scorer, needed when kl_coef > 0."""
         if self.kl_coef > 0 and ref_logits is None:
             raise ValueError("GRPOLoss: kl_coef > 0 needs ref_logits from the frozen initial scorer")
+        accept_len, mismatch, valid = rollouts.accept_len, rollouts.mismatch, rollouts.valid  # [B, N], [B, K], [B, N]
+        old_logits, advantages = rollouts.old_logits, rollouts.advantages  # [B, K], [B, N]
         accepted, rejected = executed_masks(accept_len, mismatch)  # [B, N, K] each
         executed = (accepted | rejected) & valid.unsqueeze(-1)  # [B, N, K]
         # Log-probability of the decision taken at each position: log p to accept, log(1-p) to reject.

@@ -32,6 +32,15 @@ class BlockSpec:
 
 
 @dataclass
+class ResponseReader:
+    """How a target's response is read: where it ends, its text, and whether it reaches an answer."""
+
+    eos_ids: int | Collection[int]
+    decode: Callable[[list[int]], str]  # response ids -> text
+    reaches: Callable[[str, str], bool]  # (response text, answer) -> correct (an answer check of data/answers.py)
+
+
+@dataclass
 class Counts:
     """What a chunk of prompts gave; summed over chunks (and over resumed runs) into stats.json."""
 
@@ -89,25 +98,23 @@ def records_for_prompts(
     draft: Target,
     target: Target,
     spec: BlockSpec,
-    eos_ids: int | Collection[int],
-    decode: Callable[[list[int]], str],
-    verifier: Callable[[str, str], bool],
+    reader: ResponseReader,
 ) -> tuple[list[dict], Counts]:
     """Records of a chunk of prompts, in prompt order and, within a prompt, by block start.
 
-    `prompt_ids[i]` are prompts[i]'s token ids; `decode` turns response ids into text (for the
-    reference and the verifier). Each record carries the SPEC fields plus `prompt_index` (the raw
+    `prompt_ids[i]` are prompts[i]'s token ids; `reader` turns a response into text (for the
+    reference and the answer check). Each record carries the SPEC fields plus `prompt_index` (the raw
     file's line number). Raises SetupError when a backend failed after its retries."""
     counts = Counts(prompts=len(prompts))
     completions = _require(target.complete(prompt_ids, max_new_tokens=spec.max_new_tokens), "target (responses)")
     kept: list[tuple[int, list[int], str]] = []  # (prompt position, response, reference)
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        response, capped = strip_eos(completion, eos_ids)
+        response, capped = strip_eos(completion, reader.eos_ids)
         counts.responses_capped += capped
-        text = decode(response)
+        text = reader.decode(response)
         if prompt.answer is not None:
             counts.prompts_with_answer += 1
-            counts.target_solves += bool(verifier(text, prompt.answer))
+            counts.target_solves += bool(reader.reaches(text, prompt.answer))
         reference = _reference(prompt, text, spec.reference)
         if reference is None:
             counts.prompts_without_reference += 1

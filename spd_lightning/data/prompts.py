@@ -56,6 +56,64 @@ class PromptList(list):
     # With chat_template: a system turn before it (None: the template's own default, if any).
     system_prompt: str | None = None
 
+    @classmethod
+    def from_jsonl(
+        cls,
+        raw: str,
+        question_key: str = "question",
+        answer_key: str | None = "answer",
+        template: str = "{question}",
+        on_error: str = "skip",
+        limit: int | None = None,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
+        skip: int = 0,
+    ) -> PromptList:
+        """Prompts from a JSONL file, one JSON object per line.
+
+        `template` is filled with the line's fields ("{question}" is the question_key field).
+        A malformed line stops with its file and line number (on_error="fail") or is reported
+        and skipped (on_error="skip"; `.skipped` counts them, task=prepare's stats report it).
+        answer_key=None reads prompts without answers (then only reference=target can give
+        records a reference). `chat_template` and `system_prompt` say how `encode_prompts` turns
+        the prompts into token ids. `skip` passes over the file's first `skip` non-empty lines (a
+        held-out set that continues an earlier one: skip=12 limit=12 reads lines 13-24)."""
+        if on_error not in ("skip", "fail"):
+            raise RecordError(f"data.on_error must be 'skip' or 'fail', got {on_error!r}")
+        path = Path(raw)
+        if not path.is_file():
+            raise RecordError(f"prompt file {path} does not exist (data.raw=PATH, JSONL with '{question_key}' fields)")
+        prompts = cls()
+        skipped = passed = 0
+        for lineno, line in utf8_lines(path, "prompt file", "data.raw"):
+            if not line.strip():
+                continue
+            if passed < skip:
+                passed += 1
+                continue
+            if limit is not None and len(prompts) >= limit:
+                break
+            try:
+                text, answer = _parse_line(line, f"{path}:{lineno}", question_key, answer_key, template)
+            except RecordError as err:
+                if on_error == "fail":
+                    raise
+                log.warning("skipped %s", err)
+                skipped += 1
+                continue
+            prompts.append(Prompt(lineno, text, answer))
+        if skipped:
+            log.warning(
+                "%s: skipped %d malformed line(s) of %d (data.on_error=fail stops at the first)",
+                path,
+                skipped,
+                skipped + len(prompts),
+            )
+        if not prompts:
+            raise RecordError(f"prompt file {path} holds no usable prompts")
+        prompts.skipped, prompts.chat_template, prompts.system_prompt = skipped, chat_template, system_prompt
+        return prompts
+
 
 def encode_prompts(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
     """Token ids of every prompt: its text as is, or, for a PromptList with chat_template, the user's
@@ -75,60 +133,3 @@ def encode_prompts(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids.append(tokenizer(text, add_special_tokens=False).input_ids)  # the template wrote the special tokens
     return ids
-
-
-def load_prompts(
-    raw: str,
-    question_key: str = "question",
-    answer_key: str | None = "answer",
-    template: str = "{question}",
-    on_error: str = "skip",
-    limit: int | None = None,
-    chat_template: bool = False,
-    system_prompt: str | None = None,
-    skip: int = 0,
-) -> PromptList:
-    """Prompts from a JSONL file, one JSON object per line.
-
-    `template` is filled with the line's fields ("{question}" is the question_key field).
-    A malformed line stops with its file and line number (on_error="fail") or is reported
-    and skipped (on_error="skip"; `.skipped` counts them, task=prepare's stats report it).
-    answer_key=None reads prompts without answers (then only reference=target can give
-    records a reference). `chat_template` and `system_prompt` say how `encode_prompts` turns
-    the prompts into token ids. `skip` passes over the file's first `skip` non-empty lines (a
-    held-out set that continues an earlier one: skip=12 limit=12 reads lines 13-24)."""
-    if on_error not in ("skip", "fail"):
-        raise RecordError(f"data.on_error must be 'skip' or 'fail', got {on_error!r}")
-    path = Path(raw)
-    if not path.is_file():
-        raise RecordError(f"prompt file {path} does not exist (data.raw=PATH, JSONL with '{question_key}' fields)")
-    prompts = PromptList()
-    skipped = passed = 0
-    for lineno, line in utf8_lines(path, "prompt file", "data.raw"):
-        if not line.strip():
-            continue
-        if passed < skip:
-            passed += 1
-            continue
-        if limit is not None and len(prompts) >= limit:
-            break
-        try:
-            text, answer = _parse_line(line, f"{path}:{lineno}", question_key, answer_key, template)
-        except RecordError as err:
-            if on_error == "fail":
-                raise
-            log.warning("skipped %s", err)
-            skipped += 1
-            continue
-        prompts.append(Prompt(lineno, text, answer))
-    if skipped:
-        log.warning(
-            "%s: skipped %d malformed line(s) of %d (data.on_error=fail stops at the first)",
-            path,
-            skipped,
-            skipped + len(prompts),
-        )
-    if not prompts:
-        raise RecordError(f"prompt file {path} holds no usable prompts")
-    prompts.skipped, prompts.chat_template, prompts.system_prompt = skipped, chat_template, system_prompt
-    return prompts

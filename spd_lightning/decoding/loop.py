@@ -121,30 +121,43 @@ def decide_block(block: Block, policy: Policy) -> list[BlockOutcome]:
     ]
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a decoding loop runs. block_size: K draft tokens per block (0: greedy decoding by the
+    target alone, the draft unused); a row stops at one of `eos_ids` (kept as its last token) or
+    after max_new_tokens; batch_size rows decode at once; draft_confidence (cached loop only):
+    end a block's drafting early, after a step at which the draft gives its own token less than
+    this probability in every row (transformers' assisted generation uses 0.4); None: always K."""
+
+    block_size: int
+    max_new_tokens: int
+    eos_ids: int | Collection[int]
+    pad_id: int = 0
+    batch_size: int = 1
+    draft_confidence: float | None = None
+
+
 def generate(
     draft: PreTrainedModel | None,
     target: PreTrainedModel,
     prompts: list[list[int]],
     policy: Policy,
-    block_size: int,
-    max_new_tokens: int,
-    eos_ids: int | Collection[int],
-    pad_id: int,
-    batch_size: int = 64,
+    settings: LoopSettings,
     desc: str | None = None,
 ) -> list[Generation]:
-    """Decodes every prompt, `batch_size` prompts at a time; rows leave the batch as they finish.
-    block_size=0 is plain greedy decoding by the target (the draft is not used)."""
+    """Decodes every prompt, `settings.batch_size` prompts at a time; rows leave the batch as
+    they finish. Both models re-read each row's whole context every block."""
     gens = [Generation([]) for _ in prompts]
+    k, limit = settings.block_size, settings.max_new_tokens
     with tqdm(total=len(prompts), desc=desc, leave=False, disable=desc is None) as bar:
-        for start in range(0, len(prompts), batch_size):
-            active = list(range(start, min(start + batch_size, len(prompts))))
+        for start in range(0, len(prompts), settings.batch_size):
+            active = list(range(start, min(start + settings.batch_size, len(prompts))))
             while active:
                 contexts = [prompts[i] + gens[i].response_ids for i in active]
                 lens = [len(prompts[i]) for i in active]
-                for i, outcome in zip(active, decode_step(draft, target, contexts, lens, policy, block_size, pad_id)):
-                    emit(gens[i], outcome, eos_ids, max_new_tokens)
-                still = [i for i in active if not gens[i].stopped_at_eos and gens[i].num_tokens < max_new_tokens]
+                for i, outcome in zip(active, decode_step(draft, target, contexts, lens, policy, k, settings.pad_id)):
+                    emit(gens[i], outcome, settings.eos_ids, limit)
+                still = [i for i in active if not _finished(gens[i], limit)]
                 bar.update(len(active) - len(still))
                 active = still
     return gens
@@ -155,29 +168,20 @@ def generate_cached(
     target: PreTrainedModel,
     prompts: list[list[int]],
     policy: Policy,
-    block_size: int,
-    max_new_tokens: int,
-    eos_ids: int | Collection[int],
-    pad_id: int = 0,
-    batch_size: int = 1,
+    settings: LoopSettings,
     desc: str | None = None,
     clock: LoopClock | None = None,
-    draft_confidence: float | None = None,
 ) -> list[Generation]:
     """As `generate`, with a KV cache per model (row_cache.RowCache): a block feeds the draft
     its new tokens and K-1 proposals, the target the row's new token and the K proposals, and
-    rolls both caches back to the kept tokens. `clock` adds up where the time went.
-    `draft_confidence`: end a block's drafting early, after a step at which the draft gives its
-    own token less than this probability in every row (as transformers' assisted generation
-    does with 0.4); None: always K tokens."""
+    rolls both caches back to the kept tokens. `clock` adds up where the time went."""
     gens = [Generation([]) for _ in prompts]
     clock = clock if clock is not None else LoopClock()
     with tqdm(total=len(prompts), desc=desc, leave=False, disable=desc is None) as bar:
-        for start in range(0, len(prompts), batch_size):
-            rows = list(range(start, min(start + batch_size, len(prompts))))
-            loop = _CachedRows(draft, target, policy, block_size, pad_id, clock)
-            loop.confidence = draft_confidence
-            loop.run([prompts[i] for i in rows], [gens[i] for i in rows], eos_ids, max_new_tokens, bar)
+        for start in range(0, len(prompts), settings.batch_size):
+            rows = list(range(start, min(start + settings.batch_size, len(prompts))))
+            loop = _CachedRows(draft, target, policy, settings, clock)
+            loop.run([prompts[i] for i in rows], [gens[i] for i in rows], bar)
     return gens
 
 
@@ -195,9 +199,10 @@ class LoopClock:
 class _CachedRows:
     """The cached loop over one batch of rows; a row leaves when it finishes."""
 
-    def __init__(self, draft, target, policy: Policy, block_size: int, pad_id: int, clock: LoopClock) -> None:
-        self.k, self.policy, self.clock = block_size, policy, clock
-        self.confidence: float | None = None  # draft_confidence
+    def __init__(self, draft, target, policy: Policy, settings: LoopSettings, clock: LoopClock) -> None:
+        block_size, pad_id = settings.block_size, settings.pad_id
+        self.k, self.policy, self.clock, self.settings = block_size, policy, clock, settings
+        self.confidence = settings.draft_confidence
         self.drafted = 0  # draft tokens in the current block
         self.target = RowCache(target, pad_id)
         self.draft = RowCache(draft, pad_id) if block_size else None
@@ -255,7 +260,8 @@ class _CachedRows:
         draft_new = [o.tokens[-2:] if j == k else o.tokens[-1:] for o, j in zip(outcomes, kept)]
         return draft_new, [o.tokens[-1:] for o in outcomes]
 
-    def run(self, prompts, gens: list[Generation], eos_ids, max_new_tokens: int, bar) -> None:
+    def run(self, prompts, gens: list[Generation], bar) -> None:
+        eos_ids, max_new_tokens = self.settings.eos_ids, self.settings.max_new_tokens
         active = list(range(len(prompts)))
         draft_new, target_new = [list(p) for p in prompts], [list(p) for p in prompts]
         while active:

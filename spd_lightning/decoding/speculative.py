@@ -26,7 +26,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from spd_lightning.data.prompts import Prompt, PromptList, encode_prompts
-from spd_lightning.decoding.loop import Generation, LoopClock, generate_cached
+from spd_lightning.decoding.loop import Generation, LoopClock, LoopSettings, generate_cached
 from spd_lightning.decoding.policies import Policy, PolicySettings, named_policy
 from spd_lightning.errors import SetupError
 from spd_lightning.judge.head import load_judge
@@ -132,10 +132,10 @@ class SpeculativeDecoder:
         if max_new_tokens < 1 or batch_size < 1:
             raise SetupError("max_new_tokens and batch_size must be >= 1")
         clock, start = LoopClock(), time.perf_counter()
-        gens = generate_cached(
-            self.draft, self.target, prompt_ids, self.policy, self.block_size, max_new_tokens,
-            self.eos_ids, self.pad_id, batch_size, clock=clock, draft_confidence=self.draft_confidence,
-        )  # fmt: skip
+        settings = LoopSettings(
+            self.block_size, max_new_tokens, self.eos_ids, self.pad_id, batch_size, self.draft_confidence
+        )
+        gens = generate_cached(self.draft, self.target, prompt_ids, self.policy, settings, clock=clock)
         seconds = time.perf_counter() - start
         texts = [self.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
         return Speculation(texts, gens, seconds, clock)

@@ -24,6 +24,7 @@ from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.verification.outcomes import (
     OutcomeTable,
     PolicyPoint,
+    RuleSweep,
     best_at_parity,
     policy_points,
     score_policy,
@@ -133,17 +134,8 @@ def compare(heldout: Split, judges: dict[str, Scorer], settings: CompareSettings
     """Tradeoff rows (outcomes.tradeoff_rows) of every rule and judge on the held-out split, each
     with `agreement`: the share of records whose response keeps the target's own answer."""
     mismatch = heldout.mismatch
-    points = policy_points(
-        mismatch,
-        torch.zeros(mismatch.shape),
-        heldout.rules,
-        [],
-        list(settings.topk),
-        None,
-        None,
-        settings.kl_confidence,
-        settings.sweep,
-    )
+    rules = RuleSweep([], list(settings.topk), kl_confidence=settings.kl_confidence, auto_thresholds=settings.sweep)
+    points = policy_points(mismatch, torch.zeros(mismatch.shape), heldout.rules, rules)
     for name, judge in judges.items():
         points += judge_points(name, judge(heldout), mismatch, settings.sweep)
     rows = tradeoff_rows(heldout.table, points)

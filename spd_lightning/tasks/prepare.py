@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from spd_lightning.data.builder import REFERENCES, BlockSpec, Counts, records_for_prompts, summarise
+from spd_lightning.data.builder import REFERENCES, BlockSpec, Counts, ResponseReader, records_for_prompts, summarise
 from spd_lightning.data.prompts import Prompt, encode_prompts
 from spd_lightning.data.resumable import ResumableJsonl, write_atomically
 from spd_lightning.errors import SetupError
@@ -133,17 +133,17 @@ def check_shared_vocabulary(cfg: DictConfig, tokenizer, draft, target) -> None:
 
 def prepare_chunks(cfg, prompts, tokenizer, draft, target, spec: BlockSpec, writer: ResumableJsonl) -> Counts:
     """Every prompt not done yet, chunk by chunk, each chunk committed before the next starts."""
-    verifier, chunk = instantiate(cfg.verifier), cfg.prepare.prompts_per_chunk
-    counts = Counts(**writer.counts)
+    chunk, counts = cfg.prepare.prompts_per_chunk, Counts(**writer.counts)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    prompt_ids, eos_ids = encode_prompts(tokenizer, prompts), tokenizer_eos_ids(tokenizer)
+    reader = ResponseReader(tokenizer_eos_ids(tokenizer), decode, instantiate(cfg.verifier))
+    prompt_ids = encode_prompts(tokenizer, prompts)
     with tqdm(total=len(prompts), initial=writer.done, desc="prepare", unit="prompt") as bar:
         for start in range(writer.done, len(prompts), chunk):
             batch, ids = prompts[start : start + chunk], prompt_ids[start : start + chunk]
-            rows, got = records_for_prompts(batch, ids, draft, target, spec, eos_ids, decode, verifier)
+            rows, got = records_for_prompts(batch, ids, draft, target, spec, reader)
             counts = counts.add(got)
             writer.commit(rows, start + len(batch), counts.to_dict())
             bar.update(len(batch))

@@ -21,7 +21,7 @@ from omegaconf import MISSING, OmegaConf
 from spd_lightning.core.exact import ExactLoss
 from spd_lightning.core.grpo import GRPOLoss
 from spd_lightning.core.reward import RewardWeights
-from spd_lightning.data.prompts import load_prompts
+from spd_lightning.data.prompts import PromptList
 from spd_lightning.judge.zero_cost import ZeroCostJudge
 from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.targets import LocalTarget
@@ -106,7 +106,7 @@ SCHEMAS: dict[tuple[str, str], Any] = {
     ("loss", "loss_schema"): schema_for(GRPOLoss),
     ("loss", "exact_schema"): schema_for(ExactLoss),
     ("data", "data_schema"): schema_for(RecordDataModule),
-    ("data", "prompts_schema"): schema_for(load_prompts),
+    ("data", "prompts_schema"): schema_for(PromptList.from_jsonl),
     ("data", "toy_prompts_schema"): schema_for(toy_prompts),
     ("target", "target_schema"): schema_for(LocalTarget),
     ("target", "target_vllm_schema"): schema_for(VLLMTarget),

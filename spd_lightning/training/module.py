@@ -1,6 +1,7 @@
-"""The LightningModule: one GRPO step is score, sample, verify, reward, update.
+"""The LightningModule: one GRPO step is score, roll out, verify, reward, update.
 
-The math lives in sampling.py, reward.py and grpo.py; this file only composes it.
+The math lives in core/ (the loss makes the rollouts, core/rollout.py scores them); this file
+only composes it with the verifier, the optimiser and the loggers.
 """
 
 from __future__ import annotations
@@ -11,17 +12,11 @@ from functools import partial
 import lightning as L
 import torch
 
-from spd_lightning.core.exact import ExactLoss, outcome_mask, outcome_probs
-from spd_lightning.core.grpo import GRPOLoss
+from spd_lightning.core.exact import ExactLoss
+from spd_lightning.core.grpo import GRPOLoss, GRPOStats
 from spd_lightning.core.reward import RewardWeights, compute_reward_tensor
-from spd_lightning.core.sampling import (
-    accepted_any_mismatch,
-    all_outcomes,
-    first_reject,
-    mismatch_mask,
-    sample_decisions,
-    threshold_decisions,
-)
+from spd_lightning.core.rollout import Rollouts, score
+from spd_lightning.core.sampling import accepted_any_mismatch, first_reject, mismatch_mask, threshold_decisions
 from spd_lightning.data.records import RecordBatch
 from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.verification.hybrid import HybridVerifier, Verification
@@ -103,46 +98,27 @@ class SPDModule(L.LightningModule):
         scorer = scorer or self.scorer
         return scorer(batch.input_ids, batch.attention_mask, batch.context_len, batch.target_ids)
 
-    def rollouts(self, logits: torch.Tensor, mismatch: torch.Tensor):
-        """What to verify: (accept_len [B, N], sample weights [B, N] summing to 1 per record, and
-        for loss=exact the reachable outcomes [B, N], else None). GRPO draws N decision vectors;
-        loss=exact takes every outcome (N = K+1) with its P(j)."""
-        if getattr(self.loss_fn, "exact", False):
-            accept_len, possible = all_outcomes(mismatch)
-            return accept_len, outcome_probs(logits.detach(), accept_len, mismatch, possible), possible
-        decisions = sample_decisions(torch.sigmoid(logits.detach()), mismatch, self.loss_fn.num_samples)
-        accept_len = first_reject(decisions)  # [B, N]
-        return accept_len, torch.full(accept_len.shape, 1 / accept_len.shape[1], device=logits.device), None
-
     def training_step(self, batch: RecordBatch, batch_idx: int) -> torch.Tensor:
-        k = batch.draft_ids.shape[1]
         mismatch = mismatch_mask(batch.draft_ids, batch.target_ids)  # [B, K]
         logits = self.accept_logits(batch)  # [B, K]
-        accept_len, weights, possible = self.rollouts(logits, mismatch)  # [B, N] each
-        result = self.verified(batch, accept_len)
-        # Samples (or outcomes) that enter the loss; loss=exact drops records it cannot verify whole.
-        # Reachability comes from the mismatches, not from P(j) > 0, which a saturated scorer underflows.
-        valid = result.valid if possible is None else outcome_mask(result.valid, possible)
-        accepted = accepted_any_mismatch(accept_len, mismatch)  # [B, N]
-        rewards = compute_reward_tensor(accepted, result.correct, accept_len, k, self.reward)  # [B, N]
-        advantages, zero_var = self.loss_fn.advantages(rewards, valid)
+        # The loss makes its rollouts: GRPO samples N decision vectors, loss=exact takes every outcome.
+        rollouts = self.loss_fn.rollouts(logits, mismatch)  # accept_len [B, N]
+        result = self.verified(batch, rollouts.accept_len)
+        rollouts = score(rollouts, result.correct, result.valid, self.loss_fn, self.reward)
         ref_logits = None
         if self.ref_scorer is not None:
             with torch.no_grad():
                 ref_logits = self.accept_logits(batch, self.ref_scorer)
-        stats = self._update(batch, logits, accept_len, mismatch, advantages, valid, ref_logits)
-        weights = weights * valid
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)  # [B, N], rows of valid records sum to 1
-        self._log_train(logits, mismatch, accept_len, accepted, result, rewards, weights, zero_var, stats, k)
+        stats = self._update(batch, logits, rollouts, ref_logits)
+        self._log_train(rollouts, stats, result.stats)
         return stats.loss.detach()
 
-    def _update(self, batch, logits, accept_len, mismatch, advantages, valid, ref_logits):
+    def _update(self, batch: RecordBatch, logits: torch.Tensor, rollouts: Rollouts, ref_logits) -> GRPOStats:
         opt = self.optimizers()
-        old_logits = logits.detach()
         for epoch in range(self.loss_fn.ppo_epochs):
             if epoch > 0:
                 logits = self.accept_logits(batch)
-            stats = self.loss_fn(logits, old_logits, accept_len, mismatch, advantages, valid, ref_logits)
+            stats = self.loss_fn(logits, rollouts, ref_logits)
             opt.zero_grad()
             self.manual_backward(stats.loss)
             self._clip_gradients(opt)
@@ -158,37 +134,33 @@ class SPDModule(L.LightningModule):
         else:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
 
-    def _log_train(self, logits, mismatch, accept_len, accepted, result, rewards, weights, zero_var, stats, k) -> None:
+    def _log_train(self, rollouts: Rollouts, stats: GRPOStats, verify_stats: dict[str, float]) -> None:
         """Train metrics are expectations under the policy: sample means for GRPO (weights 1/N),
         exact P(j)-weighted sums over the outcomes for loss=exact."""
-        records = (weights.sum(-1) > 0).sum().clamp(min=1)
-
-        def expected(x: torch.Tensor) -> torch.Tensor:
-            return (x.float() * weights).sum() / records
-
-        probs = torch.sigmoid(logits.detach())[mismatch]
+        expected, correct, accepted = rollouts.expected, rollouts.correct, rollouts.accepted
+        probs = torch.sigmoid(rollouts.old_logits)[rollouts.mismatch]
         metrics = {
             "train/loss": stats.loss.detach(),
             "train/policy_loss": stats.policy_loss.detach(),
             "train/kl": stats.kl.detach(),
             "train/entropy": stats.entropy.detach(),
             "train/clip_fraction": stats.clip_fraction,
-            "train/reward": expected(rewards),
-            "train/accuracy": expected(result.correct),
-            "train/accept_len": expected(accept_len),
+            "train/reward": expected(rollouts.rewards),
+            "train/accuracy": expected(correct),
+            "train/accept_len": expected(rollouts.accept_len),
             "train/accept_prob": probs.mean() if probs.numel() else torch.tensor(0.0),
-            "train/scenario_A": expected(accepted & result.correct),
-            "train/scenario_B": expected(accepted & ~result.correct),
-            "train/scenario_C": expected(~accepted & result.correct),
-            "train/scenario_D": expected(~accepted & ~result.correct),
-            "verify/latency_s": float(result.stats["latency_s"]),
+            "train/scenario_A": expected(accepted & correct),
+            "train/scenario_B": expected(accepted & ~correct),
+            "train/scenario_C": expected(~accepted & correct),
+            "train/scenario_D": expected(~accepted & ~correct),
+            "verify/latency_s": float(verify_stats["latency_s"]),
         }
         # Counts of one step: under DDP/FSDP the total over all processes (each has its own records).
         totals = {
-            "train/zero_variance_groups": zero_var.float().sum(),
-            **{f"verify/{name}": float(v) for name, v in result.stats.items() if name != "latency_s"},
+            "train/zero_variance_groups": rollouts.zero_variance.float().sum(),
+            **{f"verify/{name}": float(v) for name, v in verify_stats.items() if name != "latency_s"},
         }
-        size = len(accept_len)
+        size = len(rollouts.accept_len)
         # sync_dist: averaged (totals: summed) over the processes; a no-op in a single process.
         self.log_dict(metrics, batch_size=size, sync_dist=True)
         self.log_dict(totals, batch_size=size, sync_dist=True, reduce_fx="sum")

@@ -86,25 +86,31 @@ def score_policy(table: OutcomeTable, decisions: torch.Tensor) -> dict[str, floa
     }
 
 
+@dataclass
+class RuleSweep:
+    """The parameters each policy family is evaluated at. KL and entropy thresholds left None are
+    `auto_thresholds` quantiles of the values observed at mismatch positions."""
+
+    thresholds: list[float]  # the scorer's accept-probability thresholds
+    topk: list[int]
+    kl_thresholds: list[float] | None = None
+    entropy_thresholds: list[float] | None = None
+    kl_confidence: float | None = None
+    auto_thresholds: int = 9
+
+
 def policy_points(
-    mismatch: torch.Tensor,
-    accept_probs: torch.Tensor,
-    features: TokenFeatures,
-    thresholds: list[float],
-    topk: list[int],
-    kl_thresholds: list[float] | None,
-    entropy_thresholds: list[float] | None,
-    kl_confidence: float | None = None,
-    auto_thresholds: int = 9,
+    mismatch: torch.Tensor, accept_probs: torch.Tensor, features: TokenFeatures, sweep: RuleSweep
 ) -> list[PolicyPoint]:
     """Every policy and parameter to evaluate, as decisions over the same records.
 
-    mismatch, accept_probs (the scorer's): [N, K]. KL and entropy thresholds left None are
-    `auto_thresholds` quantiles of the values observed at mismatch positions."""
+    mismatch, accept_probs (the scorer's): [N, K]."""
+    kl_thresholds, entropy_thresholds = sweep.kl_thresholds, sweep.entropy_thresholds
     if kl_thresholds is None:
-        kl_thresholds = quantile_thresholds(features.kl, mismatch, auto_thresholds)
+        kl_thresholds = quantile_thresholds(features.kl, mismatch, sweep.auto_thresholds)
     if entropy_thresholds is None:
-        entropy_thresholds = quantile_thresholds(features.target_entropy, mismatch, auto_thresholds)
+        entropy_thresholds = quantile_thresholds(features.target_entropy, mismatch, sweep.auto_thresholds)
+    thresholds, topk, kl_confidence = sweep.thresholds, sweep.topk, sweep.kl_confidence
     points = [
         PolicyPoint("standard_sd", None, ~mismatch),
         PolicyPoint("accept_all", None, torch.ones_like(mismatch)),

@@ -1,4 +1,5 @@
-"""The package's folders are its layers, and imports run one way (README, "How the code is organised")."""
+"""The package's folders are its layers, imports run one way (README, "How the code is organised"),
+and files, functions and argument lists stay small."""
 
 from __future__ import annotations
 
@@ -135,3 +136,52 @@ def test_importing_the_core_math_loads_no_framework():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]", f"importing {core} loaded {loaded.strip()}"
+
+
+# The house rules (DEVELOPERS.md): files stay small, functions short, argument lists short.
+MAX_FILE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS = 400, 60, 7
+SOURCES = sorted(p for folder in ("spd_lightning", "bench", "tests") for p in (PACKAGE.parent / folder).rglob("*.py"))
+SOURCES.append(PACKAGE.parent / "run.py")
+
+
+def functions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    args = node.args
+    return [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs if a.arg not in ("self", "cls")]
+
+
+def is_constructor(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """__init__, or an alternate constructor (`from_pretrained`, `from_jsonl`): their parameters are the settings."""
+    return node.name == "__init__" or node.name.startswith("from_")
+
+
+def where(path: Path, node=None) -> str:
+    return f"{path.relative_to(PACKAGE.parent)}" + (f":{node.lineno} {node.name}" if node else "")
+
+
+def test_no_file_is_over_400_lines():
+    long = [f"{where(p)} ({n})" for p in SOURCES if (n := p.read_text().count("\n")) > MAX_FILE_LINES]
+    assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
+
+
+def test_no_function_is_over_60_lines():
+    long = [
+        f"{where(p, f)} ({n})"
+        for p in SOURCES
+        for f in functions(p)
+        if (n := f.end_lineno - f.lineno + 1) > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_no_function_takes_more_than_7_parameters():
+    many = [
+        f"{where(p, f)} ({len(parameters(f))})"
+        for p in SOURCES
+        for f in functions(p)
+        if len(parameters(f)) > MAX_PARAMETERS and not is_constructor(f)
+    ]
+    assert not many, f"functions with more than {MAX_PARAMETERS} parameters (group them in a dataclass): {many}"
