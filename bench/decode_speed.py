@@ -36,15 +36,16 @@ from transformers import AutoTokenizer, GenerationConfig
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.answers import gsm8k_final_number
 from spd_lightning.data.prompts import PromptList, encode_prompts
-from spd_lightning.decoding.policies import POLICY_NAMES, PolicySettings
+from spd_lightning.decoding.policies import PolicySettings
 from spd_lightning.decoding.speculative import SpeculativeDecoder
 from spd_lightning.judge.head import judge_notes, load_judge
 from spd_lightning.models.hf import end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.reporting.names import POLICIES
 from spd_lightning.reporting.plots import plot_speed
 from spd_lightning.targets.local import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {name: f"ours: {POLICY_NAMES[name]}" for name in ("greedy", "standard_sd", "judge", "kl_below")}
+OURS = {name: f"ours: {POLICIES[name].short}" for name in ("greedy", "standard_sd", "judge", "kl_below")}
 
 
 class CallCounter:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hydra_compose import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -45,32 +46,10 @@ def toy_prefixes(toy_tokenizer) -> list[list[int]]:
     return [toy_tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-CONF = ROOT / "conf"
-
-
-def _compose_train(overrides: list[str], output_dir: Path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from spd_lightning.tasks.schemas import register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 @pytest.fixture
 def compose_train():
     """compose_train(overrides, output_dir) -> the composed train config, as run.py would see it."""
-    yield _compose_train
+    yield compose_config
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()

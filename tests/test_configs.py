@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from hydra_compose import compose_config
 from omegaconf import DictConfig, OmegaConf
 
 from spd_lightning.core.exact import ExactLoss
@@ -127,11 +128,11 @@ def test_a_pair_names_each_model_role_once(task: str, tmp_path: Path, compose_tr
     cfg = compose_train([f"task={task}", "pair=qwen_coder", "pair.dir=/pairs/qc", *raw], tmp_path)
     draft, target = "/pairs/qc/draft", "/pairs/qc/target"
     assert (cfg.model.path, cfg.model.tokenizer, cfg.target.model_path) == (draft, target, target)
-    section = {"prepare": "draft", "eval": "eval", "decode": "decode"}.get(task)
-    if section == "draft":
+    # eval's rules and decode's loop read pair.draft and pair.target themselves: no key of their own.
+    assert (cfg.pair.draft, cfg.pair.target) == (draft, target)
+    assert not {"draft_path", "target_path"} & set(cfg.get(task) or {})
+    if task == "prepare":
         assert cfg.draft.model_path == draft
-    elif section is not None:
-        assert (cfg[section].draft_path, cfg[section].target_path) == (draft, target)
     hub = compose_train(["pair=qwen_coder", "pair.target=Qwen/Qwen2.5-Coder-1.5B-Instruct"], tmp_path)
     assert hub.target.model_path == hub.model.tokenizer == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
 
@@ -183,10 +184,9 @@ TASK_OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def composed_tasks(toy_world: Path, tmp_path_factory) -> dict[str, DictConfig]:
-    from conftest import _compose_train
 
     out = tmp_path_factory.mktemp("ranges")
-    cfgs = {name: _compose_train([f"toy.out={toy_world}", *o], out) for name, o in TASK_OVERRIDES.items()}
+    cfgs = {name: compose_config([f"toy.out={toy_world}", *o], out) for name, o in TASK_OVERRIDES.items()}
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()

@@ -50,7 +50,7 @@ def test_baselines_in_process_write_decode_json(compose_train, toy_world: Path, 
     [
         ([], "task=decode needs the trained scorer: ckpt_path="),
         (["decode.policies=[greedy,beam]"], r"decode.policies \['greedy', 'beam'\]: choose among"),
-        (["decode.policies=[greedy]", "decode.target_path=no-such-model"], "(?s)'no-such-model'.*decode.target_path="),
+        (["decode.policies=[greedy]", "pair.target=no-such-model"], "(?s)'no-such-model'.*pair.target="),
         (["decode.policies=[greedy]", "decode.block_size=0"], "decode.block_size, .* must be >= 1"),
         (["decode.policies=[greedy,kl_below]"], "decode.policies has kl_below: set decode.kl_threshold="),
         (["decode.policies=[greedy,judge]"], "decode.policies has judge, but decode.judge_path=None is not a file"),

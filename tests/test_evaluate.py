@@ -226,7 +226,7 @@ def test_eval_outside_the_toy_world_names_the_rule_models_to_set(
         f"ckpt_path={trained_ckpt}",
     ]
     cfg = compose_train(overrides, tmp_path)
-    with pytest.raises(SetupError, match=r"eval.target_path is not set .*python run.py eval.target_path=PATH"):
+    with pytest.raises(SetupError, match=r"pair.target is not set .*python run.py pair.target=PATH"):
         evaluate(cfg)
 
 

@@ -10,7 +10,7 @@ from spd_lightning.core.reward import RewardWeights
 from spd_lightning.core.rules import token_features
 from spd_lightning.core.sampling import hybrid_prefix
 from spd_lightning.data.records import Record, load_records, split_by_prompt
-from spd_lightning.judge.compare import JUDGE_LABELS, CompareSettings, Split, compare, train_judges
+from spd_lightning.judge.compare import JUDGES, CompareSettings, Split, compare, train_judges
 from spd_lightning.judge.fit import FitSettings
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, JudgeInputs, autojudge_labels, judge_token_features
 from spd_lightning.judge.inputs import DiskCompletions, Greedy, block_inputs, complete_outcomes
@@ -135,12 +135,12 @@ def test_every_judge_trains_on_the_toy_world(toy_world):
     train, heldout = _toy_split(train_records, target, draft), _toy_split(held, target, draft)
     settings = CompareSettings(fit=FitSettings(steps=150, lr=1e-2, batch_size=64), scorer_lr=3e-3, sweep=9)
     judges, heads = train_judges(train, settings, RewardWeights(), ScoringActor(draft.get_decoder()))
-    assert set(judges) == set(JUDGE_LABELS)
+    assert set(judges) == set(JUDGES)
     assert set(heads) == {"judge_sup", "judge_grpo", "judge_exact"}
     rows = compare(heldout, judges, settings)
     parity = best_at_parity(rows, 0.01)
     sd = parity["standard_sd"]["accept_len"]  # 0.50
-    for name in JUDGE_LABELS:
+    for name in JUDGES:
         # Untrained, every judge is accept-all at 0.5 (accuracy 0.24 here); trained, each keeps more
         # draft tokens than standard SD at parity (0.87-0.90 measured).
         assert parity[name]["accept_len"] > sd + 0.2, name

@@ -125,15 +125,9 @@ def judge_policy(head: JudgeHead, threshold: float) -> Policy:
     return decide
 
 
-# Policy name -> how tables call it; the same names as task=decode's decode.policies.
-POLICY_NAMES = {
-    "greedy": "greedy target",
-    "standard_sd": "standard SD",
-    "scorer": "SPD scorer",
-    "kl_below": "KL rule",
-    "judge": "zero-cost judge",
-    "accept_all": "accept all",
-}
+# The policies a decoding loop runs by name (task=decode's decode.policies, the generation API), in
+# table order; names.POLICIES says what each is called.
+DECODE_POLICIES = ("greedy", "standard_sd", "scorer", "kl_below", "judge", "accept_all")
 
 
 @dataclass
@@ -161,4 +155,4 @@ def named_policy(name: str, settings: PolicySettings) -> tuple[Policy, bool]:
         if settings.judge is None or settings.judge_threshold is None:
             raise SetupError("policy judge needs a judge head and its threshold (judge_path=... from bench/judges.py)")
         return judge_policy(settings.judge, settings.judge_threshold), True
-    raise SetupError(f"policy {name!r}: choose among {[n for n in POLICY_NAMES if n != 'scorer']} or pass a Policy")
+    raise SetupError(f"policy {name!r}: choose among {[n for n in DECODE_POLICIES if n != 'scorer']} or pass a Policy")

@@ -11,7 +11,7 @@ zero-cost judge, the KL rule, or standard SD), prompt text in, text and statisti
     print(out.text, out.stats["tokens_per_s"], out.stats["target_calls_per_token"])
 
 The loop is decoding.generate_cached (KV caches for both models, rolled back after each block).
-Policies, by name (policies.POLICY_NAMES): greedy (the target alone), standard_sd (lossless: every
+Policies, by name (policies.DECODE_POLICIES): greedy (the target alone), standard_sd (lossless: every
 mismatch rejected), judge (a head saved by bench/judges.py), kl_below (the training-free KL
 rule), accept_all; or any decoding.Policy callable.
 """
@@ -30,7 +30,7 @@ from spd_lightning.decoding.loop import Generation, LoopClock, LoopSettings, gen
 from spd_lightning.decoding.policies import Policy, PolicySettings, named_policy
 from spd_lightning.errors import SetupError
 from spd_lightning.judge.head import load_judge
-from spd_lightning.models.hf import check_covers_tokenizer, end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.models.hf import check_shared_vocabulary, end_of_sequence_ids, tokenizer_eos_ids
 from spd_lightning.targets.local import load_causal_lm
 
 
@@ -83,8 +83,7 @@ class SpeculativeDecoder:
     ) -> None:
         if block_size < 1:
             raise SetupError(f"block_size={block_size}: a block holds at least one draft token")
-        for what, model in (("draft", draft), ("target", target)):
-            check_covers_tokenizer(model.config.vocab_size, tokenizer, f"the {what}")
+        check_shared_vocabulary(tokenizer, {"the draft": draft, "the target": target})
         self.draft, self.target, self.tokenizer = draft, target, tokenizer
         self.chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
         self.system_prompt = system_prompt  # with the chat template: a system turn first (None: the template's)

@@ -31,13 +31,8 @@ from spd_lightning.verification.outcomes import (
     tradeoff_rows,
 )
 
-# The trained judges, in table order, with what each one is.
-JUDGE_LABELS = {
-    "judge_sup": "zero-cost judge, supervised (AutoJudge labels)",
-    "judge_grpo": "zero-cost judge, GRPO",
-    "judge_exact": "zero-cost judge, exact expected reward",
-    "scorer_grpo": "ScoringActor head (draft states), GRPO",
-}
+# The trained judges, in table order (names.POLICIES says what each one is).
+JUDGES = ("judge_sup", "judge_grpo", "judge_exact", "scorer_grpo")
 
 
 @dataclass

@@ -69,7 +69,7 @@ class ZeroCostJudge(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
-        """The model whose vocabulary the scorer reads (train.check_shared_vocab): the target."""
+        """The model whose vocabulary the scorer reads (hf.check_shared_vocabulary): the target."""
         return self.models.target
 
     def _key(self, record: Record) -> tuple[int, ...]:

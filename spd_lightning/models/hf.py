@@ -92,6 +92,18 @@ def check_covers_tokenizer(vocab_size: int, tokenizer, what: str) -> None:
         )
 
 
+def check_shared_vocabulary(tokenizer, parts: dict) -> None:
+    """The one vocabulary check: speculative decoding compares token ids, so every part must use
+    `tokenizer`'s vocabulary. parts: what messages call a part ("the draft (pair.draft)")
+    -> a model (its embeddings must cover the tokenizer) or a target backend (its own
+    `check_tokenizer`: a local model's embeddings and EOS, a vLLM server's tokenisation)."""
+    for name, part in parts.items():
+        if hasattr(part, "check_tokenizer"):
+            part.check_tokenizer(tokenizer, role=name)
+        else:
+            check_covers_tokenizer(part.config.vocab_size, tokenizer, name)
+
+
 def resolve_device(name: str, config_key: str) -> str:
     """cpu, cuda, cuda:N, or auto (cuda when there is one); cuda without a GPU is a SetupError."""
     if name == "auto":

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a training node
 import matplotlib.pyplot as plt  # noqa: E402
 
-VAL_POLICIES = {"val/": "SPD scorer", "val/standard_sd/": "standard SD", "val/accept_all/": "accept all"}
+from spd_lightning.reporting.names import POLICIES, VAL_POLICIES, val_key  # noqa: E402
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -35,14 +35,15 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     series = read_metrics(metrics_csv)
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     _plot(axes[0], series.get("train/reward", []), "train reward")
-    _plot(axes[0], series.get("val/reward", []), "val reward (scorer)", marker="o")
+    _plot(axes[0], series.get(val_key("scorer", "reward"), []), "val reward (scorer)", marker="o")
     axes[0].set_title("reward")
     for s in "ABCD":
         _plot(axes[1], series.get(f"train/scenario_{s}", []), s)
     axes[1].set_title("scenario shares (A acc+right, B acc+wrong, C rej+right, D rej+wrong)", fontsize=8)
-    for prefix, name in VAL_POLICIES.items():
-        _plot(axes[2], series.get(f"{prefix}accept_len", []), name, marker="o")
-        _plot(axes[3], series.get(f"{prefix}accuracy", []), name, marker="o")
+    for policy in VAL_POLICIES:
+        name = POLICIES[policy].short
+        _plot(axes[2], series.get(val_key(policy, "accept_len"), []), name, marker="o")
+        _plot(axes[3], series.get(val_key(policy, "accuracy"), []), name, marker="o")
     axes[2].set_title("val: draft tokens accepted per block")
     axes[3].set_title("val: accuracy")
     for ax in axes:

@@ -7,35 +7,32 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-POLICY_NAMES = {
-    "": "SPD scorer (trained)",
-    "standard_sd/": "standard SD (reject mismatches)",
-    "accept_all/": "accept all",
-}
+from spd_lightning.reporting.names import INITIAL, POLICIES, VAL_METRICS, VAL_POLICIES, val_key
 
 
 def accept_len_at_parity(summary: dict[str, float], tolerance: float) -> float:
     """The trained scorer's draft tokens kept per block, or 0 when its accuracy falls more than
     `tolerance` below standard speculative decoding's. Unlike val/reward it does not depend on
     the reward weights, so sweeps over those weights can rank trials by it."""
-    if summary["val/accuracy"] < summary["val/standard_sd/accuracy"] - tolerance:
+    if summary[val_key("scorer", "accuracy")] < summary[val_key("standard_sd", "accuracy")] - tolerance:
         return 0.0
-    return summary["val/accept_len"]
+    return summary[val_key("scorer", "accept_len")]
 
 
-def print_summary(summary: dict[str, float], policies: list[str], path: Path) -> None:
+def print_summary(summary: dict[str, float], path: Path) -> None:
     table = Table(title="Validation: accuracy vs draft tokens accepted per block")
     for col in ("policy", "accuracy", "accept_len", "reward"):
         table.add_column(col, justify="left" if col == "policy" else "right")
-    for p in policies:
-        row = [summary.get(f"val/{p}{m}") for m in ("accuracy", "accept_len", "reward")]
-        table.add_row(POLICY_NAMES.get(p, p), *(f"{v:.3f}" if v is not None else "-" for v in row))
-    if "initial/val/accuracy" in summary:
-        row = [summary.get(f"initial/val/{m}") for m in ("accuracy", "accept_len", "reward")]
-        table.add_row("SPD scorer (before training)", *(f"{v:.3f}" for v in row))
+    for p in VAL_POLICIES:
+        row = [summary.get(val_key(p, m)) for m in VAL_METRICS]
+        name = POLICIES[p].label if p != "scorer" else f"{POLICIES[p].short} (trained)"
+        table.add_row(name, *(f"{v:.3f}" if v is not None else "-" for v in row))
+    if INITIAL + val_key("scorer", "accuracy") in summary:
+        row = [summary.get(INITIAL + val_key("scorer", m)) for m in VAL_METRICS]
+        table.add_row(f"{POLICIES['scorer'].short} (before training)", *(f"{v:.3f}" for v in row))
     console = Console()
     console.print(table)
-    sd, ours = summary.get("val/standard_sd/accept_len"), summary.get("val/accept_len")
+    sd, ours = summary.get(val_key("standard_sd", "accept_len")), summary.get(val_key("scorer", "accept_len"))
     if sd and ours is not None:
         console.print(f"accepted draft tokens per block: {ours / sd:.2f}x standard SD")
     console.print(f"summary: {path}", soft_wrap=True)

@@ -22,10 +22,12 @@ def load_causal_lm(
     what: str = "target model",
     config_key: str = "target.model_path",
     offline_key: str | None = None,
+    section: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM in eval mode on `device`; errors name `what` and the config keys of the caller
-    (`config_key` for the path, its siblings `.dtype` and `.device` for the dtype and device)."""
-    section = config_key.rsplit(".", 1)[0]
+    (`config_key` for the path, `section`.dtype and `section`.device for the dtype and device;
+    section None: config_key's own section)."""
+    section = section or config_key.rsplit(".", 1)[0]
     model_dtype = torch_dtype(dtype, section + ".dtype")
     device = resolve_device(device, section + ".device")  # before minutes of loading, not after
     model = load_pretrained(AutoModelForCausalLM, path, what, config_key, offline_key, dtype=model_dtype)

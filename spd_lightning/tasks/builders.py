@@ -4,12 +4,28 @@ from __future__ import annotations
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from spd_lightning.models.hf import check_covers_tokenizer
+from spd_lightning.errors import SetupError
 from spd_lightning.models.scorer import ScoringActor
 
+# How vocabulary messages name the scorer's backbone.
+SCORER = "the scorer backbone (model.path)"
 # Keys of the model group that are not arguments of ScoringActor.from_pretrained.
 MODEL_ONLY_KEYS = ("tokenizer", "served_model_name")
+
+
+def pair_path(cfg: DictConfig, role: str) -> str:
+    """pair.draft or pair.target, the one place that names each model (conf/pair/); the defaults
+    point into the toy world, which a user may have switched off (~toy)."""
+    key = f"pair.{role}"
+    try:
+        path = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException:
+        path = None
+    if path is None:
+        raise SetupError(f"{key} is not set (its default needs the toy world): python run.py {key}=PATH")
+    return str(path)
 
 
 def build_scorer(model: DictConfig) -> ScoringActor:
@@ -21,9 +37,3 @@ def build_scorer(model: DictConfig) -> ScoringActor:
 def instantiate_dict(cfg: DictConfig | None) -> list:
     """Callbacks and loggers are dicts of named entries; an entry without _target_ is skipped."""
     return [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
-
-
-def check_shared_vocab(tokenizer, scorer, target) -> None:
-    """Draft, target and scorer must share one vocabulary: speculative decoding compares token ids."""
-    check_covers_tokenizer(scorer.backbone.config.vocab_size, tokenizer, "the scorer backbone (model.path)")
-    target.check_tokenizer(tokenizer)

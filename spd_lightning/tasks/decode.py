@@ -2,7 +2,7 @@
 
     python run.py task=decode ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt
     python run.py task=decode ckpt_path=CKPT data=prompts data.raw=prompts.jsonl \
-        decode.draft_path=/models/draft decode.target_path=/models/target model=...
+        pair.draft=/models/draft pair.target=/models/target model=...
 
 Every prompt is decoded once per policy (decode.policies) with the draft, the target and the
 trained scorer in-process (spd_lightning/decoding/loop.py has the loop). Writes decode.json (the
@@ -22,8 +22,7 @@ from typing import Optional
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
@@ -32,7 +31,7 @@ from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.prompts import Prompt, encode_prompts
 from spd_lightning.decoding.loop import Generation, LoopSettings, generate, generate_cached, summarize, timed
 from spd_lightning.decoding.policies import (
-    POLICY_NAMES,
+    DECODE_POLICIES,
     Policy,
     PolicySettings,
     judge_policy,
@@ -42,8 +41,10 @@ from spd_lightning.decoding.policies import (
 from spd_lightning.errors import SetupError
 from spd_lightning.judge.head import JudgeHead, load_judge
 from spd_lightning.judge.zero_cost import ZeroCostJudge
-from spd_lightning.models.hf import check_covers_tokenizer, load_tokenizer, resolve_device, tokenizer_eos_ids
+from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, resolve_device, tokenizer_eos_ids
+from spd_lightning.reporting.names import POLICIES
 from spd_lightning.targets.local import load_causal_lm
+from spd_lightning.tasks.builders import SCORER, pair_path
 from spd_lightning.tasks.checkpoint import load_trained_scorer
 from spd_lightning.toy.build import build_toy_world
 
@@ -82,39 +83,32 @@ class DecodeConfig:
     # judge: accept a mismatch when its probability is >= this; null: the threshold saved with the
     # judge (its longest blocks at parity with standard SD on the bench's held-out records).
     judge_threshold: Optional[float] = None  # noqa: UP045
-    # The draft and the target causal LMs (transformers directories).
-    draft_path: str = MISSING
-    target_path: str = MISSING
     # float32, bfloat16 or float16, for draft and target (the scorer's is model.dtype).
     dtype: str = "float32"
     # cpu, cuda, cuda:N, or auto (cuda when there is one).
     device: str = "cpu"
 
 
-def _load_lm(cfg: DictConfig, what: str, key: str, device: str) -> PreTrainedModel:
-    """The causal LM at cfg.decode.<key>; its defaults point into the toy world, gone with ~toy."""
-    try:
-        path = cfg.decode[key]
-    except (InterpolationResolutionError, MissingMandatoryValue):
-        raise SetupError(f"decode.{key} must be set without the toy world: decode.{key}=/models/{what}") from None
+def _load_lm(cfg: DictConfig, role: str, device: str) -> PreTrainedModel:
+    """The causal LM at pair.<role> (draft or target)."""
     offline_key = "model.local_files_only" if cfg.model.local_files_only else None  # as for the scorer
-    return load_causal_lm(path, cfg.decode.dtype, device, f"{what} model", f"decode.{key}", offline_key)
+    path, what = pair_path(cfg, role), f"{role} model"
+    return load_causal_lm(path, cfg.decode.dtype, device, what, f"pair.{role}", offline_key, section="decode")
 
 
-def _check_vocab(tokenizer, models: dict[str, torch.nn.Module]) -> None:
-    """Speculative decoding compares token ids: every model must know every token of the tokenizer."""
+def _check_vocab(tokenizer, parts: dict[str, torch.nn.Module]) -> None:
+    """Every model must know every token of the tokenizer, which must say where generation stops."""
     if tokenizer.eos_token_id is None:
         raise SetupError("the tokenizer (model.tokenizer) has no EOS token: generation could never stop")
-    for key, model in models.items():
-        check_covers_tokenizer(model.config.vocab_size, tokenizer, key)
+    check_shared_vocabulary(tokenizer, parts)
 
 
 def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[Policy, int]]:
     """decode.policies -> name: (policy, block size); greedy is the target alone (block size 0)."""
     settings = cfg.decode
-    unknown = sorted(set(settings.policies) - set(POLICY_NAMES))
+    unknown = sorted(set(settings.policies) - set(DECODE_POLICIES))
     if unknown or not settings.policies:
-        raise SetupError(f"decode.policies {list(settings.policies)}: choose among {list(POLICY_NAMES)}")
+        raise SetupError(f"decode.policies {list(settings.policies)}: choose among {list(DECODE_POLICIES)}")
     if settings.draft_confidence is not None and not settings.kv_cache:
         raise SetupError("decode.draft_confidence needs decode.kv_cache=true (the loop that drafts per block)")
     if settings.block_size < 1 or settings.max_new_tokens < 1 or settings.batch_size < 1:
@@ -130,7 +124,7 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
         choice.judge, choice.judge_threshold = _judge(settings)
     policies = {}
     # A fixed order, whatever the config's: greedy's responses are the others' reference.
-    for name in (n for n in POLICY_NAMES if n in settings.policies):
+    for name in (n for n in DECODE_POLICIES if n in settings.policies):
         if name == "scorer":
             policies[name] = (_scorer_policy(cfg, tokenizer, device), k)
         else:
@@ -157,7 +151,7 @@ def _scorer_policy(cfg: DictConfig, tokenizer, device: str) -> Policy:
     threshold = cfg.decode.threshold
     if threshold is None:  # the threshold the training run validated the scorer at
         threshold = float(hparams.get("threshold", cfg.module.threshold))
-    _check_vocab(tokenizer, {"the scorer backbone (model.path)": scorer.backbone})
+    _check_vocab(tokenizer, {SCORER: scorer.backbone})
     log.info("scorer from %s, accepting mismatches at p >= %.3f", cfg.ckpt_path, threshold)
     pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     if isinstance(scorer, ZeroCostJudge):  # model=judge: its head reads what the block computed
@@ -187,8 +181,8 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     if "greedy" not in settings.policies:
         references(prompts, None)  # fails now, not after decoding, when a prompt has no answer
     policies = build_policies(cfg, tokenizer, device)
-    draft, target = _load_lm(cfg, "draft", "draft_path", device), _load_lm(cfg, "target", "target_path", device)
-    _check_vocab(tokenizer, {"the draft (decode.draft_path)": draft, "the target (decode.target_path)": target})
+    draft, target = _load_lm(cfg, "draft", device), _load_lm(cfg, "target", device)
+    _check_vocab(tokenizer, {"the draft (pair.draft)": draft, "the target (pair.target)": target})
     prompt_ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer_eos_ids(tokenizer), tokenizer.pad_token_id
     pad = tokenizer.eos_token_id if pad is None else pad
@@ -250,9 +244,9 @@ def print_table(summary: dict[str, float], path: Path, kv_cache: bool = False) -
     table.add_column("policy")
     for title in columns.values():
         table.add_column(title, justify="right")
-    for name, title in POLICY_NAMES.items():
+    for name in DECODE_POLICIES:
         if f"{name}/accuracy" in summary:
-            table.add_row(title, *(f"{summary.get(f'{name}/{m}', float('nan')):.3f}" for m in columns))
+            table.add_row(POLICIES[name].short, *(f"{summary.get(f'{name}/{m}', float('nan')):.3f}" for m in columns))
     console = Console()
     console.print(table)
     console.print("calls/token: target passes per generated token; kept/block: draft tokens kept")

@@ -7,7 +7,7 @@ On the held-out records of the data group (data.val_path, or the split of data.p
 reachable block end of every record is verified once by the target (outcomes.py); then the scorer
 at each threshold, standard SD, accept-all, and the top-k, KL and entropy rules (rules.py) are
 table lookups on the same verdicts. The rules read the draft's and the target's distributions from
-in-process copies of both models (eval.draft_path, eval.target_path), also with target=vllm: vLLM's
+in-process copies of both models (pair.draft, pair.target), also with target=vllm: vLLM's
 prompt logprobs hold only the top few tokens, not the whole distributions KL and entropy need.
 
 Writes eval.json, tradeoff.csv and tradeoff.png to the run directory, logs them to wandb when that
@@ -27,7 +27,6 @@ from typing import Optional
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -35,20 +34,21 @@ from spd_lightning.core.rules import TokenFeatures, quantile_thresholds, token_f
 from spd_lightning.core.sampling import mismatch_mask
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.records import Record, check_vocab, collate_records
-from spd_lightning.errors import RecordError, SetupError
-from spd_lightning.models.hf import check_covers_tokenizer, load_tokenizer, resolve_device
+from spd_lightning.errors import RecordError
+from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, resolve_device
 from spd_lightning.models.lm import teacher_forced_logits
 from spd_lightning.models.scorer import ScoringActor
+from spd_lightning.reporting.names import POLICIES
 from spd_lightning.reporting.plots import plot_tradeoff
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.local import load_causal_lm
-from spd_lightning.tasks.builders import check_shared_vocab, instantiate_dict
+from spd_lightning.tasks.builders import SCORER, instantiate_dict, pair_path
 from spd_lightning.tasks.checkpoint import load_trained_scorer
 from spd_lightning.toy.build import build_toy_world
 from spd_lightning.training.callbacks import finish_wandb, log_config, log_images, wandb_loggers
 from spd_lightning.verification.hybrid import HybridVerifier
 from spd_lightning.verification.outcomes import (
-    POLICY_LABELS,
+    FAMILIES,
     OutcomeTable,
     RuleSweep,
     best_at_parity,
@@ -92,40 +92,29 @@ class EvalConfig:
     max_records: Optional[int] = None  # noqa: UP045
     # Records per scorer / rule-model forward and per verification call; lower it for long contexts.
     batch_size: int = 64
-    # The draft and target causal LMs whose distributions the training-free rules read.
-    draft_path: str = "???"
-    target_path: str = "???"
-    # dtype of those two models: float32, bfloat16 or float16.
+    # dtype of the models the training-free rules read (pair.draft, pair.target): float32, bfloat16, float16.
     dtype: str = "float32"
     # Where the scorer and the rule models run: cpu, cuda, cuda:N, or auto (cuda when available).
     device: str = "cpu"
 
 
-def _setting(cfg: DictConfig, key: str) -> str:
-    """A config value that may interpolate a group the user switched off (~toy)."""
-    try:
-        return str(OmegaConf.select(cfg, key, throw_on_missing=True))
-    except OmegaConfBaseException:
-        raise SetupError(f"{key} is not set (its default needs the toy world): python run.py {key}=PATH") from None
-
-
 def load_rule_model(path: str, key: str, dtype: str, device: str, tokenizer) -> PreTrainedModel:
     """A causal LM for the training-free rules, on `device` in eval mode; it must cover the tokenizer."""
-    model = load_causal_lm(path, dtype, device, "causal LM", key)
-    check_covers_tokenizer(model.config.vocab_size, tokenizer, f"{key}={path}")
+    model = load_causal_lm(path, dtype, device, "causal LM", key, section="eval")
+    check_shared_vocabulary(tokenizer, {f"{key}={path}": model})
     return model
 
 
 def rule_models(cfg: DictConfig, target, tokenizer) -> tuple[PreTrainedModel, PreTrainedModel]:
     """(target LM, draft LM) for the rules; an in-process target of the same path is reused."""
     ecfg, device = cfg.eval, resolve_device(cfg.eval.device, "eval.device")
-    target_path, draft_path = _setting(cfg, "eval.target_path"), _setting(cfg, "eval.draft_path")
+    target_path, draft_path = pair_path(cfg, "target"), pair_path(cfg, "draft")
     same = isinstance(target, LocalTarget) and cfg.target.get("model_path") == target_path
     if same and str(target.device) == device and ecfg.dtype == cfg.target.dtype:
         target_lm = target.model
     else:
-        target_lm = load_rule_model(target_path, "eval.target_path", ecfg.dtype, device, tokenizer)
-    return target_lm, load_rule_model(draft_path, "eval.draft_path", ecfg.dtype, device, tokenizer)
+        target_lm = load_rule_model(target_path, "pair.target", ecfg.dtype, device, tokenizer)
+    return target_lm, load_rule_model(draft_path, "pair.draft", ecfg.dtype, device, tokenizer)
 
 
 def eval_records(cfg: DictConfig, vocab: int) -> list[Record]:
@@ -208,7 +197,7 @@ def write_outputs(out: Path, summary: dict, rows: list[dict], highlight: dict) -
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    return [plot_tradeoff(rows, POLICY_LABELS, highlight, out / "tradeoff.png")]
+    return [plot_tradeoff(rows, {p: POLICIES[p].label for p in FAMILIES}, highlight, out / "tradeoff.png")]
 
 
 def log_results(loggers: list, metrics: dict[str, float], rows: list[dict], pngs: list[Path]) -> None:
@@ -221,17 +210,6 @@ def log_results(loggers: list, metrics: dict[str, float], rows: list[dict], pngs
     log_images(loggers, pngs, step=0)
     for logger in loggers:
         logger.finalize("success")
-
-
-# Short names for the printed table (POLICY_LABELS says what each accepts).
-SHORT_NAMES = {
-    "scorer": "SPD scorer",
-    "standard_sd": "standard SD",
-    "accept_all": "accept all",
-    "topk": "top-k",
-    "kl_below": "KL <= tau",
-    "entropy_above": "entropy >= tau",
-}
 
 
 def print_table(rows: list[dict], threshold: float, tolerance: float, num_records: int, out: Path) -> None:
@@ -256,11 +234,11 @@ def print_table(rows: list[dict], threshold: float, tolerance: float, num_record
 
     add("SPD scorer (configured)", next(r for r in rows if r["policy"] == "scorer" and r["parameter"] == threshold))
     for policy in ("standard_sd", "accept_all"):
-        add(SHORT_NAMES[policy], next(r for r in rows if r["policy"] == policy))
+        add(POLICIES[policy].short, next(r for r in rows if r["policy"] == policy))
     table.add_section()
     parity = best_at_parity(rows, tolerance)
     for policy in ("scorer", "topk", "kl_below", "entropy_above"):
-        add(f"{SHORT_NAMES[policy]}, at parity", parity.get(policy))
+        add(f"{POLICIES[policy].short}, at parity", parity.get(policy))
     console = Console()
     console.print(table)
     console.print(
@@ -306,7 +284,7 @@ def summarize(cfg: DictConfig, table: OutcomeTable, rows: list[dict], stats: dic
 def run_eval(cfg: DictConfig, scorer: ScoringActor, tokenizer, records: list[Record], target) -> dict[str, float]:
     """Verify, sweep, write, log and print; returns the headline metrics."""
 
-    check_shared_vocab(tokenizer, scorer, target)
+    check_shared_vocabulary(tokenizer, {SCORER: scorer.backbone, "target": target})
     verifier = HybridVerifier(
         target, tokenizer, instantiate(cfg.verifier), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
     )

@@ -27,7 +27,7 @@ from spd_lightning.data.builder import REFERENCES, BlockSpec, Counts, ResponseRe
 from spd_lightning.data.prompts import Prompt, encode_prompts
 from spd_lightning.data.resumable import ResumableJsonl, write_atomically
 from spd_lightning.errors import SetupError
-from spd_lightning.models.hf import load_tokenizer, tokenizer_eos_ids
+from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, tokenizer_eos_ids
 from spd_lightning.toy.build import build_toy_world
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,11 @@ def build_backend(cfg: DictConfig, role: str):
         raise SetupError(re.sub(r"\btarget([.=])", rf"{role}\1", str(cause))) from None
 
 
-def check_shared_vocabulary(cfg: DictConfig, tokenizer, draft, target) -> None:
+def check_backends_vocabulary(cfg: DictConfig, tokenizer, draft, target) -> None:
     """Draft and target must both use model.tokenizer's vocabulary: records compare their token ids."""
     for role, backend in (("draft", draft), ("target", target)):
         try:
-            backend.check_tokenizer(tokenizer, role=role)
+            check_shared_vocabulary(tokenizer, {role: backend})
         except SetupError as err:
             raise SetupError(
                 f"{err} Here the draft is {backend_name(cfg.draft)}, the target {backend_name(cfg.target)} and "
@@ -200,7 +200,7 @@ def prepare(cfg: DictConfig) -> None:
     try:
         target = build_backend(cfg, "target")
         try:
-            check_shared_vocabulary(cfg, tokenizer, draft, target)
+            check_backends_vocabulary(cfg, tokenizer, draft, target)
             counts = prepare_chunks(cfg, prompts, tokenizer, draft, target, spec, writer)
         finally:
             target.close()

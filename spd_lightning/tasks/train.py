@@ -23,15 +23,16 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from spd_lightning.data.records import check_vocab
 from spd_lightning.errors import VerificationError
-from spd_lightning.models.hf import load_tokenizer
+from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer
+from spd_lightning.reporting.names import INITIAL, PARITY_METRIC
 from spd_lightning.reporting.plots import plot_training_curves
 from spd_lightning.reporting.summary import accept_len_at_parity, print_summary
-from spd_lightning.tasks.builders import build_scorer, check_shared_vocab, instantiate_dict
+from spd_lightning.tasks.builders import SCORER, build_scorer, instantiate_dict
 from spd_lightning.tasks.checkpoint import check_resume_checkpoint
 from spd_lightning.toy.build import build_toy_world
 from spd_lightning.training.callbacks import finish_wandb, log_config, log_images
 from spd_lightning.training.datamodule import RecordDataModule
-from spd_lightning.training.module import VAL_POLICIES, SPDModule
+from spd_lightning.training.module import SPDModule
 from spd_lightning.verification.hybrid import HybridVerifier
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
     check_vocab(datamodule.train_records + datamodule.val_records, len(tokenizer), cfg.data.path)
     target = instantiate(cfg.target)
-    check_shared_vocab(tokenizer, scorer, target)
+    check_shared_vocabulary(tokenizer, {SCORER: scorer.backbone, "target": target})
     verifier = HybridVerifier(
         target, tokenizer, instantiate(cfg.verifier), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
     )
@@ -183,12 +184,12 @@ def fit_and_summarise(
             steps = torch.load(best, map_location="cpu", mmap=True, weights_only=False)["global_step"]
     # Every rank gets the same values: validation metrics are reduced over the processes (sync_dist).
     final = validation_metrics(trainer, module, datamodule)
-    summary = {**final, **{f"initial/{k}": v for k, v in initial.items()}}
+    summary = {**final, **{f"{INITIAL}{k}": v for k, v in initial.items()}}
     summary["train/steps"] = steps
-    summary["val/accept_len_at_parity"] = accept_len_at_parity(summary, cfg.parity_tolerance)
+    summary[PARITY_METRIC] = accept_len_at_parity(summary, cfg.parity_tolerance)
     if trainer.is_global_zero:
         for logger in trainer.loggers:  # so that W&B sweeps can optimise it too
-            logger.log_metrics({"val/accept_len_at_parity": summary["val/accept_len_at_parity"]}, step=steps)
+            logger.log_metrics({PARITY_METRIC: summary[PARITY_METRIC]}, step=steps)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
@@ -196,5 +197,5 @@ def fit_and_summarise(
         if metrics_csv.is_file():
             plot_training_curves(metrics_csv, out / "training_curves.png")
         log_images(trainer.loggers, sorted(out.glob("*.png")), step=steps)
-        print_summary(summary, list(VAL_POLICIES), out / "summary.json")
+        print_summary(summary, out / "summary.json")
     return summary.get(cfg.optimized_metric)

@@ -19,10 +19,8 @@ from spd_lightning.core.rollout import Rollouts, score
 from spd_lightning.core.sampling import accepted_any_mismatch, first_reject, mismatch_mask, threshold_decisions
 from spd_lightning.data.records import RecordBatch
 from spd_lightning.models.scorer import ScoringActor
+from spd_lightning.reporting.names import VAL_POLICIES, val_key
 from spd_lightning.verification.hybrid import HybridVerifier, Verification
-
-# Validation policies, in the column order handed to the verifier. "" is the trained scorer.
-VAL_POLICIES = ("", "standard_sd/", "accept_all/")
 
 
 class SPDModule(L.LightningModule):
@@ -192,11 +190,11 @@ class SPDModule(L.LightningModule):
             valid = result.valid[:, col]
             n = valid.sum().clamp(min=1)
             metrics = {
-                f"val/{name}accuracy": (result.correct[:, col] & valid).sum() / n,
-                f"val/{name}accept_len": (accept_len[:, col].float() * valid).sum() / n,
-                f"val/{name}reward": (rewards[:, col] * valid).sum() / n,
+                val_key(name, "accuracy"): (result.correct[:, col] & valid).sum() / n,
+                val_key(name, "accept_len"): (accept_len[:, col].float() * valid).sum() / n,
+                val_key(name, "reward"): (rewards[:, col] * valid).sum() / n,
             }
-            self.log_dict(metrics, batch_size=len(batch), sync_dist=True, prog_bar=name == "")
+            self.log_dict(metrics, batch_size=len(batch), sync_dist=True, prog_bar=name == "scorer")
         return {
             "accept_probs": probs.detach(),  # [B, K]
             "mismatch": mismatch,  # [B, K]

@@ -21,15 +21,8 @@ from spd_lightning.core.sampling import all_outcomes, first_reject, threshold_de
 from spd_lightning.data.records import Record
 from spd_lightning.verification.hybrid import HybridVerifier
 
-# Policy families, in the order tables and plots show them, with what each one accepts.
-POLICY_LABELS = {
-    "scorer": "SPD scorer: accept p >= t",
-    "standard_sd": "standard SD (reject mismatches)",
-    "accept_all": "accept all",
-    "topk": "draft token in target top-k",
-    "kl_below": "KL(target||draft) <= tau",
-    "entropy_above": "target entropy >= tau",
-}
+# Policy families task=eval sweeps, in the order tables and plots show them (names.POLICIES says what each accepts).
+FAMILIES = ("scorer", "standard_sd", "accept_all", "topk", "kl_below", "entropy_above")
 METRICS = ("accuracy", "accept_len", "accepted_mismatches")
 
 
@@ -64,7 +57,7 @@ def verify_outcomes(
 
 @dataclass
 class PolicyPoint:
-    policy: str  # a key of POLICY_LABELS
+    policy: str  # a key of names.POLICIES
     parameter: float | None  # threshold, k or tau; None for the single-point baselines
     decisions: torch.Tensor  # [N, K] bool, True = accept
 
