@@ -1,8 +1,10 @@
-"""Shared fixtures: the embedded default world (the one shipped with the package), composed configs."""
+"""Shared fixtures: the embedded default world (the one shipped with the package), composed configs,
+and the test tiers (README, "Tests"): unit tests, in-process runs, and command-line runs (marked cli)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,33 @@ from hydra_compose import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test of command-line behaviour (marked cli) starts run.py in a process of its own: slow, always."""
+    for item in items:
+        if item.get_closest_marker("cli"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def only_cli_tests_start_run_py(request, monkeypatch) -> None:
+    """Everything but command-line behaviour runs in process (compose_train, then the task's
+    function), so a test that is not marked cli and starts run.py fails at once."""
+    if request.node.get_closest_marker("cli"):
+        return
+
+    class InProcessOnly(subprocess.Popen):
+        def __init__(self, args, *rest, **kwargs) -> None:
+            words = args if isinstance(args, (list, tuple)) else str(args).split()
+            if any(str(word).endswith("run.py") for word in words):
+                raise AssertionError(
+                    f"{request.node.nodeid} starts run.py: mark it @pytest.mark.cli (command-line behaviour) "
+                    "or call the task in process (compose_train, then train/evaluate/decode/prepare)"
+                )
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", InProcessOnly)
 
 
 @pytest.fixture(scope="session")
@@ -67,20 +96,20 @@ def fake_vllm(toy_world):
 
 @pytest.fixture(scope="session")
 def trained_ckpt(toy_world: Path, tmp_path_factory) -> Path:
-    """last.ckpt of a short `python run.py` on the default world (60 GRPO steps, ~20 s): a scorer
-    that already accepts harmless mismatches and rejects harmful ones, for task=eval/decode tests."""
-    import subprocess
-    import sys
+    """last.ckpt of a short training run on the default world, in process (60 GRPO steps, ~15 s): a
+    scorer that already accepts harmless mismatches and rejects harmful ones, for task=eval/decode tests."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from spd_lightning.tasks.train import train
 
     out = tmp_path_factory.mktemp("trained")
-    cmd = [
-        sys.executable,
-        str(ROOT / "run.py"),
+    overrides = [
         f"toy.out={toy_world}",
         "trainer.max_steps=60",
         "trainer.val_check_interval=60",
         "validate_before_fit=false",
-        f"hydra.run.dir={out}",
+        "~logger",
     ]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, timeout=600)
+    train(compose_config(overrides, out))
+    GlobalHydra.instance().clear()
     return out / "checkpoints" / "last.ckpt"

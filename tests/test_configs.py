@@ -109,7 +109,7 @@ def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_pa
             target = instantiate(cfg[backend])
             assert isinstance(target, (LocalTarget, VLLMTarget))
             target.close()
-    assert instantiate(cfg.verifier)("82", "82") is True
+    assert instantiate(cfg.answer)("82", "82") is True
     assert isinstance(instantiate(cfg.reward), RewardWeights)
     assert isinstance(instantiate(cfg.loss), (GRPOLoss, ExactLoss))
     assert callable(instantiate(cfg.optimizer))

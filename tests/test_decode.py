@@ -95,7 +95,7 @@ def test_prompts_without_answers_are_judged_against_greedy(compose_train, toy_wo
         decode(cfg)
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_decode_end_to_end_beats_standard_sd(trained_ckpt: Path, toy_world: Path, tmp_path: Path):
     out = tmp_path / "run"
     proc = run_decode([f"ckpt_path={trained_ckpt}", "data.num_prompts=30"], out, toy_world)
@@ -116,7 +116,7 @@ def test_decode_end_to_end_beats_standard_sd(trained_ckpt: Path, toy_world: Path
     assert len((out / "decode_samples.jsonl").read_text().splitlines()) == 30
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_decode_a_prompt_file(toy_world: Path, tmp_path: Path):
     raw = tmp_path / "prompts.jsonl"
     lines = [{"question": f"Q: {a}+{b}= A:", "answer": str(a + b)} for a, b in [(3, 4), (37, 45), (12, 8), (50, 25)]]

@@ -87,7 +87,7 @@ def train_rows(metrics_csv: Path) -> list[dict]:
         return [row for row in csv.DictReader(f) if row.get("verify/unique_prefixes")]
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_ddp_two_cpu_processes(tmp_path: Path, toy_world: Path):
     run_dir = tmp_path / "run"
     # Two PPO epochs: two backward passes per step, both of whose gradients DDP must average.
@@ -115,7 +115,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path, toy_world: Path):
     assert list(wandb_run.glob("files/media/table/val/samples_*.table.json"))
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_fsdp2_two_cpu_processes_shards_the_scorer(tmp_path: Path, toy_world: Path):
     run_dir = tmp_path / "run"
     # kl_coef > 0 keeps a frozen reference scorer: it is sharded too.
@@ -135,7 +135,7 @@ def test_fsdp2_two_cpu_processes_shards_the_scorer(tmp_path: Path, toy_world: Pa
     assert_rank_zero_wrote_once(proc, run_dir, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_multirun_of_ddp_jobs_makes_one_directory_per_job(tmp_path: Path, toy_world: Path):
     # The sweep directory is the default, timestamped one (under tmp_path/root): a rank that ran
     # the sweep again would make one of its own a few seconds later.

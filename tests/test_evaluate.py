@@ -150,7 +150,7 @@ def eval_run(trained_ckpt: Path, toy_world: Path, tmp_path_factory):
     return out, proc
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_eval_writes_its_files_and_ends_with_the_headline(eval_run, trained_ckpt: Path):
     out, proc = eval_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -185,7 +185,7 @@ def test_eval_writes_its_files_and_ends_with_the_headline(eval_run, trained_ckpt
     assert (out / "tradeoff.png").stat().st_size > 10_000
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_eval_logs_table_and_plot_to_wandb(eval_run):
     from test_loggers import read_wandb_run
 

@@ -76,7 +76,7 @@ def read_wandb_run(run_dir: Path) -> tuple[dict, list[dict], int | None]:
     return config, history, exit_code
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_csv_and_wandb_offline_log_everything(tmp_path: Path, toy_world: Path):
     proc = run(["logger=[csv,wandb]"], tmp_path, toy_world, wandb_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,7 +111,7 @@ def test_csv_and_wandb_offline_log_everything(tmp_path: Path, toy_world: Path):
     assert (run_dir / "files" / png).is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_tensorboard_writes_events(tmp_path: Path, toy_world: Path):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
@@ -125,7 +125,7 @@ def test_tensorboard_writes_events(tmp_path: Path, toy_world: Path):
     assert not (tmp_path / "csv").exists() and not (tmp_path / "wandb").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_no_logger(tmp_path: Path, toy_world: Path):
     # Hydra 1.3 rejects `logger=null` for a config group; `~logger` (or `logger=[]`) drops it.
     proc = run(["~logger"], tmp_path, toy_world)

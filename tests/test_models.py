@@ -64,6 +64,7 @@ def test_model_keys_are_checked_at_compose(tmp_path: Path, compose_train):
             compose_train([bad], tmp_path)
 
 
+@pytest.mark.cli
 def test_missing_model_stops_at_once_with_one_message(tmp_path: Path, toy_world: Path):
     # An empty Hugging Face cache and no HF_HUB_OFFLINE: only model.local_files_only keeps it off the network.
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Command-line behaviour: run.py in a process of its own (README, "Tests").
+pytestmark = pytest.mark.cli
+
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny budget per job: 4 steps, validation every 2 on 32 records.
 TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.max_val_records=32", "validate_before_fit=false"]
@@ -55,7 +58,6 @@ def test_failing_jobs_do_not_stop_the_others(tmp_path: Path, toy_world: Path):
     assert "job 3 failed" in log and "Traceback" in log and "weight_decay" in log
 
 
-@pytest.mark.slow
 def test_optuna_search_reports_its_best_trial(tmp_path: Path, toy_world: Path):
     sweep = tmp_path / "sweep"
     args = ["hparams_search=optuna", "hydra.sweeper.n_trials=2"]

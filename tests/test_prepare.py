@@ -319,7 +319,7 @@ def test_draft_vllm_without_url_names_the_draft_group(run_prepare, toy_raw):
         run_prepare(toy_raw, "data.limit=2", "draft=vllm")
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_end_to_end_prepare_then_train(toy_world, tmp_path):
     raw = write_raw_prompts(tmp_path / "prompts.jsonl", 20)
     env = {**os.environ, "PROJECT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1"}

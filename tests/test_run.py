@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from spd_lightning.reporting.names import VAL_POLICIES, val_key
 from spd_lightning.reporting.plots import read_metrics
 
+# Command-line behaviour: run.py in a process of its own (README, "Tests").
+pytestmark = pytest.mark.cli
+
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY_KEYS = [
-    f"val/{policy}{metric}"
-    for policy in ("", "standard_sd/", "accept_all/")
-    for metric in ("accuracy", "accept_len")
-]
+SUMMARY_KEYS = [val_key(policy, metric) for policy in VAL_POLICIES for metric in ("accuracy", "accept_len")]
 
 
 def run(args: list[str], tmp_path: Path, toy_world: Path) -> subprocess.CompletedProcess:
@@ -26,7 +26,6 @@ def run(args: list[str], tmp_path: Path, toy_world: Path) -> subprocess.Complete
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
 def test_default_run_learns_and_writes_summary(tmp_path: Path, toy_world: Path):
     proc = run([], tmp_path, toy_world)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,12 +39,6 @@ def test_default_run_learns_and_writes_summary(tmp_path: Path, toy_world: Path):
     assert summary["val/accept_all/accuracy"] < summary["val/standard_sd/accuracy"] - 0.1
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "csv" / "metrics.csv").is_file()
-
-
-def test_fast_dev_run(tmp_path: Path, toy_world: Path):
-    proc = run(["debug=fdr"], tmp_path, toy_world)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(SUMMARY_KEYS) <= set(json.loads((tmp_path / "summary.json").read_text()))
 
 
 def test_missing_record_file_is_one_clear_error(tmp_path: Path, toy_world: Path):
@@ -74,7 +67,6 @@ def test_missing_target_model_is_one_clear_error(tmp_path: Path, toy_world: Path
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
 def test_resume_from_last_checkpoint(tmp_path: Path, toy_world: Path):
     first, second = tmp_path / "first", tmp_path / "second"
     for d in (first, second):

@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from test_run import SUMMARY_KEYS, run
+
+# Command-line behaviour: run.py in a process of its own (README, "Tests").
+pytestmark = pytest.mark.cli
 
 # Keep validation to one batch: the runs here check the wiring and the failure path.
 FAST = ["data.max_val_records=64", "target.model=toy-target"]

@@ -1,6 +1,6 @@
 """Answer checks: does a response still reach the reference answer?
 
-Every verifier is `(response_text, reference) -> bool`. Numbers compare as numbers and
+Every answer check is `(response_text, reference) -> bool`. Numbers compare as numbers and
 are word-bounded, so "18" never matches "180" or "18.5".
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-AnswerVerifier = Callable[[str, str], bool]
+AnswerCheck = Callable[[str, str], bool]
 
 # Optional sign, digits with optional thousands commas, optional decimals.
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
@@ -67,14 +67,14 @@ def exact_match(response: str, reference: str) -> bool:
     return _normalise(response) == _normalise(reference)
 
 
-VERIFIERS: dict[str, AnswerVerifier] = {
+ANSWER_CHECKS: dict[str, AnswerCheck] = {
     "gsm8k": gsm8k_final_number,
     "contains": contains,
     "exact": exact_match,
 }
 
 
-def get_verifier(name: str) -> AnswerVerifier:
-    if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; choose one of {sorted(VERIFIERS)}")
-    return VERIFIERS[name]
+def get_answer_check(name: str) -> AnswerCheck:
+    if name not in ANSWER_CHECKS:
+        raise ValueError(f"unknown answer check {name!r}; choose one of {sorted(ANSWER_CHECKS)}")
+    return ANSWER_CHECKS[name]

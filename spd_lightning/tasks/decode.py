@@ -44,9 +44,8 @@ from spd_lightning.judge.zero_cost import ZeroCostJudge
 from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, resolve_device, tokenizer_eos_ids
 from spd_lightning.reporting.names import POLICIES
 from spd_lightning.targets.local import load_causal_lm
-from spd_lightning.tasks.builders import SCORER, pair_path
+from spd_lightning.tasks.builders import SCORER, ensure_toy_world, pair_path
 from spd_lightning.tasks.checkpoint import load_trained_scorer
-from spd_lightning.toy.build import build_toy_world
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
         log.info("%s: %d prompts in %.1f s", name, len(prompts), outputs[name][1])
     texts = {name: [response_text(tokenizer, g) for g in gens] for name, (gens, _) in outputs.items()}
     refs = references(prompts, texts.get("greedy"))
-    verifier = instantiate(cfg.verifier)
+    verifier = instantiate(cfg.answer)
     correct = {name: [bool(verifier(t, r)) for t, r in zip(ts, refs)] for name, ts in texts.items()}
     summary: dict[str, float] = {"num_prompts": len(prompts), "block_size": settings.block_size}
     for name, (gens, seconds) in outputs.items():
@@ -272,8 +271,7 @@ def headline(summary: dict[str, float]) -> str:
 
 
 def decode(cfg: DictConfig) -> float | None:
-    if cfg.get("toy"):
-        build_toy_world(cfg.toy.out, instantiate(cfg.toy.spec))
+    ensure_toy_world(cfg)
     device = resolve_device(cfg.decode.device, "decode.device")
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
     prompts: list[Prompt] = instantiate(cfg.data)

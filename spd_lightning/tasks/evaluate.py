@@ -42,9 +42,8 @@ from spd_lightning.reporting.names import POLICIES
 from spd_lightning.reporting.plots import plot_tradeoff
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.local import load_causal_lm
-from spd_lightning.tasks.builders import SCORER, instantiate_dict, pair_path
+from spd_lightning.tasks.builders import SCORER, ensure_toy_world, instantiate_dict, pair_path
 from spd_lightning.tasks.checkpoint import load_trained_scorer
-from spd_lightning.toy.build import build_toy_world
 from spd_lightning.training.callbacks import finish_wandb, log_config, log_images, wandb_loggers
 from spd_lightning.verification.hybrid import HybridVerifier
 from spd_lightning.verification.outcomes import (
@@ -254,8 +253,7 @@ def load_inputs(cfg: DictConfig) -> tuple[ScoringActor, object, list[Record]]:
     """(trained scorer on eval.device, tokenizer, held-out records); a missing ckpt_path stops first."""
     if not cfg.get("ckpt_path"):
         load_trained_scorer(cfg.model, None, "eval")  # its one-line error, before anything is built
-    if cfg.get("toy"):
-        build_toy_world(cfg.toy.out, instantiate(cfg.toy.spec))
+    ensure_toy_world(cfg)
     scorer, hparams = load_trained_scorer(cfg.model, cfg.ckpt_path, "eval")
     if "threshold" in hparams and float(hparams["threshold"]) != float(cfg.module.threshold):
         log.info("module.threshold=%s (the training run validated at %s)", cfg.module.threshold, hparams["threshold"])
@@ -286,7 +284,7 @@ def run_eval(cfg: DictConfig, scorer: ScoringActor, tokenizer, records: list[Rec
 
     check_shared_vocabulary(tokenizer, {SCORER: scorer.backbone, "target": target})
     verifier = HybridVerifier(
-        target, tokenizer, instantiate(cfg.verifier), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
+        target, tokenizer, instantiate(cfg.answer), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
     )
     models = rule_models(cfg, target, tokenizer)
     loggers = instantiate_dict(cfg.get("logger"))

@@ -28,7 +28,7 @@ from spd_lightning.data.prompts import Prompt, encode_prompts
 from spd_lightning.data.resumable import ResumableJsonl, write_atomically
 from spd_lightning.errors import SetupError
 from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, tokenizer_eos_ids
-from spd_lightning.toy.build import build_toy_world
+from spd_lightning.tasks.builders import ensure_toy_world
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,8 @@ def run_settings(cfg: DictConfig, raw_sha256: str | None) -> dict:
         "tokenizer": str(cfg.model.tokenizer),
         "draft": identity(cfg.draft),
         "target": identity(cfg.target),
-        "verifier": cfg.verifier._target_,
+        "verifier": cfg.answer._target_,
     }
-
-
-def ensure_toy_world(cfg: DictConfig) -> None:
-    """Builds the embedded default world first when a model of it is used (as train does)."""
-    if not cfg.get("toy"):
-        return
-    used = [cfg.model.tokenizer, cfg.draft.get("model_path"), cfg.target.get("model_path")]
-    if any(p is not None and str(p).startswith(str(cfg.toy.out)) for p in used):
-        build_toy_world(cfg.toy.out, instantiate(cfg.toy.spec))
 
 
 def build_backend(cfg: DictConfig, role: str):
@@ -138,7 +129,7 @@ def prepare_chunks(cfg, prompts, tokenizer, draft, target, spec: BlockSpec, writ
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    reader = ResponseReader(tokenizer_eos_ids(tokenizer), decode, instantiate(cfg.verifier))
+    reader = ResponseReader(tokenizer_eos_ids(tokenizer), decode, instantiate(cfg.answer))
     prompt_ids = encode_prompts(tokenizer, prompts)
     with tqdm(total=len(prompts), initial=writer.done, desc="prepare", unit="prompt") as bar:
         for start in range(writer.done, len(prompts), chunk):

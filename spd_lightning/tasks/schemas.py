@@ -32,6 +32,8 @@ from spd_lightning.tasks.prepare import PrepareConfig
 from spd_lightning.toy.build import SHIPPED_WORLD, ToyWorldSpec
 from spd_lightning.toy.raw import toy_prompts
 from spd_lightning.training.datamodule import RecordDataModule
+from spd_lightning.training.module import SPDModule
+from spd_lightning.verification.hybrid import HybridVerifier
 
 _PLAIN = (int, float, bool, str)
 
@@ -86,12 +88,20 @@ class JudgeModelSchema(schema_for(ZeroCostJudge.from_paths)):  # type: ignore[mi
 
 
 @dataclasses.dataclass
-class VerifierSchema:
+class AnswerSchema:
     _target_: str = MISSING
     _partial_: bool = True
 
 
 ToySpecSchema = schema_for(ToyWorldSpec)
+
+
+def settings_schema(target: Callable) -> type:
+    """A dataclass of the plain (number, flag, text) arguments of `target`, without `_target_`:
+    a config section whose values a task hands to `target` beside objects built elsewhere."""
+    full = schema_for(target)
+    keep = [(f.name, f.type, f) for f in dataclasses.fields(full) if f.type in _PLAIN and f.name != "_target_"]
+    return dataclasses.make_dataclass(f"{target.__name__}Settings", keep)
 
 
 @dataclasses.dataclass
@@ -112,12 +122,15 @@ SCHEMAS: dict[tuple[str, str], Any] = {
     ("target", "target_vllm_schema"): schema_for(VLLMTarget),
     ("model", "model_schema"): ModelSchema,
     ("model", "judge_schema"): JudgeModelSchema,
-    ("verifier", "verifier_schema"): VerifierSchema,
+    ("answer", "answer_schema"): AnswerSchema,
     ("toy", "toy_schema"): ToySchema,
     # The sections of the tasks other than training (conf/task/*.yaml: `/schema@prepare: prepare`).
     ("schema", "prepare"): PrepareConfig,
     ("schema", "eval"): EvalConfig,
     ("schema", "decode"): DecodeConfig,
+    # train.yaml's `module:` (SPDModule's settings) and `verify:` (HybridVerifier's).
+    ("schema", "module"): settings_schema(SPDModule),
+    ("schema", "verify"): settings_schema(HybridVerifier),
 }
 
 

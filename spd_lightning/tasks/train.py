@@ -27,9 +27,8 @@ from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer
 from spd_lightning.reporting.names import INITIAL, PARITY_METRIC
 from spd_lightning.reporting.plots import plot_training_curves
 from spd_lightning.reporting.summary import accept_len_at_parity, print_summary
-from spd_lightning.tasks.builders import SCORER, build_scorer, instantiate_dict
+from spd_lightning.tasks.builders import SCORER, build_scorer, ensure_toy_world, in_toy_world, instantiate_dict
 from spd_lightning.tasks.checkpoint import check_resume_checkpoint
-from spd_lightning.toy.build import build_toy_world
 from spd_lightning.training.callbacks import finish_wandb, log_config, log_images
 from spd_lightning.training.datamodule import RecordDataModule
 from spd_lightning.training.module import SPDModule
@@ -57,10 +56,8 @@ def route_lightning_logs_through_hydra() -> None:
 
 def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
     # A scorer from outside the toy world loads first: a missing model stops the run in seconds.
-    in_toy_world = bool(cfg.get("toy")) and str(cfg.model.path).startswith(str(cfg.toy.out))
-    scorer = None if in_toy_world else build_scorer(cfg.model)
-    if cfg.get("toy"):
-        build_toy_world(cfg.toy.out, instantiate(cfg.toy.spec))
+    scorer = None if in_toy_world(cfg, "model.path") else build_scorer(cfg.model)
+    ensure_toy_world(cfg)
     scorer = scorer if scorer is not None else build_scorer(cfg.model)
     datamodule: RecordDataModule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -69,7 +66,7 @@ def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
     target = instantiate(cfg.target)
     check_shared_vocabulary(tokenizer, {SCORER: scorer.backbone, "target": target})
     verifier = HybridVerifier(
-        target, tokenizer, instantiate(cfg.verifier), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
+        target, tokenizer, instantiate(cfg.answer), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
     )
     module = SPDModule(
         scorer=scorer,

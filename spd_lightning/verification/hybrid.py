@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spd_lightning.core.sampling import hybrid_prefix
-from spd_lightning.data.answers import AnswerVerifier
+from spd_lightning.data.answers import AnswerCheck
 from spd_lightning.data.records import Record
 from spd_lightning.errors import VerificationError
 from spd_lightning.models.hf import tokenizer_eos_ids
@@ -59,11 +59,11 @@ class HybridVerifier:
         self,
         target: Target,
         tokenizer,
-        answer_verifier: AnswerVerifier,
+        answer_check: AnswerCheck,
         cache_size: int = 100_000,
         max_invalid_fraction: float = 0.5,
     ):
-        self.target, self.tokenizer, self.answer_verifier = target, tokenizer, answer_verifier
+        self.target, self.tokenizer, self.answer_check = target, tokenizer, answer_check
         self.cache = CompletionCache(cache_size)
         self.max_invalid_fraction = max_invalid_fraction
         # Every id that ends a response (an instruct model may list several).
@@ -136,7 +136,7 @@ class HybridVerifier:
                 verdict[(b, j)] = None
                 continue
             texts[(b, j)] = self.response_text(records[b], list(prefix), completion)
-            verdict[(b, j)] = self.answer_verifier(texts[(b, j)], records[b].reference)
+            verdict[(b, j)] = self.answer_check(texts[(b, j)], records[b].reference)
         correct = torch.tensor([[bool(verdict[(b, j)]) for j in row] for b, row in enumerate(j_rows)])
         valid = torch.tensor([[verdict[(b, j)] is not None for j in row] for b, row in enumerate(j_rows)])
         stats["invalid"] = int((~valid).sum())

@@ -3,11 +3,11 @@
 import pytest
 
 from spd_lightning.data.answers import (
-    VERIFIERS,
+    ANSWER_CHECKS,
     contains,
     exact_match,
     extract_final_number,
-    get_verifier,
+    get_answer_check,
     gsm8k_final_number,
 )
 
@@ -136,16 +136,16 @@ def test_exact_match_rejects_different_strings():
 # ---------------------------------------------------------------- registry
 
 
-def test_get_verifier_known_names():
-    assert get_verifier("gsm8k") is gsm8k_final_number
-    assert get_verifier("contains") is contains
-    assert get_verifier("exact") is exact_match
+def test_get_answer_check_known_names():
+    assert get_answer_check("gsm8k") is gsm8k_final_number
+    assert get_answer_check("contains") is contains
+    assert get_answer_check("exact") is exact_match
 
 
-def test_get_verifier_unknown_name_lists_choices():
+def test_get_answer_check_unknown_name_lists_choices():
     with pytest.raises(ValueError) as info:
-        get_verifier("nope")
+        get_answer_check("nope")
     message = str(info.value)
     assert "nope" in message
-    for name in VERIFIERS:
+    for name in ANSWER_CHECKS:
         assert name in message
