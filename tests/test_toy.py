@@ -125,6 +125,18 @@ def test_shipped_world_is_pinned(toy_world):
     assert json.loads((toy_world / "stats.json").read_text())["prompts"] == 580
 
 
+def test_the_record_builder_of_task_prepare_rebuilds_the_shipped_records_byte_for_byte(toy_world, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from spd_lightning.toy.build import default_spec
+    from spd_lightning.toy.records import build_records
+
+    spec = default_spec()
+    draft, target = (AutoModelForCausalLM.from_pretrained(toy_world / name) for name in ("draft", "target"))
+    records = build_records(draft, target, tokenizer, spec.num_prompts, spec.block_size, spec.seed)
+    assert "".join(json.dumps(r) + "\n" for r in records) == (toy_world / "records.jsonl").read_text()
+
+
 def test_shipped_world_splits_the_same_everywhere(toy_world):
     data = RecordDataModule(path=str(toy_world / "records.jsonl"), seed=0)
     data.setup("fit")

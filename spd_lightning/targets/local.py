@@ -52,7 +52,18 @@ class LocalTarget:
         # "auto": the training process's own device, set by the LightningModule (each DDP rank its GPU).
         self.follows_module = device == "auto"
         self.device = "cpu" if self.follows_module else device
-        self.model = load_causal_lm(model_path, dtype, self.device)
+        self._serve(load_causal_lm(model_path, dtype, self.device), max_new_tokens, batch_size)
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, max_new_tokens: int = 16, batch_size: int = 64) -> LocalTarget:
+        """A backend around a model already in memory, on its device (the toy world's build)."""
+        backend = cls.__new__(cls)
+        backend.follows_module, backend.device = False, str(next(model.parameters()).device)
+        backend._serve(model.eval(), max_new_tokens, batch_size)
+        return backend
+
+    def _serve(self, model: PreTrainedModel, max_new_tokens: int, batch_size: int) -> None:
+        self.model = model
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         config = self.model.config
         self.eos_token_id = int(config.eos_token_id)

@@ -1,9 +1,9 @@
-"""Turn the toy task into SPD records with a real draft and a real target model.
+"""The toy task's SPD records, built by the record builder of task=prepare (data/builder.py).
 
-For every prompt: the target's greedy response; a block start at every response
-position; the draft's K greedy tokens there; the target's greedy token after each
-draft prefix (one teacher-forced pass). Records without a mismatch carry no decision
-and are dropped.
+For every prompt: the target's greedy response (at most 12 tokens); a block start at every
+response position; the draft's K greedy tokens there; the target's greedy token after each
+draft prefix (one teacher-forced pass). Records without a mismatch carry no decision and are
+dropped. The two freshly trained models serve as in-process backends (LocalTarget.from_model).
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ import random
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from spd_lightning.models.lm import greedy_responses, greedy_tokens, teacher_forced_argmax
+from spd_lightning.data.answers import gsm8k_final_number
+from spd_lightning.data.builder import BlockSpec, ResponseReader, records_for_prompts
+from spd_lightning.data.prompts import Prompt
+from spd_lightning.data.records import REQUIRED_FIELDS
+from spd_lightning.targets.local import LocalTarget
 from spd_lightning.toy.task import make_example
+
+# The longest response of the toy task ("so the total is 123" and EOS) fits in this many tokens.
+RESPONSE_TOKENS = 12
 
 
 def build_records(
@@ -26,21 +33,21 @@ def build_records(
     seed: int,
     batch_size: int = 64,
 ) -> list[dict]:
+    """The records of `num_prompts` toy prompts drawn with `seed`, in prompt order; the SPEC
+    fields only (task=prepare's records add the prompt's line number)."""
     rng = random.Random(seed)
-    examples = [make_example(rng) for _ in range(num_prompts)]
-    pad = tokenizer.pad_token_id
+    prompts = [Prompt(i, ex.prompt, ex.answer) for i, ex in enumerate(make_example(rng) for _ in range(num_prompts))]
+    prompt_ids = [tokenizer(p.text).input_ids for p in prompts]
+    spec = BlockSpec(block_size, stride=1, max_new_tokens=RESPONSE_TOKENS, reference="dataset")
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    reader = ResponseReader(tokenizer.eos_token_id, decode, gsm8k_final_number)
+    backends = [LocalTarget.from_model(model, batch_size=batch_size) for model in (draft, target)]
     records: list[dict] = []
     for start in tqdm(range(0, num_prompts, batch_size), desc="toy records", leave=False):
-        chunk = examples[start : start + batch_size]
-        prompts = [tokenizer(ex.prompt).input_ids for ex in chunk]
-        responses = greedy_responses(target, prompts, 12, tokenizer.eos_token_id, pad)
-        blocks = [(p, r[:s], ex.answer) for p, r, ex in zip(prompts, responses, chunk) for s in range(len(r))]
-        contexts = [p + r for p, r, _ in blocks]
-        drafts = greedy_tokens(draft, contexts, block_size, pad)
-        targets = teacher_forced_argmax(target, contexts, drafts, pad)
-        for (p, _, answer), ctx, d, t in zip(blocks, contexts, drafts, targets):
-            if d != t:
-                records.append(
-                    {"context_ids": ctx, "prompt_len": len(p), "draft_ids": d, "target_ids": t, "reference": answer}
-                )
+        chunk = slice(start, start + batch_size)
+        rows, _ = records_for_prompts(prompts[chunk], prompt_ids[chunk], *backends, spec, reader)
+        records += [{key: row[key] for key in REQUIRED_FIELDS} for row in rows]
     return records
