@@ -1,6 +1,6 @@
 """A test-only callback that records, on every rank of a distributed run, what that rank did.
 
-tests/test_distributed.py adds it to `python run.py` with
+tests/training/test_distributed.py adds it to `python run.py` with
 `+callbacks.probe._target_=dist_probe.ShardProbe +callbacks.probe.out=DIR` and PYTHONPATH=tests,
 so the ranks Lightning starts by re-running run.py load it too. Each rank writes DIR/rank<N>.json:
 

@@ -30,7 +30,7 @@ from spd_lightning.models.lm import greedy_responses
 from spd_lightning.tasks.prepare import prepare
 from spd_lightning.toy.raw import write_raw_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The toy world's records were built from its first prompts drawn with seed 0 (toy.spec.seed).
 NUM_PROMPTS = 24
 

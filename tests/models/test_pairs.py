@@ -16,7 +16,7 @@ from spd_lightning.errors import SetupError
 from spd_lightning.models import pairs
 from spd_lightning.models.pairs import GgufSource, _keep_rope_theta_readable, build_role, download, join
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAIR_DIR = ROOT / ".cache" / "pairs" / "qwen_coder"
 
 

@@ -15,7 +15,7 @@ import yaml
 # Command-line behaviour: run.py in a process of its own (README, "Tests").
 pytestmark = pytest.mark.cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A tiny budget per job: 4 steps, validation every 2 on 32 records.
 TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.max_val_records=32", "validate_before_fit=false"]
 

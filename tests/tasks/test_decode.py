@@ -14,7 +14,7 @@ import pytest
 from spd_lightning.errors import SetupError
 from spd_lightning.tasks.decode import decode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADLINE = re.compile(
     r"^scorer_accuracy=(?P<scorer_acc>[\d.]+) scorer_target_calls_per_token=(?P<scorer_cpt>[\d.]+) "
     r"sd_accuracy=(?P<sd_acc>[\d.]+) sd_target_calls_per_token=(?P<sd_cpt>[\d.]+) "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from wandb_runs import read_wandb_run, wandb_env
 
 from spd_lightning.core.rules import TokenFeatures
 from spd_lightning.core.sampling import threshold_decisions
@@ -29,7 +30,7 @@ from spd_lightning.verification.outcomes import (
     verify_outcomes,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(r"scorer_accept_len=(\S+) scorer_accuracy=(\S+) sd_accept_len=(\S+) sd_accuracy=(\S+)")
 
 # --- lookups: three records, K=3 -----------------------------------------------------------------
@@ -131,11 +132,6 @@ def test_policy_points_cover_every_family():
 # --- end to end ----------------------------------------------------------------------------------
 
 
-def wandb_env(tmp: Path) -> dict[str, str]:
-    dirs = {k: tmp / "wandb-home" / k.lower() for k in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}
-    return {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp), **{k: str(v) for k, v in dirs.items()}}
-
-
 def run_eval(args: list[str], out: Path, toy_world: Path, env: dict[str, str] | None = None):
     env = {**os.environ, "PROJECT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [sys.executable, str(ROOT / "run.py"), "task=eval", f"hydra.run.dir={out}", f"toy.out={toy_world}", *args]
@@ -187,7 +183,6 @@ def test_eval_writes_its_files_and_ends_with_the_headline(eval_run, trained_ckpt
 
 @pytest.mark.cli
 def test_eval_logs_table_and_plot_to_wandb(eval_run):
-    from test_loggers import read_wandb_run
 
     out, proc = eval_run
     assert proc.returncode == 0, proc.stderr[-3000:]

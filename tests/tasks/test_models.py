@@ -21,9 +21,9 @@ from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.tasks.builders import build_scorer
 from spd_lightning.tasks.train import build_components
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if not p.stem.startswith("_"))
-# model=judge is not a ScoringActor (tests/test_judge.py builds, trains and decodes it).
+# model=judge is not a ScoringActor (tests/judge/test_judge.py builds, trains and decodes it).
 SCORING_ACTORS = [name for name in MODELS if name != "judge"]
 # The hub id each real-model file names, and the target its vLLM server must report.
 HUB = {

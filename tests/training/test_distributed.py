@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from spd_lightning.data.records import collate_records
 from spd_lightning.tasks.train import build_components
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "trainer.max_steps=6",
     "trainer.val_check_interval=3",

@@ -16,7 +16,7 @@ from spd_lightning.reporting.plots import read_metrics
 # Command-line behaviour: run.py in a process of its own (README, "Tests").
 pytestmark = pytest.mark.cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUMMARY_KEYS = [val_key(policy, metric) for policy in VAL_POLICIES for metric in ("accuracy", "accept_len")]
 
 

@@ -24,7 +24,7 @@ from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.tasks.builders import build_scorer, instantiate_dict
 from spd_lightning.tasks.ranges import RANGES, check_ranges
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 # Groups whose files are selected with `group=name`; the primary config is composed as is.
 GROUP_FILES = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.parent != CONF)
 
@@ -72,7 +72,7 @@ EXTRA_OVERRIDES: dict[str, list[str]] = {
     "draft/local.yaml": ["task=prepare", "data.raw={raw}"],
     "draft/vllm.yaml": ["task=prepare", "data.raw={raw}", "draft.url={fake_vllm}", "draft.model=toy-target"],
     # GPU files on this CPU machine. Lightning refuses FSDP1 on a CPU, so its strategy is left out
-    # here; tests/test_distributed.py builds that strategy by itself.
+    # here; tests/training/test_distributed.py builds that strategy by itself.
     "trainer/gpu.yaml": ["trainer.accelerator=cpu"],
     "trainer/fsdp.yaml": ["trainer.accelerator=cpu", "~trainer.strategy"],
 }

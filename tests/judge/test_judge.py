@@ -178,7 +178,7 @@ def test_the_shipped_qwen_coder_judge_loads_with_its_threshold_and_kl_tau():
 
     from spd_lightning.judge.head import judge_notes, load_judge
 
-    path = Path(__file__).resolve().parents[1] / "judges" / "qwen_coder_grpo.pt"
+    path = Path(__file__).resolve().parents[2] / "judges" / "qwen_coder_grpo.pt"
     head, threshold = load_judge(path)
     assert head.inputs == ("tokens", "target_hidden")  # what decoding computes anyway: no extra pass
     assert head.sizes["tokens"] == len(TOKEN_FEATURES) and head.sizes["target_hidden"] == 1536  # the 1.5B's width
