@@ -10,6 +10,7 @@ Shapes: B records, K draft tokens per block, N rollouts per record.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -36,17 +37,22 @@ class Rollouts:
     def block_size(self) -> int:
         return self.mismatch.shape[1]
 
+    @cached_property
     def weights(self) -> torch.Tensor:
         """[B, N] probs over the valid rollouts, renormalised: each valid record's row sums to 1,
-        so expectations under the policy are (x * weights).sum() / records."""
+        so expectations under the policy are (x * weights).sum() / records. Computed once (after
+        `score`; a frozen dataclass still lets cached_property fill its __dict__)."""
         w = self.probs * self.valid  # [B, N]
         return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
 
+    @cached_property
+    def _records(self) -> torch.Tensor:
+        """How many records have a valid rollout (at least 1): the denominator of `expected`."""
+        return (self.weights.sum(-1) > 0).sum().clamp(min=1)
+
     def expected(self, x: torch.Tensor) -> torch.Tensor:
         """The policy's expectation of x [B, N] over the records with a valid rollout (a scalar)."""
-        w = self.weights()  # [B, N]
-        records = (w.sum(-1) > 0).sum().clamp(min=1)
-        return (x.float() * w).sum() / records
+        return (x.float() * self.weights).sum() / self._records
 
 
 def score(rollouts: Rollouts, correct: torch.Tensor, verified: torch.Tensor, loss, weights: RewardWeights) -> Rollouts:

@@ -202,7 +202,6 @@ class _CachedRows:
     def __init__(self, draft, target, policy: Policy, settings: LoopSettings, clock: LoopClock) -> None:
         block_size, pad_id = settings.block_size, settings.pad_id
         self.k, self.policy, self.clock, self.settings = block_size, policy, clock, settings
-        self.confidence = settings.draft_confidence
         self.drafted = 0  # draft tokens in the current block
         self.target = RowCache(target, pad_id)
         self.draft = RowCache(draft, pad_id) if block_size else None
@@ -228,9 +227,10 @@ class _CachedRows:
 
     def _unsure(self, logits: torch.Tensor) -> bool:
         """logits [B, V]: the draft's top probability is below draft_confidence in every row."""
-        if self.confidence is None:
+        confidence = self.settings.draft_confidence
+        if confidence is None:
             return False
-        return bool((torch.softmax(logits, dim=-1).max(dim=-1).values < self.confidence).all())
+        return bool((torch.softmax(logits, dim=-1).max(dim=-1).values < confidence).all())
 
     def block(self, seqs: list[list[int]], prompt_lens: list[int], draft_new, target_new) -> list[BlockOutcome]:
         no_draft = (torch.zeros(len(seqs), 0, dtype=torch.long), None)  # greedy: the target alone

@@ -193,8 +193,8 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
         log.info("%s: %d prompts in %.1f s", name, len(prompts), outputs[name][1])
     texts = {name: [response_text(tokenizer, g) for g in gens] for name, (gens, _) in outputs.items()}
     refs = references(prompts, texts.get("greedy"))
-    verifier = instantiate(cfg.answer)
-    correct = {name: [bool(verifier(t, r)) for t, r in zip(ts, refs)] for name, ts in texts.items()}
+    answer_check = instantiate(cfg.answer)
+    correct = {name: [bool(answer_check(t, r)) for t, r in zip(ts, refs)] for name, ts in texts.items()}
     summary: dict[str, float] = {"num_prompts": len(prompts), "block_size": settings.block_size}
     for name, (gens, seconds) in outputs.items():
         summary.update({f"{name}/{m}": v for m, v in summarize(gens, correct[name], seconds).items()})
