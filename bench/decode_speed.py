@@ -9,17 +9,31 @@ Methods, one after another, each warmed up on one short generation first:
 - HF assisted: target.generate(assistant_model=draft, do_sample=False), transformers' assisted
   generation with its defaults (up to 20 draft tokens per round, the draft stops early below
   confidence 0.4): standard, lossless speculative decoding as users run it today;
+- HF assisted, packed: the same, on the models with their linear layers packed for oneDNN as
+  ours are (spd_lightning.models.packed): the comparison on equal kernels;
 - ours (spd_lightning.decoding.speculative.SpeculativeDecoder, KV caches, K draft tokens per block):
   greedy, standard SD, the zero-cost judge, the KL rule.
 Both models' generation_config.json is replaced by a neutral one, so generate() is plain greedy.
+The HF rows run on the models as loaded; then (unless --no-pack) both models' linear layers are
+packed for oneDNN, and the rest run on the packed models.
 Prompts are GSM8K test questions through the chat template, after the first --skip (the ones the
 judge's threshold was chosen on). Target calls are counted with a forward hook, for HF as for
 ours. The ideal speed-up of a speculative method over greedy is (tokens per target call) /
 (1 + K c), c the draft's seconds per pass over the target's (both measured here); the measured
-speed-up over our greedy divided by it is the loop's efficiency.
+speed-up over our greedy divided by it is the loop's efficiency. It counts a verification pass
+over K+1 tokens as one single-token pass; the JSON also holds v, a verification pass's measured
+seconds over a greedy pass's, and the efficiency against (tokens per target call) / (v + K c),
+which leaves only the loop's own overhead.
+
+Accuracy at 128 new tokens says little (a GSM8K solution runs longer); accuracy on more problems
+comes from task=decode. With --accuracy-from DECODE_JSON (task=decode's decode.json) nothing is
+decoded: the tokens/s of --out's decode_speed.json are paired with that run's accuracy and drawn
+to decode_speed_accuracy.png. Lossless methods that run did not decode (HF greedy and assisted,
+our greedy) take its greedy's accuracy, or standard SD's, and say so in their label.
 
 Writes decode_speed.json and decode_speed.png (tokens/s against accuracy) to --out; the last line is
     hf_greedy_tps=.. hf_assisted_tps=.. sd_tps=.. judge_tps=.. judge_accuracy=.. sd_accuracy=..
+followed by hf_assisted_packed_tps=.. and the judge's efficiency.
 """
 
 from __future__ import annotations
@@ -40,11 +54,13 @@ from spd_lightning.decoding.policies import PolicySettings
 from spd_lightning.decoding.speculative import SpeculativeDecoder
 from spd_lightning.judge.head import judge_notes, load_judge
 from spd_lightning.models.hf import end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.models.packed import pack_linears
 from spd_lightning.reporting.names import POLICIES
 from spd_lightning.reporting.plots import plot_speed
 from spd_lightning.targets.local import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
+BASES = ("hf_greedy", "hf_assisted", "hf_assisted_packed")  # the anchors every method is divided by
 OURS = {name: f"ours: {POLICIES[name].short}" for name in ("greedy", "standard_sd", "judge", "kl_below")}
 
 
@@ -114,13 +130,16 @@ def ideal_and_efficiency(results: dict, k: int) -> None:
         r["ideal_speedup"] = (1 / r["target_calls_per_token"]) / (1 + k * r["draft_cost"])
         r["speedup_vs_greedy"] = r["tokens_per_s"] / greedy["tokens_per_s"]
         r["efficiency"] = r["speedup_vs_greedy"] / r["ideal_speedup"]
+        r["verify_cost"] = r["target_s"] / r["target_calls"] / target_pass_s
+        r["ideal_speedup_measured_v"] = (1 / r["target_calls_per_token"]) / (r["verify_cost"] + k * r["draft_cost"])
+        r["loop_efficiency"] = r["speedup_vs_greedy"] / r["ideal_speedup_measured_v"]
         r["kept_per_block"] = r["kept"] / r["target_calls"]
 
 
 def print_table(results: dict, names: dict, n: int) -> None:
-    base = {key: results[key]["tokens_per_s"] for key in ("hf_greedy", "hf_assisted", "standard_sd") if key in results}
+    base = {key: results[key]["tokens_per_s"] for key in (*BASES, "standard_sd") if key in results}
     head = f"{'method':22s} {'accuracy':>9s} {'calls/tok':>9s} {'kept/blk':>8s} {'tok/s':>6s} "
-    head += f"{'xHFgreedy':>9s} {'xHFassist':>9s} {'xSD':>5s} {'ideal':>6s} {'effic.':>6s} {'same':>5s}"
+    head += f"{'xHFgreedy':>9s} {'xHFassist':>9s} {'xHFa-pk':>7s} {'xSD':>5s} {'ideal':>6s} {'effic.':>6s} {'same':>5s}"
     print(f"\n{n} prompts, batch size 1\n{head}\n" + "-" * len(head))
     for key, name in names.items():
         if key not in results:
@@ -128,15 +147,16 @@ def print_table(results: dict, names: dict, n: int) -> None:
         r = results[key]
         ratios = " ".join(
             f"{r['tokens_per_s'] / base[b]:>{w}.2f}" if b in base else f"{'-':>{w}s}"
-            for b, w in (("hf_greedy", 9), ("hf_assisted", 9), ("standard_sd", 5))
+            for b, w in (("hf_greedy", 9), ("hf_assisted", 9), ("hf_assisted_packed", 7), ("standard_sd", 5))
         )
         ideal = f"{r['ideal_speedup']:6.2f} {r['efficiency']:6.2f}" if "ideal_speedup" in r else f"{'-':>6s} {'-':>6s}"
         kept = f"{r['kept_per_block']:8.2f}" if "kept_per_block" in r else f"{'-':>8s}"
         print(f"{name:22s} {r['correct']:>3d}/{n:<5d} {r['target_calls_per_token']:9.3f} {kept} "
               f"{r['tokens_per_s']:6.2f} {ratios} {ideal} {r.get('same', '-'):>5}")  # fmt: skip
     print("calls/tok: target forward passes per generated token (the prefill included); same: prompts whose")
-    print("tokens equal greedy's (ours against ours, HF assisted against HF greedy); ideal: (tokens per")
-    print("target call) / (1 + K c); effic.: the measured speed-up over our greedy / ideal")
+    print("tokens equal greedy's (ours against ours, HF assisted against HF greedy); xHFa-pk: against HF")
+    print("assisted on the packed models; ideal: (tokens per target call) / (1 + K c); effic.: the measured")
+    print("speed-up over our greedy / ideal")
 
 
 def parse_args() -> argparse.Namespace:
@@ -150,9 +170,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--judge", default=str(ROOT / "judges" / "qwen_coder_grpo.pt"))
     parser.add_argument("--judge-threshold", type=float, default=None, help="default: the one saved with it")
     parser.add_argument("--kl-threshold", type=float, default=None, help="default: from --judge's metadata")
-    parser.add_argument("--methods", nargs="+", default=["hf_greedy", "hf_assisted", *OURS])
+    parser.add_argument("--methods", nargs="+", default=["hf_greedy", "hf_assisted", "hf_assisted_packed", *OURS])
+    parser.add_argument("--no-pack", dest="pack", action="store_false", help="our methods on the models as loaded")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "decode_speed"))
+    parser.add_argument("--accuracy-from", default=None, help="task=decode's decode.json: plot only (above)")
     return parser.parse_args()
 
 
@@ -186,8 +208,38 @@ def policy_settings(args) -> PolicySettings:
     return settings
 
 
+LOSSLESS = ("hf_greedy", "hf_assisted", "hf_assisted_packed", "greedy", "standard_sd")
+
+
+def plot_with_accuracy(args) -> None:
+    """--out's tokens/s against the accuracy of a task=decode run on more problems."""
+    bench = json.loads((Path(args.out) / "decode_speed.json").read_text())
+    speed, run = bench["results"], bench["args"]
+    summary = json.loads(Path(args.accuracy_from).read_text())
+    names = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation",
+             "hf_assisted_packed": "HF assisted, packed", **OURS}  # fmt: skip
+    stand_in = next((m for m in ("greedy", "standard_sd") if f"{m}/accuracy" in summary), None)
+    rows = []
+    for method, name in names.items():
+        source = method if f"{method}/accuracy" in summary else (stand_in if method in LOSSLESS else None)
+        if method not in speed or source is None:
+            continue
+        keys = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high")
+        accuracy, low, high = (summary[f"{source}/{k}"] for k in keys)
+        label = name if source == method else f"{name} (accuracy: {POLICIES[source].short}'s, lossless)"
+        rows.append({"name": label, "tokens_per_s": speed[method]["tokens_per_s"], "accuracy": accuracy,
+                     "ci_low": low, "ci_high": high})  # fmt: skip
+        print(f"{label:60s} {speed[method]['tokens_per_s']:6.2f} tok/s  accuracy {accuracy:.3f} ({low:.3f}-{high:.3f})")
+    n = int(summary["num_prompts"])
+    title = (f"tokens/s: {run['prompts']} prompts x {run['max_new_tokens']} tokens; "
+             f"accuracy: {n} problems (task=decode)")  # fmt: skip
+    print(f"plot: {plot_speed(rows, Path(args.out) / 'decode_speed_accuracy.png', title)}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.accuracy_from:
+        return plot_with_accuracy(args)
     draft, target, tokenizer, eos, pad = load_pair(args)
     questions = PromptList.from_jsonl(args.gsm8k, limit=args.prompts, chat_template=True, skip=args.skip)
     prompts = encode_prompts(tokenizer, questions)
@@ -198,15 +250,27 @@ def main() -> None:
           f"KL tau {settings.kl_threshold}", flush=True)  # fmt: skip
     counter = CallCounter(target)
     runs = {}
-    for method in args.methods:
+    for method in run_order(args):
+        if method == "pack":
+            print(f"packing linear layers for oneDNN: {pack_linears(draft)} in the draft, "
+                  f"{pack_linears(target)} in the target", flush=True)  # fmt: skip
+            continue
         print(f"{method} ...", flush=True)
         if method.startswith("hf_"):
-            helper = draft if method == "hf_assisted" else None
+            helper = draft if method.startswith("hf_assisted") else None
             runs[method] = run_hf(target, helper, prompts, args, eos, pad, counter)
         else:
             decoder = SpeculativeDecoder(draft, target, tokenizer, method, args.block_size, settings)
             runs[method] = run_ours(decoder, prompts, args, counter)
     report(runs, questions, tokenizer, args)
+
+
+def run_order(args) -> list[str]:
+    """The methods on the models as loaded, then "pack" (unless --no-pack), then the rest."""
+    packed = [m for m in args.methods if m.endswith("_packed") or not m.startswith("hf_")]
+    if not args.pack:
+        return [m for m in args.methods if not m.endswith("_packed")]
+    return [m for m in args.methods if m not in packed] + ["pack"] + packed
 
 
 def report(runs: dict, questions, tokenizer, args) -> None:
@@ -216,7 +280,8 @@ def report(runs: dict, questions, tokenizer, args) -> None:
         correct = [gsm8k_final_number(t, q.answer) for t, q in zip(texts, questions)]
         results[method] = {**figures(run, correct), **{k: v for k, v in run.items() if k != "rows"}}
         results[method]["finished"] = sum(bool(r) and r[-1] in ends for r in run["rows"])
-    for method, reference in (("hf_assisted", "hf_greedy"), *((m, "greedy") for m in OURS if m != "greedy")):
+    hf_pairs = (("hf_assisted", "hf_greedy"), ("hf_assisted_packed", "hf_greedy"))
+    for method, reference in (*hf_pairs, *((m, "greedy") for m in OURS if m != "greedy")):
         if method in runs and reference in runs:
             same = sum(a == b for a, b in zip(runs[method]["rows"], runs[reference]["rows"]))
             results[method]["same"] = f"{same}/{len(questions)}"
@@ -225,7 +290,8 @@ def report(runs: dict, questions, tokenizer, args) -> None:
         results["greedy"]["same"] = f"{same}/{len(questions)}"
     if "greedy" in results:
         ideal_and_efficiency(results, args.block_size)
-    names = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation", **OURS}
+    names = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation",
+             "hf_assisted_packed": "HF assisted, packed", **OURS}  # fmt: skip
     print_table(results, names, len(questions))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +301,9 @@ def report(runs: dict, questions, tokenizer, args) -> None:
     print(f"figures: {out / 'decode_speed.json'}, plot: {plot_speed(rows, out / 'decode_speed.png', title)}")
     pick = {"hf_greedy_tps": ("hf_greedy", "tokens_per_s"), "hf_assisted_tps": ("hf_assisted", "tokens_per_s"),
             "sd_tps": ("standard_sd", "tokens_per_s"), "judge_tps": ("judge", "tokens_per_s"),
-            "judge_accuracy": ("judge", "accuracy"), "sd_accuracy": ("standard_sd", "accuracy")}  # fmt: skip
+            "judge_accuracy": ("judge", "accuracy"), "sd_accuracy": ("standard_sd", "accuracy"),
+            "hf_assisted_packed_tps": ("hf_assisted_packed", "tokens_per_s"),
+            "judge_efficiency": ("judge", "efficiency")}  # fmt: skip
     print(" ".join(f"{k}={results[m][f]:.3f}" for k, (m, f) in pick.items() if m in results))
 
 

@@ -1,14 +1,16 @@
 """What a forward pass over n new tokens costs against one over a single token, per dtype: the
 premise of speculative decoding is that verifying K+1 tokens costs about one token's pass.
 
-    python bench/pass_cost.py                                  # the qwen_coder target, float32 and bfloat16
-    python bench/pass_cost.py --model DIR --context 200 --tokens 1 2 5 9 17
+    python bench/pass_cost.py                                  # the qwen_coder target: float32, packed, bfloat16
+    python bench/pass_cost.py --model DIR --context 200 --tokens 1 2 5 9 17 --kinds float32 float32-packed
 
-For each dtype the model reads a --context-token prompt once (KV cache), then, for each n, passes
+For each kind (a dtype, "-packed": its linear layers packed for oneDNN, spd_lightning.models.packed)
+the model reads a --context-token prompt once (KV cache), then, for each n, passes
 over n new tokens after it (the cache cut back each time); the median of --repeats timings is
 printed, and its ratio to the single-token pass. On a CPU whose matrix units only speed up
-bfloat16 (Intel AMX), a float32 pass over a few tokens can cost several single-token passes,
-and speculative decoding then gains little there.
+bfloat16 (Intel AMX), an unpacked float32 pass over a few tokens can cost several single-token
+passes, and speculative decoding then gains little there: MKL re-lays-out the weights for every
+small product, which packing once avoids.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+
+from spd_lightning.models.packed import pack_linears
+from spd_lightning.targets.local import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,19 +45,22 @@ def pass_seconds(model, context: int, n: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / ".cache" / "pairs" / "qwen_coder" / "target"))
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--kinds", nargs="+", default=["float32", "float32-packed", "bfloat16"])
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(f"{args.model}, context {args.context} tokens, {torch.get_num_threads()} threads")
-    for name in args.dtypes:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, name)).eval()
+    for name in args.kinds:
+        dtype, _, packed = name.partition("-")
+        model = load_causal_lm(args.model, dtype, what="model", config_key="--model")
+        if packed:
+            pack_linears(model)
         single = None
         for n in args.tokens:
             seconds = pass_seconds(model, args.context, n, args.repeats)
             single = single or seconds
-            print(f"{name:9s} {n:3d} new tokens: {seconds * 1000:7.1f} ms  ({seconds / single:.2f}x one token)")
+            print(f"{name:14s} {n:3d} new tokens: {seconds * 1000:7.1f} ms  ({seconds / single:.2f}x one token)")
         del model
 
 

@@ -31,6 +31,7 @@ from spd_lightning.decoding.policies import Policy, PolicySettings, named_policy
 from spd_lightning.errors import SetupError
 from spd_lightning.judge.head import load_judge
 from spd_lightning.models.hf import check_shared_vocabulary, end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.models.packed import pack_linears
 from spd_lightning.targets.local import load_causal_lm
 
 
@@ -101,9 +102,12 @@ class SpeculativeDecoder:
         cls, draft: str, target: str, policy: str = "standard_sd", judge_path: str | None = None, **kwargs
     ) -> SpeculativeDecoder:
         """Loads both models (transformers directories or hub ids) and the target's tokenizer.
-        kwargs: dtype, device, block_size, kl_threshold, kl_confidence, judge_threshold, chat_template,
-        system_prompt, draft_confidence."""
+        kwargs: dtype, device, pack_linears, block_size, kl_threshold, kl_confidence, judge_threshold,
+        chat_template, system_prompt, draft_confidence. pack_linears (default True): on the CPU, every
+        linear layer's weight packed for oneDNN (models.packed), which makes a pass over K+1 tokens
+        cost little more than a pass over one; a GPU model is left as it is."""
         dtype, device = kwargs.pop("dtype", "float32"), kwargs.pop("device", "cpu")
+        pack = kwargs.pop("pack_linears", True)
         settings = PolicySettings(**{k: kwargs.pop(k) for k in ("kl_threshold", "kl_confidence") if k in kwargs})
         if judge_path is not None:
             if not Path(judge_path).is_file():
@@ -111,6 +115,8 @@ class SpeculativeDecoder:
             settings.judge, saved = load_judge(judge_path)
             settings.judge_threshold = kwargs.pop("judge_threshold", None) or saved
         models = [load_causal_lm(p, dtype, device, f"{w} model", w) for p, w in ((draft, "draft"), (target, "target"))]
+        for model in models if pack else ():
+            pack_linears(model)
         return cls(*models, AutoTokenizer.from_pretrained(target), policy, settings=settings, **kwargs)
 
     def encode(self, prompts: list[str]) -> list[list[int]]:

@@ -17,6 +17,7 @@ from spd_lightning.decoding.loop import LoopClock, LoopSettings, block_tokens, g
 from spd_lightning.decoding.policies import Block, accept_all, judge_policy, kl_policy, reject_all, scorer_policy
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
 from spd_lightning.models.lm import PrefixCache, greedy_responses
+from spd_lightning.models.packed import pack_linears
 from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.toy.raw import toy_prompts
@@ -171,10 +172,14 @@ def test_scorer_policy_ends_block_at_first_rejected_mismatch():
     assert gens[0].target_calls == 4 and gens[0].accepted_mismatches == 8
 
 
-@pytest.fixture(scope="module")
-def toy_lms(toy_world):
-
-    return load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
+@pytest.fixture(scope="module", params=["as_loaded", "packed"])
+def toy_lms(toy_world, request):
+    """The toy draft and target, as loaded and with their linear layers packed for oneDNN (the
+    CPU decoding path): every loop test holds for both."""
+    models = load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
+    for model in models if request.param == "packed" else ():
+        assert pack_linears(model) > 0
+    return models
 
 
 def test_standard_sd_equals_greedy_on_the_toy_models(toy_lms, toy_tokenizer):
