@@ -62,6 +62,8 @@ from spd_lightning.targets.local import load_causal_lm
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("hf_greedy", "hf_assisted", "hf_assisted_packed")  # the anchors every method is divided by
 OURS = {name: f"ours: {POLICIES[name].short}" for name in ("greedy", "standard_sd", "judge", "kl_below")}
+NAMES = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation",
+         "hf_assisted_packed": "HF assisted, packed", **OURS}  # fmt: skip
 
 
 class CallCounter:
@@ -216,11 +218,9 @@ def plot_with_accuracy(args) -> None:
     bench = json.loads((Path(args.out) / "decode_speed.json").read_text())
     speed, run = bench["results"], bench["args"]
     summary = json.loads(Path(args.accuracy_from).read_text())
-    names = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation",
-             "hf_assisted_packed": "HF assisted, packed", **OURS}  # fmt: skip
     stand_in = next((m for m in ("greedy", "standard_sd") if f"{m}/accuracy" in summary), None)
     rows = []
-    for method, name in names.items():
+    for method, name in NAMES.items():
         source = method if f"{method}/accuracy" in summary else (stand_in if method in LOSSLESS else None)
         if method not in speed or source is None:
             continue
@@ -290,13 +290,11 @@ def report(runs: dict, questions, tokenizer, args) -> None:
         results["greedy"]["same"] = f"{same}/{len(questions)}"
     if "greedy" in results:
         ideal_and_efficiency(results, args.block_size)
-    names = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation",
-             "hf_assisted_packed": "HF assisted, packed", **OURS}  # fmt: skip
-    print_table(results, names, len(questions))
+    print_table(results, NAMES, len(questions))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_speed.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-    rows = [{"name": names[m], **results[m]} for m in names if m in results]
+    rows = [{"name": NAMES[m], **results[m]} for m in NAMES if m in results]
     title = f"{len(questions)} GSM8K test prompts, {args.max_new_tokens} new tokens, {Path(args.pair).name}"
     print(f"figures: {out / 'decode_speed.json'}, plot: {plot_speed(rows, out / 'decode_speed.png', title)}")
     pick = {"hf_greedy_tps": ("hf_greedy", "tokens_per_s"), "hf_assisted_tps": ("hf_assisted", "tokens_per_s"),
