@@ -138,18 +138,18 @@ def ideal_and_efficiency(results: dict, k: int) -> None:
         r["kept_per_block"] = r["kept"] / r["target_calls"]
 
 
-def print_table(results: dict, names: dict, n: int) -> None:
+def print_table(results: dict, n: int) -> None:
     base = {key: results[key]["tokens_per_s"] for key in (*BASES, "standard_sd") if key in results}
     head = f"{'method':22s} {'accuracy':>9s} {'calls/tok':>9s} {'kept/blk':>8s} {'tok/s':>6s} "
     head += f"{'xHFgreedy':>9s} {'xHFassist':>9s} {'xHFa-pk':>7s} {'xSD':>5s} {'ideal':>6s} {'effic.':>6s} {'same':>5s}"
     print(f"\n{n} prompts, batch size 1\n{head}\n" + "-" * len(head))
-    for key, name in names.items():
+    for key, name in NAMES.items():
         if key not in results:
             continue
         r = results[key]
         ratios = " ".join(
             f"{r['tokens_per_s'] / base[b]:>{w}.2f}" if b in base else f"{'-':>{w}s}"
-            for b, w in (("hf_greedy", 9), ("hf_assisted", 9), ("hf_assisted_packed", 7), ("standard_sd", 5))
+            for b, w in zip((*BASES, "standard_sd"), (9, 9, 7, 5))
         )
         ideal = f"{r['ideal_speedup']:6.2f} {r['efficiency']:6.2f}" if "ideal_speedup" in r else f"{'-':>6s} {'-':>6s}"
         kept = f"{r['kept_per_block']:8.2f}" if "kept_per_block" in r else f"{'-':>8s}"
@@ -210,7 +210,7 @@ def policy_settings(args) -> PolicySettings:
     return settings
 
 
-LOSSLESS = ("hf_greedy", "hf_assisted", "hf_assisted_packed", "greedy", "standard_sd")
+LOSSLESS = (*BASES, "greedy", "standard_sd")
 
 
 def plot_with_accuracy(args) -> None:
@@ -290,7 +290,7 @@ def report(runs: dict, questions, tokenizer, args) -> None:
         results["greedy"]["same"] = f"{same}/{len(questions)}"
     if "greedy" in results:
         ideal_and_efficiency(results, args.block_size)
-    print_table(results, NAMES, len(questions))
+    print_table(results, len(questions))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_speed.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
