@@ -9,6 +9,8 @@ emitted there. Decisions after j are never executed: no log-probability, no grad
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,25 @@ def sample_decisions(
 def threshold_decisions(accept_probs: torch.Tensor, mismatch: torch.Tensor, threshold: float) -> torch.Tensor:
     """The deterministic policy: accept a mismatch when p >= threshold. [B, K] -> [B, K] bool."""
     return (accept_probs >= threshold) | ~mismatch
+
+
+def changed_at(watched_max: list[float | None], threshold: float) -> int:
+    """How many generations a threshold policy would change, given each one's watched_max (the
+    highest probability it gave a mismatch that standard SD rejected along that generation; None:
+    there was none): those with watched_max >= threshold."""
+    scores = torch.tensor([p for p in watched_max if p is not None], dtype=torch.float64)
+    return int((scores >= threshold).sum())
+
+
+def threshold_changing_at_most(watched_max: list[float | None], tolerance: float) -> float:
+    """The lowest threshold at which a threshold policy changes at most floor(tolerance * n) of n
+    generations (see changed_at). Changed generations bound what the policy can cost: at most
+    that share of answers. Above 1.0 no probability passes, and the policy is standard SD."""
+    scores = sorted((p for p in watched_max if p is not None), reverse=True)
+    allowed = math.floor(tolerance * len(watched_max) + 1e-9)
+    if len(scores) <= allowed:
+        return 0.0
+    return math.nextafter(scores[allowed], math.inf)  # just above the first score that must not pass
 
 
 def first_reject(decisions: torch.Tensor) -> torch.Tensor:

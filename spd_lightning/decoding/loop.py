@@ -46,6 +46,10 @@ class Generation:
     accepted_draft_tokens: int = 0  # draft tokens kept, over all blocks
     accepted_mismatches: int = 0  # of those, tokens the target would not have chosen
     stopped_at_eos: bool = False
+    # Under policies.watched_sd: the highest probability the watcher gave a mismatch whose
+    # correction was emitted (None: none was); the threshold policy at any threshold above it
+    # would have written exactly this response.
+    watched_max: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +68,7 @@ class BlockOutcome:
 
     tokens: list[int]  # draft[:j] + [target[j]]
     mismatched: list[bool]  # [j]: which kept draft tokens differ from the target's
+    watched: float | None = None  # policies.watched_sd: the watcher's probability at the mismatch j, if j < K
 
 
 def emit(gen: Generation, outcome: BlockOutcome, eos_ids: int | Collection[int], max_new_tokens: int) -> None:
@@ -81,6 +86,10 @@ def emit(gen: Generation, outcome: BlockOutcome, eos_ids: int | Collection[int],
     kept = outcome.mismatched[: len(tokens)]
     gen.accepted_draft_tokens += len(kept)
     gen.accepted_mismatches += sum(kept)
+    # The mismatch at j mattered only if its correction (token j) was emitted, not cut off.
+    if outcome.watched is not None and len(outcome.tokens) - 1 < len(tokens):
+        before = gen.watched_max
+        gen.watched_max = outcome.watched if before is None else max(before, outcome.watched)
 
 
 def decode_step(
@@ -111,13 +120,18 @@ def decode_step(
 def decide_block(block: Block, policy: Policy) -> list[BlockOutcome]:
     """What each row of a block emits under `policy` (K = 0: greedy, the target's token)."""
     mismatch = block.mismatch  # [B, K]
-    if block.draft_ids.shape[1]:
+    k = block.draft_ids.shape[1]
+    if k:
         accept_len = first_reject(policy(block).bool() | ~mismatch).tolist()  # [B]
     else:  # greedy: nothing to decide, the target's own token is the block
         accept_len = [0] * len(block.contexts)
+    watch = getattr(policy, "watch", None) if k else None
+    probs = watch(block).tolist() if watch is not None else [None] * len(accept_len)  # [B, K]
     return [
-        BlockOutcome(block_tokens(d, t, j), m[:j])
-        for d, t, j, m in zip(block.draft_ids.tolist(), block.target_ids.tolist(), accept_len, mismatch.tolist())
+        BlockOutcome(block_tokens(d, t, j), m[:j], p[j] if p is not None and j < k else None)
+        for d, t, j, m, p in zip(
+            block.draft_ids.tolist(), block.target_ids.tolist(), accept_len, mismatch.tolist(), probs
+        )
     ]
 
 

@@ -105,8 +105,8 @@ def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
     return decide
 
 
-def judge_policy(head: JudgeHead, threshold: float) -> Policy:
-    """The zero-cost judge (judge.py): keep a mismatch when its accept probability is >= threshold.
+def judge_probabilities(head: JudgeHead) -> Callable[[Block], torch.Tensor]:
+    """The zero-cost judge's accept probability at every draft position: Block -> [B, K] float64 (CPU).
     It reads the target's hidden states at the draft tokens and both models' distributions, which
     the block's verification pass and the draft's proposals computed anyway: no extra model pass."""
     if "draft_hidden" in head.inputs:
@@ -115,13 +115,43 @@ def judge_policy(head: JudgeHead, threshold: float) -> Policy:
         )
 
     @torch.no_grad()
-    def decide(block: Block) -> torch.Tensor:
+    def probabilities(block: Block) -> torch.Tensor:
         tokens = judge_token_features(block.target_logits, block.draft_logits, block.draft_ids)  # [B, K, F]
         data = JudgeInputs(block.mismatch, tokens.cpu(), block.target_hidden.cpu())
-        return threshold_decisions(torch.sigmoid(head(data)), block.mismatch, threshold)
+        # float64: in float32 every logit above about 17 rounds to p = 1, and such a confident head
+        # could not be told apart from certainty by any threshold.
+        return torch.sigmoid(head(data).double())  # [B, K]
 
-    decide.needs_logits = True  # type: ignore[attr-defined]
-    decide.needs_hidden = True  # type: ignore[attr-defined]
+    probabilities.needs_logits = True  # type: ignore[attr-defined]
+    probabilities.needs_hidden = True  # type: ignore[attr-defined]
+    return probabilities
+
+
+def judge_policy(head: JudgeHead, threshold: float) -> Policy:
+    """The zero-cost judge (judge.py): keep a mismatch when its accept probability is >= threshold."""
+    probabilities = judge_probabilities(head)
+
+    def decide(block: Block) -> torch.Tensor:
+        return threshold_decisions(probabilities(block), block.mismatch, threshold)
+
+    decide.needs_logits = decide.needs_hidden = True  # type: ignore[attr-defined]
+    return decide
+
+
+def watched_sd(probabilities: Callable[[Block], torch.Tensor]) -> Policy:
+    """Standard speculative decoding with a threshold policy watching (e.g. judge_probabilities):
+    it decides as reject_all, and the loops record in Generation.watched_max the highest
+    probability the watcher gave a mismatch that ended a block. Until the first mismatch it would
+    keep, the threshold policy emits standard SD's tokens, so at any threshold above a row's
+    watched_max it writes that row's response exactly: one standard SD run gives, for every
+    threshold at once, which generations the policy would leave unchanged."""
+
+    def decide(block: Block) -> torch.Tensor:
+        return reject_all(block)
+
+    decide.watch = probabilities  # type: ignore[attr-defined]
+    for need in ("needs_logits", "needs_hidden"):  # the loop computes what the watcher reads
+        setattr(decide, need, getattr(probabilities, need, False))
     return decide
 
 

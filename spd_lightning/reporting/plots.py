@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import matplotlib
@@ -109,13 +110,7 @@ def plot_tradeoff(
         )
     ax.set_xlabel("draft tokens accepted per block")
     ax.set_ylabel(measure.replace("_", " "))
-    ax.set_title(title or "Accuracy vs accepted draft tokens, per policy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return _save(fig, ax, title or "Accuracy vs accepted draft tokens, per policy", "lower left", out_png)
 
 
 def plot_speed(rows: list[dict], out_png: Path, title: str) -> Path:
@@ -139,9 +134,39 @@ def plot_speed(rows: list[dict], out_png: Path, title: str) -> Path:
     ax.set_ylabel("accuracy (95% Wilson interval)")
     ax.set_xlim(left=0)
     ax.set_ylim(-0.02, 1.02)
+    return _save(fig, ax, title, "best", out_png)
+
+
+def plot_judge_watch(watched: list[float | None], marks: dict[str, float], out_png: Path) -> Path:
+    """The share of generations a threshold policy would change (y) at each threshold (x, as
+    -log10(1 - threshold): thresholds near 1 spread out), from one standard SD run it watched.
+    watched: each generation's highest probability at a mismatch standard SD rejected (None: none);
+    marks: label -> threshold, drawn as vertical lines."""
+    n = max(len(watched), 1)
+    scores = sorted(p for p in watched if p is not None)
+
+    def x_of(t: float) -> float:
+        return -math.log10(max(1.0 - t, 1e-16))  # float64 tells no thresholds closer to 1 apart
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    xs = [x_of(s) for s in scores]
+    # A threshold just above the i-th lowest score (of m) passes the m - i - 1 above it.
+    ys = [(len(scores) - i - 1) / n for i in range(len(scores))]
+    end = max([*xs, *(x_of(t) for t in marks.values()), 4.0]) + 0.5
+    ax.step([0.0, *xs, end], [len(scores) / n, *ys, 0.0], where="post", label="generations changed")
+    for (label, t), colour in zip(marks.items(), ("tab:red", "tab:green", "tab:purple")):
+        ax.axvline(x_of(t), color=colour, linestyle="--", label=f"{label}: p >= {t:.12g}")
+    ax.set_xlabel("threshold, as -log10(1 - p): 2 = 0.99, 4 = 0.9999")
+    ax.set_ylabel(f"share of the {len(watched)} generations changed")
+    ax.set_ylim(-0.02, 1.02)
+    return _save(fig, ax, "Which generations a judge threshold changes (watching standard SD)", "upper right", out_png)
+
+
+def _save(fig, ax, title: str, legend_at: str, out_png: Path) -> Path:
+    """One-axes figures end alike: title, grid, legend, written to out_png and closed."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc=legend_at)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

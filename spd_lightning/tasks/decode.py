@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
+from spd_lightning.core.sampling import changed_at, threshold_changing_at_most
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.prompts import Prompt, encode_prompts
 from spd_lightning.decoding.loop import Generation, LoopSettings, generate, generate_cached, summarize, timed
@@ -35,8 +36,10 @@ from spd_lightning.decoding.policies import (
     Policy,
     PolicySettings,
     judge_policy,
+    judge_probabilities,
     named_policy,
     scorer_policy,
+    watched_sd,
 )
 from spd_lightning.errors import SetupError
 from spd_lightning.judge.head import JudgeHead, load_judge
@@ -44,6 +47,7 @@ from spd_lightning.judge.zero_cost import ZeroCostJudge
 from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, resolve_device, tokenizer_eos_ids
 from spd_lightning.models.packed import pack_linears
 from spd_lightning.reporting.names import POLICIES
+from spd_lightning.reporting.plots import plot_judge_watch
 from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.tasks.builders import SCORER, ensure_toy_world, pair_path
 from spd_lightning.tasks.checkpoint import load_trained_scorer
@@ -83,6 +87,10 @@ class DecodeConfig:
     # judge: accept a mismatch when its probability is >= this; null: the threshold saved with the
     # judge (its longest blocks at parity with standard SD on the bench's held-out records).
     judge_threshold: Optional[float] = None  # noqa: UP045
+    # With judge_path, standard_sd runs with the judge watching (policies.watched_sd), and
+    # decode.json gives the lowest judge threshold that would change at most this share of these
+    # generations (judge_watch/threshold_at_tolerance): the judge's accuracy cost is at most that.
+    judge_tolerance: float = 0.02
     # float32, bfloat16 or float16, for draft and target (the scorer's is model.dtype).
     dtype: str = "float32"
     # cpu, cuda, cuda:N, or auto (cuda when there is one).
@@ -117,6 +125,8 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
         raise SetupError("decode.draft_confidence needs decode.kv_cache=true (the loop that drafts per block)")
     if settings.block_size < 1 or settings.max_new_tokens < 1 or settings.batch_size < 1:
         raise SetupError("decode.block_size, decode.max_new_tokens and decode.batch_size must be >= 1")
+    if not 0 <= settings.judge_tolerance < 1:
+        raise SetupError(f"decode.judge_tolerance={settings.judge_tolerance}: a share of generations, in [0, 1)")
     k = settings.block_size
     if "kl_below" in settings.policies and settings.kl_threshold is None:
         raise SetupError(
@@ -124,13 +134,17 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
             "the KL rule's accuracy and accepted tokens at each tau)"
         )
     choice = PolicySettings(settings.kl_threshold, settings.kl_confidence)
-    if "judge" in settings.policies:
+    if "judge" in settings.policies or settings.judge_path is not None:
         choice.judge, choice.judge_threshold = _judge(settings)
+        path, threshold = settings.judge_path, choice.judge_threshold
+        log.info("zero-cost judge from %s, accepting mismatches at p >= %.8g", path, threshold)
     policies = {}
     # A fixed order, whatever the config's: greedy's responses are the others' reference.
     for name in (n for n in DECODE_POLICIES if n in settings.policies):
         if name == "scorer":
             policies[name] = (_scorer_policy(cfg, tokenizer, device), k)
+        elif name == "standard_sd" and choice.judge is not None:
+            policies[name] = (watched_sd(judge_probabilities(choice.judge)), k)
         else:
             policy, drafts = named_policy(name, choice)
             policies[name] = (policy, k if drafts else 0)
@@ -145,9 +159,7 @@ def _judge(settings: DictConfig) -> tuple[JudgeHead, float]:
             "bench/judges.py, which writes judge_sup.pt, judge_grpo.pt and judge_exact.pt to its --out"
         )
     head, saved_threshold = load_judge(path)
-    threshold = saved_threshold if settings.judge_threshold is None else settings.judge_threshold
-    log.info("zero-cost judge from %s, accepting mismatches at p >= %.8g", path, threshold)
-    return head, threshold
+    return head, saved_threshold if settings.judge_threshold is None else settings.judge_threshold
 
 
 def _scorer_policy(cfg: DictConfig, tokenizer, device: str) -> Policy:
@@ -215,6 +227,8 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
         # Standard SD is lossless: a share below 1 means the loop (or the numerics) is off.
         pairs = zip(outputs["standard_sd"][0], outputs["greedy"][0])
         summary["standard_sd/same_as_greedy"] = sum(a.response_ids == b.response_ids for a, b in pairs) / len(prompts)
+    if hasattr(policies.get("standard_sd", (None,))[0], "watch"):
+        summary.update(judge_watch(settings, [g.watched_max for g in outputs["standard_sd"][0]]))
     samples = [
         {
             "index": p.index,
@@ -227,12 +241,34 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     return summary, samples
 
 
-def _costs(gen: Generation) -> dict[str, int]:
+def _costs(gen: Generation) -> dict[str, float]:
+    costs = {"tokens": gen.num_tokens, "target_calls": gen.target_calls}
+    costs["accepted_draft_tokens"] = gen.accepted_draft_tokens
+    if gen.watched_max is not None:  # standard SD with the judge watching
+        costs["judge_watched_max"] = gen.watched_max
+    return costs
+
+
+def judge_watch(settings: DictConfig, watched: list[float | None]) -> dict[str, float]:
+    """What the judge, watching standard SD, says about its thresholds on these generations
+    (watched: each one's Generation.watched_max)."""
+    n, in_use = len(watched), _judge(settings)[1]
+    threshold = threshold_changing_at_most(watched, settings.judge_tolerance)
     return {
-        "tokens": gen.num_tokens,
-        "target_calls": gen.target_calls,
-        "accepted_draft_tokens": gen.accepted_draft_tokens,
+        "judge_watch/tolerance": settings.judge_tolerance,
+        "judge_watch/threshold_at_tolerance": threshold,
+        "judge_watch/changed_at_tolerance": changed_at(watched, threshold) / max(n, 1),
+        "judge_watch/threshold_in_use": in_use,
+        "judge_watch/changed_at_threshold_in_use": changed_at(watched, in_use) / max(n, 1),
     }
+
+
+def _plot_watch(summary: dict[str, float], watched: list[float | None], out_png: Path) -> None:
+    marks = {
+        "judge's threshold in use": summary["judge_watch/threshold_in_use"],
+        f"lowest within tolerance {summary['judge_watch/tolerance']:g}": summary["judge_watch/threshold_at_tolerance"],
+    }
+    log.info("judge thresholds against the generations they change: %s", plot_judge_watch(watched, marks, out_png))
 
 
 def print_table(summary: dict[str, float], path: Path, kv_cache: bool = False) -> None:
@@ -260,6 +296,15 @@ def print_table(summary: dict[str, float], path: Path, kv_cache: bool = False) -
         console.print("per block; tokens: generated per prompt; *wall-clock, KV caches")
     else:
         console.print("per block; tokens: generated per prompt; *wall-clock without KV caches, so secondary")
+    if "judge_watch/threshold_at_tolerance" in summary:
+        watch = {k.split("/")[1]: v for k, v in summary.items() if k.startswith("judge_watch/")}
+        console.print(
+            f"The judge, watching standard SD, would change {watch['changed_at_threshold_in_use']:.1%} of these "
+            f"generations at its threshold (p >= {watch['threshold_in_use']:.12g}), and "
+            f"{watch['changed_at_tolerance']:.1%} at p >= {watch['threshold_at_tolerance']:.12g}: the lowest "
+            f"threshold within decode.judge_tolerance={watch['tolerance']:g}.",
+            soft_wrap=True,
+        )
     console.print(f"decode: {path}", soft_wrap=True)
 
 
@@ -289,6 +334,8 @@ def decode(cfg: DictConfig) -> float | None:
     (out / "decode.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     with (out / "decode_samples.jsonl").open("w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
+    if "judge_watch/threshold_at_tolerance" in summary:
+        _plot_watch(summary, [s["standard_sd"].get("judge_watched_max") for s in samples], out / "judge_watch.png")
     print_table(summary, out / "decode.json", cfg.decode.kv_cache)
     print(headline(summary), flush=True)
     return summary.get(cfg.optimized_metric)

@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from spd_lightning.core.sampling import (
     accepted_any_mismatch,
+    changed_at,
     decision_log_probs,
     executed_masks,
     first_reject,
@@ -15,6 +16,7 @@ from spd_lightning.core.sampling import (
     mismatch_mask,
     sample_decisions,
     sequence_log_prob,
+    threshold_changing_at_most,
     threshold_decisions,
 )
 
@@ -172,3 +174,23 @@ def test_hybrid_prefix():
     assert hybrid_prefix(context, draft, target, 2) == [1, 2, 10, 11, 22]  # draft[:2] + target[2]
     assert hybrid_prefix(context, draft, target, 3) == [1, 2, 10, 11, 12]  # j == K: no target token
     assert context == [1, 2]  # inputs are not mutated
+
+
+@pytest.mark.parametrize(
+    "tolerance,changed",
+    [(0.0, 0), (0.2, 1), (0.39, 1), (0.4, 2), (0.6, 3), (0.8, 4), (0.99, 4)],
+)
+def test_the_lowest_threshold_within_a_tolerance_changes_at_most_that_share(tolerance: float, changed: int):
+    # Five generations: one met no mismatch (None), so no threshold changes it.
+    watched = [None, 0.5, 0.99999994, 1.0, 0.3]
+    threshold = threshold_changing_at_most(watched, tolerance)
+    assert changed_at(watched, threshold) == changed <= math.floor(tolerance * 5)
+    # ... and it is the lowest such threshold: one float step lower changes more, unless all already change.
+    lower = math.nextafter(threshold, -math.inf)
+    assert changed == 4 or changed_at(watched, lower) > changed
+
+
+def test_no_threshold_at_or_below_one_keeps_a_probability_of_one():
+    threshold = threshold_changing_at_most([1.0, 0.2], 0.0)
+    assert threshold > 1.0 and changed_at([1.0, 0.2], threshold) == 0  # the policy is standard SD
+    assert changed_at([1.0, 0.2], 1.0) == 1

@@ -82,6 +82,50 @@ def test_a_saved_judge_decodes_at_its_saved_threshold(compose_train, toy_world: 
     assert summary["judge/accuracy"] == summary["accept_all/accuracy"]
 
 
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_the_judge_watching_standard_sd_predicts_which_generations_it_changes(
+    compose_train, toy_world: Path, tmp_path: Path, kv_cache: bool
+):
+    """With decode.judge_path, standard SD runs with the judge watching: it stays lossless, and
+    the judge at any threshold writes exactly standard SD's response wherever its watched_max is
+    below that threshold; at judge_watch/threshold_at_tolerance it changes at most that share."""
+    from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, save_judge
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": 128})
+    torch.nn.init.normal_(head.net[-1].weight, std=0.5)  # probabilities spread around 0.5
+    save_judge(head, tmp_path / "judge.pt", threshold=0.5)
+    base = [f"toy.out={toy_world}", "task=decode", "data.num_prompts=16", f"decode.kv_cache={kv_cache}"]
+    base += [f"decode.judge_path={tmp_path / 'judge.pt'}", "decode.judge_tolerance=0.25", "decode.batch_size=5"]
+
+    def run(threshold: float | None, name: str) -> tuple[dict, list[dict]]:
+        cfg = compose_train(
+            [
+                *base,
+                "decode.policies=[greedy,standard_sd,judge]",
+                "decode.judge_threshold=" + ("null" if threshold is None else repr(threshold)),
+            ],
+            tmp_path / name,
+        )
+        decode(cfg)
+        samples = (tmp_path / name / "decode_samples.jsonl").read_text().splitlines()
+        return json.loads((tmp_path / name / "decode.json").read_text()), [json.loads(line) for line in samples]
+
+    summary, samples = run(None, "saved")
+    assert summary["standard_sd/same_as_greedy"] == 1.0  # watching changes nothing standard SD emits
+    watched = [s["standard_sd"].get("judge_watched_max") for s in samples]
+    assert summary["judge_watch/changed_at_threshold_in_use"] == sum(w is not None and w >= 0.5 for w in watched) / 16
+    assert (tmp_path / "saved" / "judge_watch.png").stat().st_size > 10_000
+    chosen = summary["judge_watch/threshold_at_tolerance"]
+    assert summary["judge_watch/changed_at_tolerance"] == 4 / 16  # floor(0.25 * 16) with these spread probabilities
+    summary, samples = run(chosen, "chosen")
+    # Exactly the generations whose watched_max reaches the threshold change; the rest are standard SD's.
+    changed = [s["judge"]["response"] != s["standard_sd"]["response"] for s in samples]
+    assert changed == [w is not None and w >= chosen for w in watched]
+    assert summary["judge/target_calls_per_token"] < summary["standard_sd/target_calls_per_token"]
+
+
 def test_prompts_without_answers_are_judged_against_greedy(compose_train, toy_world: Path, tmp_path: Path):
     raw = tmp_path / "questions.jsonl"
     raw.write_text("".join(json.dumps({"question": f"Q: {a}+{a}= A:"}) + "\n" for a in range(5)))
