@@ -125,8 +125,6 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
         raise SetupError("decode.draft_confidence needs decode.kv_cache=true (the loop that drafts per block)")
     if settings.block_size < 1 or settings.max_new_tokens < 1 or settings.batch_size < 1:
         raise SetupError("decode.block_size, decode.max_new_tokens and decode.batch_size must be >= 1")
-    if not 0 <= settings.judge_tolerance < 1:
-        raise SetupError(f"decode.judge_tolerance={settings.judge_tolerance}: a share of generations, in [0, 1)")
     k = settings.block_size
     if "kl_below" in settings.policies and settings.kl_threshold is None:
         raise SetupError(
@@ -137,7 +135,7 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
     if "judge" in settings.policies or settings.judge_path is not None:
         choice.judge, choice.judge_threshold = _judge(settings)
         path, threshold = settings.judge_path, choice.judge_threshold
-        log.info("zero-cost judge from %s, accepting mismatches at p >= %.8g", path, threshold)
+        log.info("zero-cost judge from %s, accepting mismatches at p >= %.12g", path, threshold)
     policies = {}
     # A fixed order, whatever the config's: greedy's responses are the others' reference.
     for name in (n for n in DECODE_POLICIES if n in settings.policies):

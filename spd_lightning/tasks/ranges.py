@@ -124,6 +124,7 @@ RANGES: dict[str, Range] = {
     "decode.threshold": PROBABILITY.or_null(),
     "decode.kl_threshold": NON_NEGATIVE.or_null(),
     "decode.judge_threshold": PROBABILITY.or_null(),
+    "decode.judge_tolerance": PROBABILITY,
     "decode.kl_confidence": PROBABILITY.or_null(),
 }
 
