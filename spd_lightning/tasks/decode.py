@@ -115,8 +115,9 @@ def _check_vocab(tokenizer, parts: dict[str, torch.nn.Module]) -> None:
     check_shared_vocabulary(tokenizer, parts)
 
 
-def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[Policy, int]]:
-    """decode.policies -> name: (policy, block size); greedy is the target alone (block size 0)."""
+def build_policies(cfg: DictConfig, tokenizer, device: str) -> tuple[dict[str, tuple[Policy, int]], PolicySettings]:
+    """decode.policies -> (name: (policy, block size), what they were built with); greedy is the
+    target alone (block size 0)."""
     settings = cfg.decode
     unknown = sorted(set(settings.policies) - set(DECODE_POLICIES))
     if unknown or not settings.policies:
@@ -146,7 +147,7 @@ def build_policies(cfg: DictConfig, tokenizer, device: str) -> dict[str, tuple[P
         else:
             policy, drafts = named_policy(name, choice)
             policies[name] = (policy, k if drafts else 0)
-    return policies
+    return policies, choice
 
 
 def _judge(settings: DictConfig) -> tuple[JudgeHead, float]:
@@ -194,7 +195,7 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     settings = cfg.decode
     if "greedy" not in settings.policies:
         references(prompts, None)  # fails now, not after decoding, when a prompt has no answer
-    policies = build_policies(cfg, tokenizer, device)
+    policies, choice = build_policies(cfg, tokenizer, device)
     draft, target = _load_lm(cfg, "draft", device), _load_lm(cfg, "target", device)
     _check_vocab(tokenizer, {"the draft (pair.draft)": draft, "the target (pair.target)": target})
     for model in (draft, target) if settings.pack_linears else ():
@@ -225,8 +226,9 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
         # Standard SD is lossless: a share below 1 means the loop (or the numerics) is off.
         pairs = zip(outputs["standard_sd"][0], outputs["greedy"][0])
         summary["standard_sd/same_as_greedy"] = sum(a.response_ids == b.response_ids for a, b in pairs) / len(prompts)
-    if hasattr(policies.get("standard_sd", (None,))[0], "watch"):
-        summary.update(judge_watch(settings, [g.watched_max for g in outputs["standard_sd"][0]]))
+    if choice.judge is not None and "standard_sd" in outputs:  # standard SD ran with the judge watching
+        watched = [g.watched_max for g in outputs["standard_sd"][0]]
+        summary.update(judge_watch(watched, settings.judge_tolerance, choice.judge_threshold))
     samples = [
         {
             "index": p.index,
@@ -247,13 +249,12 @@ def _costs(gen: Generation) -> dict[str, float]:
     return costs
 
 
-def judge_watch(settings: DictConfig, watched: list[float | None]) -> dict[str, float]:
+def judge_watch(watched: list[float | None], tolerance: float, in_use: float) -> dict[str, float]:
     """What the judge, watching standard SD, says about its thresholds on these generations
-    (watched: each one's Generation.watched_max)."""
-    n, in_use = len(watched), _judge(settings)[1]
-    threshold = threshold_changing_at_most(watched, settings.judge_tolerance)
+    (watched: each one's Generation.watched_max; in_use: the threshold it would run at)."""
+    n, threshold = len(watched), threshold_changing_at_most(watched, tolerance)
     return {
-        "judge_watch/tolerance": settings.judge_tolerance,
+        "judge_watch/tolerance": tolerance,
         "judge_watch/threshold_at_tolerance": threshold,
         "judge_watch/changed_at_tolerance": changed_at(watched, threshold) / max(n, 1),
         "judge_watch/threshold_in_use": in_use,
