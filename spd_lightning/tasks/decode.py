@@ -242,8 +242,11 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
 
 
 def _costs(gen: Generation) -> dict[str, float]:
-    costs = {"tokens": gen.num_tokens, "target_calls": gen.target_calls}
-    costs["accepted_draft_tokens"] = gen.accepted_draft_tokens
+    costs = {
+        "tokens": gen.num_tokens,
+        "target_calls": gen.target_calls,
+        "accepted_draft_tokens": gen.accepted_draft_tokens,
+    }
     if gen.watched_max is not None:  # standard SD with the judge watching
         costs["judge_watched_max"] = gen.watched_max
     return costs

@@ -89,9 +89,10 @@ def test_the_judge_watching_standard_sd_predicts_which_generations_it_changes(
     """With decode.judge_path, standard SD runs with the judge watching: it stays lossless, and
     the judge at any threshold writes exactly standard SD's response wherever its watched_max is
     below that threshold; at judge_watch/threshold_at_tolerance it changes at most that share."""
+    import torch
+
     from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, save_judge
 
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": 128})
     torch.nn.init.normal_(head.net[-1].weight, std=0.5)  # probabilities spread around 0.5
