@@ -3,6 +3,7 @@ users already have, on the same models and prompts at batch size 1.
 
     python bench/decode_speed.py                 # qwen_coder pair, 5 held-out GSM8K prompts, 128 new tokens
     python bench/decode_speed.py --prompts 8 --judge judges/qwen_coder_grpo.pt --kl-threshold 0.2
+    python bench/decode_speed.py --methods hf_assisted greedy standard_sd judge   # a subset
 
 Methods, one after another, each warmed up on one short generation first:
 - HF greedy: target.generate(do_sample=False), KV cache;
@@ -12,7 +13,10 @@ Methods, one after another, each warmed up on one short generation first:
 - HF assisted, packed: the same, on the models with their linear layers packed for oneDNN as
   ours are (spd_lightning.models.packed): the comparison on equal kernels;
 - ours (spd_lightning.decoding.speculative.SpeculativeDecoder, KV caches, K draft tokens per block):
-  greedy, standard SD, the zero-cost judge, the KL rule.
+  every decoding policy of the registry that needs no training checkpoint (greedy, standard SD,
+  accept-all, the KL rule, the zero-cost judge); the KL rule runs when --kl-threshold is given or
+  the judge's file carries a tau, and is skipped with a note otherwise.
+The pair is loaded as task=decode and the generation API load it (decoding.setup).
 Both models' generation_config.json is replaced by a neutral one, so generate() is plain greedy.
 The HF rows run on the models as loaded; then (unless --no-pack) both models' linear layers are
 packed for oneDNN, and the rest run on the packed models.
@@ -45,23 +49,25 @@ from pathlib import Path
 
 import torch
 from greedy_speed import hf_generate  # bench/: the script's own directory
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.answers import gsm8k_final_number
 from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.decoding.policies import PolicySettings
+from spd_lightning.decoding.registry import DECODE_POLICIES, LOSSLESS, SPECS
+from spd_lightning.decoding.setup import DecodingSetup, PairSettings, build_decoding
 from spd_lightning.decoding.speculative import SpeculativeDecoder
-from spd_lightning.judge.head import judge_notes, load_judge
-from spd_lightning.models.hf import end_of_sequence_ids, tokenizer_eos_ids
+from spd_lightning.judge.head import judge_notes
+from spd_lightning.models.hf import tokenizer_eos_ids
 from spd_lightning.models.packed import pack_linears
-from spd_lightning.reporting.names import POLICIES
+from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.plots import plot_speed
-from spd_lightning.targets.local import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("hf_greedy", "hf_assisted", "hf_assisted_packed")  # the anchors every method is divided by
-OURS = {name: f"ours: {POLICIES[name].short}" for name in ("greedy", "standard_sd", "judge", "kl_below")}
+# Our methods: every decoding policy that needs no training checkpoint.
+OURS = {name: f"ours: {SPECS[name].short}" for name in DECODE_POLICIES if not SPECS[name].needs.scorer}
 NAMES = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation",
          "hf_assisted_packed": "HF assisted, packed", **OURS}  # fmt: skip
 
@@ -172,7 +178,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--judge", default=str(ROOT / "judges" / "qwen_coder_grpo.pt"))
     parser.add_argument("--judge-threshold", type=float, default=None, help="default: the one saved with it")
     parser.add_argument("--kl-threshold", type=float, default=None, help="default: from --judge's metadata")
-    parser.add_argument("--methods", nargs="+", default=["hf_greedy", "hf_assisted", "hf_assisted_packed", *OURS])
+    parser.add_argument("--methods", nargs="+", choices=[*BASES, *OURS], default=None, help="default: all")
     parser.add_argument("--no-pack", dest="pack", action="store_false", help="our methods on the models as loaded")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "decode_speed"))
@@ -180,37 +186,35 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_pair(args):
-    """(draft, target, tokenizer, eos ids, pad id), generate() made plain greedy on both."""
+def load_setup(args) -> DecodingSetup:
+    """Both models unpacked (the HF rows run first, on the models as loaded) with our policies;
+    generate() made plain greedy on both."""
     pair = Path(args.pair)
-    draft = load_causal_lm(str(pair / "draft"), args.dtype, "cpu", "draft model", "--pair")
-    target = load_causal_lm(str(pair / "target"), args.dtype, "cpu", "target model", "--pair")
-    tokenizer = AutoTokenizer.from_pretrained(pair / "target")
-    eos = end_of_sequence_ids(target) | tokenizer_eos_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    require_built("--pair", pair / "draft", pair / "target")
+    ours = [m for m in args.methods if m in OURS]
+    settings = PolicySettings(kl_threshold=args.kl_threshold, judge_threshold=args.judge_threshold)
+    judge = args.judge if "judge" in ours or "kl_below" in ours else None
+    source = PairSettings(str(pair / "draft"), str(pair / "target"), args.dtype, "cpu", False, "--pair", "--pair")
+    setup = build_decoding(source, ours or ["greedy"], settings, judge, keys=("--methods", "--judge"))
     # generate() merges the model's generation_config.json into any config it is given: Qwen's
     # repetition penalty and sampling defaults would make it something other than greedy.
-    for model in (draft, target):
-        model.generation_config = GenerationConfig(eos_token_id=sorted(eos), pad_token_id=pad)
-    return draft, target, tokenizer, eos, pad
+    for model in (setup.draft, setup.target):
+        model.generation_config = GenerationConfig(eos_token_id=sorted(setup.eos_ids), pad_token_id=setup.pad_id)
+    return setup
 
 
-def policy_settings(args) -> PolicySettings:
-    """The judge (and the KL rule's tau saved beside it, unless --kl-threshold) for the methods that need them."""
-    settings = PolicySettings(kl_threshold=args.kl_threshold)
-    needs_judge = "judge" in args.methods or ("kl_below" in args.methods and args.kl_threshold is None)
-    if needs_judge and not Path(args.judge).is_file():
-        raise SystemExit(f"--judge {args.judge} is not a file: bench/judges.py writes judge_grpo.pt to its --out")
-    if needs_judge:
-        head, saved = load_judge(args.judge)
-        settings.judge, settings.judge_threshold = head, args.judge_threshold or saved
-        settings.kl_threshold = settings.kl_threshold or judge_notes(args.judge).get("kl_threshold")
-    if "kl_below" in args.methods and settings.kl_threshold is None:
-        raise SystemExit(f"{args.judge} carries no KL tau: pass --kl-threshold TAU")
-    return settings
-
-
-LOSSLESS = (*BASES, "greedy", "standard_sd")
+def resolve_methods(args) -> None:
+    """--kl-threshold from the judge's notes when not given; without any, the default methods
+    leave the KL rule out (with a note) and an explicit kl_below stops."""
+    if args.kl_threshold is None and Path(args.judge).is_file():
+        args.kl_threshold = judge_notes(args.judge).get("kl_threshold")
+    if args.methods is None:
+        args.methods = [*BASES, *OURS]
+        if args.kl_threshold is None:
+            args.methods.remove("kl_below")
+            print(f"kl_below skipped: {args.judge} carries no KL tau (pass --kl-threshold TAU to run it)")
+    elif "kl_below" in args.methods and args.kl_threshold is None:
+        raise SystemExit(f"error: {args.judge} carries no KL tau: pass --kl-threshold TAU")
 
 
 def plot_with_accuracy(args) -> None:
@@ -221,12 +225,13 @@ def plot_with_accuracy(args) -> None:
     stand_in = next((m for m in ("greedy", "standard_sd") if f"{m}/accuracy" in summary), None)
     rows = []
     for method, name in NAMES.items():
-        source = method if f"{method}/accuracy" in summary else (stand_in if method in LOSSLESS else None)
+        lossless = method in BASES or method in LOSSLESS
+        source = method if f"{method}/accuracy" in summary else (stand_in if lossless else None)
         if method not in speed or source is None:
             continue
         keys = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high")
         accuracy, low, high = (summary[f"{source}/{k}"] for k in keys)
-        label = name if source == method else f"{name} (accuracy: {POLICIES[source].short}'s, lossless)"
+        label = name if source == method else f"{name} (accuracy: {SPECS[source].short}'s, lossless)"
         rows.append({"name": label, "tokens_per_s": speed[method]["tokens_per_s"], "accuracy": accuracy,
                      "ci_low": low, "ci_high": high})  # fmt: skip
         print(f"{label:60s} {speed[method]['tokens_per_s']:6.2f} tok/s  accuracy {accuracy:.3f} ({low:.3f}-{high:.3f})")
@@ -240,10 +245,11 @@ def main() -> None:
     args = parse_args()
     if args.accuracy_from:
         return plot_with_accuracy(args)
-    draft, target, tokenizer, eos, pad = load_pair(args)
+    resolve_methods(args)
+    setup = load_setup(args)
+    draft, target, tokenizer, settings = setup.draft, setup.target, setup.tokenizer, setup.settings
     questions = PromptList.from_jsonl(args.gsm8k, limit=args.prompts, chat_template=True, skip=args.skip)
     prompts = encode_prompts(tokenizer, questions)
-    settings = policy_settings(args)
     print(f"{args.pair}: {len(prompts)} GSM8K test prompts (lines {questions[0].index}-{questions[-1].index}), "
           f"{args.max_new_tokens} new tokens at most, K={args.block_size}, {args.dtype}, "
           f"{torch.get_num_threads()} threads; judge threshold {settings.judge_threshold}, "
@@ -258,9 +264,9 @@ def main() -> None:
         print(f"{method} ...", flush=True)
         if method.startswith("hf_"):
             helper = draft if method.startswith("hf_assisted") else None
-            runs[method] = run_hf(target, helper, prompts, args, eos, pad, counter)
+            runs[method] = run_hf(target, helper, prompts, args, setup.eos_ids, setup.pad_id, counter)
         else:
-            decoder = SpeculativeDecoder(draft, target, tokenizer, method, args.block_size, settings)
+            decoder = SpeculativeDecoder(draft, target, tokenizer, setup.policies[method], args.block_size)
             runs[method] = run_ours(decoder, prompts, args, counter)
     report(runs, questions, tokenizer, args)
 

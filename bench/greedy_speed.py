@@ -23,8 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from spd_lightning.data.prompts import PromptList, encode_prompts
-from spd_lightning.models.hf import end_of_sequence_ids
+from spd_lightning.models.hf import end_of_sequence_ids, pad_id_of
 from spd_lightning.models.lm import greedy_generate, left_pad
+from spd_lightning.models.pairs import require_built
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,9 +69,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    require_built("--model", args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     eos = end_of_sequence_ids(model)
     # generate() fills what a passed GenerationConfig leaves at its default from the model's own
     # generation_config.json: Qwen2.5-Instruct's repetition_penalty 1.05 then turns greedy decoding

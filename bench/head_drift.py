@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from spd_lightning.data.records import Record, collate_records
+from spd_lightning.models.hf import pad_id_of
+from spd_lightning.models.pairs import require_built
 from spd_lightning.models.scorer import ScoringActor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,13 +69,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    require_built("--backbone", args.backbone)
+    if not Path(args.records).is_file():
+        sys.exit(f"error: --records {args.records} is not a file: docs/real_pair.md prepares it (task=prepare)")
     with open(args.records) as f:
         rows = [json.loads(line) for _, line in zip(range(args.num_records), f)]
     records = [Record(r["context_ids"], r["prompt_len"], r["draft_ids"], r["target_ids"], r["reference"]) for r in rows]
     torch.manual_seed(0)
     scorer = ScoringActor.from_pretrained(args.backbone)
     scorer.backbone.requires_grad_(False)
-    pad_id = scorer.backbone.config.eos_token_id if isinstance(scorer.backbone.config.eos_token_id, int) else 0
+    pad_id = pad_id_of(AutoTokenizer.from_pretrained(args.backbone))
     inputs = head_inputs(scorer, records, pad_id)
     at_draft = inputs[..., : inputs.shape[-1] // 2]
     print(

@@ -36,6 +36,7 @@ from spd_lightning.core.rules import TokenFeatures
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.answers import extract_final_number, gsm8k_final_number
 from spd_lightning.data.records import Record, load_records, split_by_prompt
+from spd_lightning.decoding.registry import EVAL_FAMILIES, SPECS
 from spd_lightning.judge.compare import (
     JUDGES,
     CompareSettings,
@@ -56,13 +57,15 @@ from spd_lightning.judge.inputs import (
 )
 from spd_lightning.models.hf import end_of_sequence_ids, tokenizer_eos_ids
 from spd_lightning.models.scorer import ScoringActor
-from spd_lightning.reporting.names import POLICIES
 from spd_lightning.reporting.plots import plot_tradeoff
 from spd_lightning.toy.build import SHIPPED_WORLD
 from spd_lightning.verification.hybrid import HybridVerifier
-from spd_lightning.verification.outcomes import FAMILIES, OutcomeTable, best_at_parity, verify_outcomes
+from spd_lightning.verification.outcomes import OutcomeTable, best_at_parity, verify_outcomes
 
 ROOT = Path(__file__).resolve().parents[1]
+# The rules task=eval sweeps that need no trained scorer, then the judges trained here.
+RULES = tuple(p for p in EVAL_FAMILIES if not SPECS[p].needs.scorer)
+NAMES = {**{p: SPECS[p].short for p in RULES}, **JUDGES}
 
 
 class _StoredOnly:
@@ -156,16 +159,16 @@ def print_table(rows: list[dict], parity: dict, n: int, tolerance: float, measur
         f"{'policy':48s} {'param':>8s} {'accuracy':>8s} {'95% CI':>13s} {'agree':>6s} {'accept_len':>10s} {'vs SD':>6s}"
     )
     print(header + "\n" + "-" * len(header))
-    for policy in ("standard_sd", "accept_all", "topk", "kl_below", "entropy_above", *JUDGES):
+    for policy in (*RULES, *JUDGES):
         row = parity.get(policy) if policy != "accept_all" else next(r for r in rows if r["policy"] == policy)
         if row is None:
-            print(f"{POLICIES[policy].short:48s} {'(none at parity)':>8s}")
+            print(f"{NAMES[policy]:48s} {'(none at parity)':>8s}")
             continue
         low, high = wilson_interval(round(row["accuracy"] * n), n)
         param = "" if row["parameter"] is None else f"{row['parameter']:.3g}"
         ratio = "-" if row["accept_len_ratio"] is None else f"{row['accept_len_ratio']:.2f}x"
         figures = f"{row['accuracy']:8.3f} {low:6.3f}-{high:.3f} {row['agreement']:6.3f} {row['accept_len']:10.3f}"
-        print(f"{POLICIES[policy].short:48s} {param:>8s} {figures} {ratio:>6s}")
+        print(f"{NAMES[policy]:48s} {param:>8s} {figures} {ratio:>6s}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -226,7 +229,7 @@ def write_outputs(out: Path, rows: list[dict], parity: dict, args, n: int, title
         writer.writerows(rows)
     summary = {"heldout_records": n, "parity": parity, "args": vars(args)}
     (out / "judges.json").write_text(json.dumps(summary, indent=2) + "\n")
-    labels = {p: POLICIES[p].label for p in (*FAMILIES, *JUDGES)}
+    labels = {**{p: SPECS[p].label for p in EVAL_FAMILIES}, **JUDGES}
     png = plot_tradeoff(rows, labels, None, out / "judges.png", title)
     fidelity = plot_tradeoff(rows, labels, None, out / "judges_agreement.png", title, "agreement")
     print(f"all {len(rows)} policy points: {out / 'tradeoff.csv'}; curves: {png}, {fidelity}")

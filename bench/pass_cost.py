@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from spd_lightning.models.packed import pack_linears
+from spd_lightning.models.pairs import require_built
 from spd_lightning.targets.local import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    require_built("--model", args.model)
     print(f"{args.model}, context {args.context} tokens, {torch.get_num_threads()} threads")
     for name in args.kinds:
         dtype, _, packed = name.partition("-")

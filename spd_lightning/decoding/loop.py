@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from spd_lightning.core.sampling import first_reject
-from spd_lightning.decoding.policies import Block, Policy
+from spd_lightning.decoding.policies import Block, Decide, Policy, as_policy
 from spd_lightning.models.hf import id_set
 from spd_lightning.models.lm import greedy_tokens, teacher_forced_logits, teacher_forced_states
 from spd_lightning.models.row_cache import RowCache
@@ -104,12 +104,12 @@ def decode_step(
     """One block for every row (its prompt + response so far): one target forward pass."""
     drafts = greedy_tokens(draft, contexts, block_size, pad_id) if block_size else [[] for _ in contexts]
     target_hidden = None
-    if block_size and getattr(policy, "needs_hidden", False):
+    if block_size and policy.needs.target_hidden:
         target_logits, target_hidden = teacher_forced_states(target, contexts, drafts, pad_id)  # [B, K+1, V], [B, K, H]
     else:
         target_logits = teacher_forced_logits(target, contexts, drafts, pad_id)  # [B, K+1, V]
     draft_logits = None
-    if block_size and getattr(policy, "needs_logits", False):
+    if block_size and policy.needs.distributions:
         draft_logits = teacher_forced_logits(draft, contexts, drafts, pad_id)  # [B, K+1, V]
     target_ids = target_logits.argmax(-1).cpu()  # [B, K+1]
     draft_ids = torch.tensor(drafts, dtype=torch.long)  # [B, K]
@@ -125,7 +125,7 @@ def decide_block(block: Block, policy: Policy) -> list[BlockOutcome]:
         accept_len = first_reject(policy(block).bool() | ~mismatch).tolist()  # [B]
     else:  # greedy: nothing to decide, the target's own token is the block
         accept_len = [0] * len(block.contexts)
-    watch = getattr(policy, "watch", None) if k else None
+    watch = policy.watch if k else None
     probs = watch(block).tolist() if watch is not None else [None] * len(accept_len)  # [B, K]
     return [
         BlockOutcome(block_tokens(d, t, j), m[:j], p[j] if p is not None and j < k else None)
@@ -155,13 +155,14 @@ def generate(
     draft: PreTrainedModel | None,
     target: PreTrainedModel,
     prompts: list[list[int]],
-    policy: Policy,
+    policy: Policy | Decide,
     settings: LoopSettings,
     desc: str | None = None,
 ) -> list[Generation]:
     """Decodes every prompt, `settings.batch_size` prompts at a time; rows leave the batch as
-    they finish. Both models re-read each row's whole context every block."""
-    gens = [Generation([]) for _ in prompts]
+    they finish. Both models re-read each row's whole context every block. `policy`: a Policy,
+    or a plain callable Block -> [B, K] bool (policies.as_policy)."""
+    gens, policy = [Generation([]) for _ in prompts], as_policy(policy)
     k, limit = settings.block_size, settings.max_new_tokens
     with tqdm(total=len(prompts), desc=desc, leave=False, disable=desc is None) as bar:
         for start in range(0, len(prompts), settings.batch_size):
@@ -181,7 +182,7 @@ def generate_cached(
     draft: PreTrainedModel | None,
     target: PreTrainedModel,
     prompts: list[list[int]],
-    policy: Policy,
+    policy: Policy | Decide,
     settings: LoopSettings,
     desc: str | None = None,
     clock: LoopClock | None = None,
@@ -189,7 +190,7 @@ def generate_cached(
     """As `generate`, with a KV cache per model (row_cache.RowCache): a block feeds the draft
     its new tokens and K-1 proposals, the target the row's new token and the K proposals, and
     rolls both caches back to the kept tokens. `clock` adds up where the time went."""
-    gens = [Generation([]) for _ in prompts]
+    gens, policy = [Generation([]) for _ in prompts], as_policy(policy)
     clock = clock if clock is not None else LoopClock()
     with tqdm(total=len(prompts), desc=desc, leave=False, disable=desc is None) as bar:
         for start in range(0, len(prompts), settings.batch_size):
@@ -219,8 +220,8 @@ class _CachedRows:
         self.drafted = 0  # draft tokens in the current block
         self.target = RowCache(target, pad_id)
         self.draft = RowCache(draft, pad_id) if block_size else None
-        self.needs_logits = bool(block_size) and getattr(policy, "needs_logits", False)
-        self.needs_hidden = bool(block_size) and getattr(policy, "needs_hidden", False)
+        self.needs_logits = bool(block_size) and policy.needs.distributions
+        self.needs_hidden = bool(block_size) and policy.needs.target_hidden
 
     def propose(self, new: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Up to K greedy draft tokens per row after its new tokens: (ids [B, k], logits [B, k, V]

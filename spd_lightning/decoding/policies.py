@@ -1,24 +1,23 @@
-"""What decides at a block's mismatches: the Block a policy reads, the policies, and the one
-registry of their names (task=decode's decode.policies, the generation API's policy=).
+"""What decides at a block's mismatches: the Block a policy reads and the policies themselves.
 
 A policy maps a Block of B rows and K draft tokens to [B, K] bool, True = keep the draft token.
 Only mismatches (draft token != the target's greedy token) are read; the loops keep matching
-tokens whatever a policy says. A policy that reads both models' distributions sets
-`needs_logits`, one that reads the target's hidden states `needs_hidden`.
+tokens whatever a policy says. Each policy says what it reads beyond the token ids in typed
+fields (Needs), so a loop computes only that. The registry of named policies is registry.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from spd_lightning.core.rules import kl_decisions, token_features
 from spd_lightning.core.sampling import threshold_decisions
 from spd_lightning.data.records import Record, collate_records
-from spd_lightning.errors import SetupError
 from spd_lightning.judge.head import JudgeHead, JudgeInputs, judge_token_features
+from spd_lightning.judge.zero_cost import ZeroCostJudge
 from spd_lightning.models.lm import PrefixCache
 from spd_lightning.models.scorer import ScoringActor
 
@@ -32,10 +31,8 @@ class Block:
     draft_ids: torch.Tensor  # [B, K] the draft's proposals (CPU)
     target_ids: torch.Tensor  # [B, K+1] the target's greedy token at each draft position, then after the block
     target_logits: torch.Tensor | None = None  # [B, K+1, V] the target's distributions there
-    draft_logits: torch.Tensor | None = None  # [B, K(+1), V] the draft's, for policies that ask (needs_logits)
-    target_hidden: torch.Tensor | None = (
-        None  # [B, K, H] the target's last hidden states at the draft tokens (needs_hidden)
-    )
+    draft_logits: torch.Tensor | None = None  # [B, K(+1), V] the draft's (Needs.distributions)
+    target_hidden: torch.Tensor | None = None  # [B, K, H] the target's last hidden states (Needs.target_hidden)
 
     @property
     def mismatch(self) -> torch.Tensor:
@@ -44,19 +41,58 @@ class Block:
         return self.draft_ids != self.target_ids[:, :k]
 
 
-# A policy: Block -> [B, K] bool, True = keep the draft token. Only mismatches are read;
-# the loop keeps matching tokens whatever it says.
-Policy = Callable[[Block], torch.Tensor]
+@dataclass(frozen=True)
+class Needs:
+    """What a policy reads beyond the block's token ids, and what must exist before it can run."""
+
+    drafts: bool = True  # False: the target decodes alone (greedy), no block to decide
+    distributions: bool = False  # both models' distributions at the draft positions (Block.draft_logits)
+    target_hidden: bool = False  # the target's last hidden states at the draft tokens (Block.target_hidden)
+    scorer: bool = False  # a trained scorer (task=decode's ckpt_path)
+    judge: bool = False  # a saved judge head (judge_path)
+    kl_threshold: bool = False  # the KL rule's tau
+
+    def union(self, other: Needs) -> Needs:
+        """What a policy and its watcher read together."""
+        return Needs(**{f: getattr(self, f) or getattr(other, f) for f in self.__dataclass_fields__})
 
 
-def reject_all(block: Block) -> torch.Tensor:
-    """Standard speculative decoding: every mismatch ends the block (lossless)."""
+Decide = Callable[[Block], torch.Tensor]  # Block -> [B, K] (bool decisions or float probabilities)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One decision rule. `watch` (optional): a threshold rule's probabilities, recorded at the
+    mismatches this policy rejects (Generation.watched_max) without changing what it decides."""
+
+    name: str
+    decide: Decide
+    needs: Needs = field(default_factory=Needs)
+    watch: Decide | None = None
+
+    def __call__(self, block: Block) -> torch.Tensor:
+        return self.decide(block)
+
+
+def as_policy(policy: Policy | Decide) -> Policy:
+    """A Policy as it is; a plain callable Block -> [B, K] bool as a Policy that reads token ids only."""
+    return policy if isinstance(policy, Policy) else Policy(getattr(policy, "__name__", "custom"), policy)
+
+
+def _keep_none(block: Block) -> torch.Tensor:
     return torch.zeros_like(block.draft_ids, dtype=torch.bool)
 
 
-def accept_all(block: Block) -> torch.Tensor:
-    """The lossy extreme: the target never overrules the draft inside a block."""
+def _keep_every(block: Block) -> torch.Tensor:
     return torch.ones_like(block.draft_ids, dtype=torch.bool)
+
+
+# Standard speculative decoding: every mismatch ends the block (lossless).
+reject_all = Policy("standard_sd", _keep_none)
+# The lossy extreme: the target never overrules the draft inside a block.
+accept_all = Policy("accept_all", _keep_every)
+# The target alone: no draft, one target call per token.
+greedy = Policy("greedy", _keep_none, Needs(drafts=False))
 
 
 def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy:
@@ -88,7 +124,7 @@ def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy
         )  # [B, K]
         return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
 
-    return decide
+    return Policy("scorer", decide, Needs(scorer=True))
 
 
 def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
@@ -101,11 +137,14 @@ def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
         features = token_features(block.target_logits, block.draft_logits, block.draft_ids)
         return kl_decisions(features.kl.cpu(), block.mismatch, tau, features.target_top1.cpu(), confidence)
 
-    decide.needs_logits = True  # type: ignore[attr-defined]
-    return decide
+    return Policy("kl_below", decide, Needs(distributions=True, kl_threshold=True))
 
 
-def judge_probabilities(head: JudgeHead) -> Callable[[Block], torch.Tensor]:
+# What the zero-cost judge reads: computed by the block's verification pass and the draft's proposals.
+JUDGE_NEEDS = Needs(distributions=True, target_hidden=True, judge=True)
+
+
+def judge_probabilities(head: JudgeHead) -> Decide:
     """The zero-cost judge's accept probability at every draft position: Block -> [B, K] float64 (CPU).
     It reads the target's hidden states at the draft tokens and both models' distributions, which
     the block's verification pass and the draft's proposals computed anyway: no extra model pass."""
@@ -122,42 +161,27 @@ def judge_probabilities(head: JudgeHead) -> Callable[[Block], torch.Tensor]:
         # could not be told apart from certainty by any threshold.
         return torch.sigmoid(head(data).double())  # [B, K]
 
-    probabilities.needs_logits = True  # type: ignore[attr-defined]
-    probabilities.needs_hidden = True  # type: ignore[attr-defined]
     return probabilities
 
 
-def judge_policy(head: JudgeHead, threshold: float) -> Policy:
-    """The zero-cost judge (judge.py): keep a mismatch when its accept probability is >= threshold."""
+def judge_policy(head: JudgeHead, threshold: float, name: str = "judge") -> Policy:
+    """The zero-cost judge (judge/head.py): keep a mismatch when its accept probability is >= threshold."""
     probabilities = judge_probabilities(head)
 
     def decide(block: Block) -> torch.Tensor:
         return threshold_decisions(probabilities(block), block.mismatch, threshold)
 
-    decide.needs_logits = decide.needs_hidden = True  # type: ignore[attr-defined]
-    return decide
+    return Policy(name, decide, JUDGE_NEEDS)
 
 
-def watched_sd(probabilities: Callable[[Block], torch.Tensor]) -> Policy:
-    """Standard speculative decoding with a threshold policy watching (e.g. judge_probabilities):
-    it decides as reject_all, and the loops record in Generation.watched_max the highest
-    probability the watcher gave a mismatch that ended a block. Until the first mismatch it would
-    keep, the threshold policy emits standard SD's tokens, so at any threshold above a row's
-    watched_max it writes that row's response exactly: one standard SD run gives, for every
-    threshold at once, which generations the policy would leave unchanged."""
-
-    def decide(block: Block) -> torch.Tensor:
-        return reject_all(block)
-
-    decide.watch = probabilities  # type: ignore[attr-defined]
-    for need in ("needs_logits", "needs_hidden"):  # the loop computes what the watcher reads
-        setattr(decide, need, getattr(probabilities, need, False))
-    return decide
-
-
-# The policies a decoding loop runs by name (task=decode's decode.policies, the generation API), in
-# table order; names.POLICIES says what each is called.
-DECODE_POLICIES = ("greedy", "standard_sd", "scorer", "kl_below", "judge", "accept_all")
+def watched_sd(probabilities: Decide, needs: Needs = JUDGE_NEEDS) -> Policy:
+    """Standard speculative decoding with a threshold policy watching (e.g. judge_probabilities,
+    which reads `needs`): it decides as reject_all, and the loops record in Generation.watched_max
+    the highest probability the watcher gave a mismatch that ended a block. Until the first
+    mismatch it would keep, the threshold policy emits standard SD's tokens, so at any threshold
+    above a row's watched_max it writes that row's response exactly: one standard SD run gives,
+    for every threshold at once, which generations the policy would leave unchanged."""
+    return Policy("standard_sd", _keep_none, reject_all.needs.union(needs), watch=probabilities)
 
 
 @dataclass
@@ -166,23 +190,10 @@ class PolicySettings:
 
     kl_threshold: float | None = None  # kl_below: keep a mismatch when KL(target || draft) <= this (nats)
     kl_confidence: float | None = 0.9  # kl_below: strict where the target's top-1 probability exceeds this
-    judge: JudgeHead | None = None  # judge: the head (judge.load_judge)
+    judge: JudgeHead | None = None  # judge: the head (judge.head.load_judge)
     judge_threshold: float | None = None  # judge: keep a mismatch when its probability is >= this
-
-
-def named_policy(name: str, settings: PolicySettings) -> tuple[Policy, bool]:
-    """(the policy called `name`, whether it drafts: greedy does not). `scorer` needs a training
-    checkpoint and is task=decode's (decode.py)."""
-    if name in ("greedy", "standard_sd"):
-        return reject_all, name != "greedy"
-    if name == "accept_all":
-        return accept_all, True
-    if name == "kl_below":
-        if settings.kl_threshold is None:
-            raise SetupError("policy kl_below needs kl_threshold=TAU (nats; task=eval or bench/judges.py tune it)")
-        return kl_policy(settings.kl_threshold, settings.kl_confidence), True
-    if name == "judge":
-        if settings.judge is None or settings.judge_threshold is None:
-            raise SetupError("policy judge needs a judge head and its threshold (judge_path=... from bench/judges.py)")
-        return judge_policy(settings.judge, settings.judge_threshold), True
-    raise SetupError(f"policy {name!r}: choose among {[n for n in DECODE_POLICIES if n != 'scorer']} or pass a Policy")
+    # standard_sd with the judge watching (policies.watched_sd): which generations any threshold changes.
+    watch_with_judge: bool = False
+    scorer: ScoringActor | ZeroCostJudge | None = None  # scorer: a trained one (task=decode's ckpt_path)
+    scorer_threshold: float = 0.5  # scorer: keep a mismatch when its probability is >= this
+    pad_id: int = 0  # scorer: the filler of padded rows

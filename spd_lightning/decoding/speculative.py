@@ -11,28 +11,26 @@ zero-cost judge, the KL rule, or standard SD), prompt text in, text and statisti
     print(out.text, out.stats["tokens_per_s"], out.stats["target_calls_per_token"])
 
 The loop is decoding.generate_cached (KV caches for both models, rolled back after each block).
-Policies, by name (policies.DECODE_POLICIES): greedy (the target alone), standard_sd (lossless: every
-mismatch rejected), judge (a head saved by bench/judges.py), kl_below (the training-free KL
-rule), accept_all; or any decoding.Policy callable.
+Policies, by name (registry.DECODE_POLICIES): greedy (the target alone), standard_sd (lossless: every
+mismatch rejected), judge (a head saved by task=judge), kl_below (the training-free KL rule),
+accept_all; or any decoding.Policy, or a plain callable Block -> [B, K] bool.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from spd_lightning.data.prompts import Prompt, PromptList, encode_prompts
 from spd_lightning.decoding.loop import Generation, LoopClock, LoopSettings, generate_cached
-from spd_lightning.decoding.policies import Policy, PolicySettings, named_policy
+from spd_lightning.decoding.policies import Decide, Policy, PolicySettings, as_policy
+from spd_lightning.decoding.registry import build_policy
+from spd_lightning.decoding.setup import PairSettings, build_decoding, check_tokenizer
 from spd_lightning.errors import SetupError
-from spd_lightning.judge.head import load_judge
-from spd_lightning.models.hf import check_shared_vocabulary, end_of_sequence_ids, tokenizer_eos_ids
-from spd_lightning.models.packed import pack_linears
-from spd_lightning.targets.local import load_causal_lm
+from spd_lightning.models.hf import end_of_sequence_ids, pad_id_of, tokenizer_eos_ids
 
 
 @dataclass
@@ -75,7 +73,7 @@ class SpeculativeDecoder:
         draft: PreTrainedModel,
         target: PreTrainedModel,
         tokenizer,
-        policy: str | Policy = "standard_sd",
+        policy: str | Policy | Decide = "standard_sd",
         block_size: int = 4,
         settings: PolicySettings | None = None,
         chat_template: bool = True,
@@ -84,40 +82,32 @@ class SpeculativeDecoder:
     ) -> None:
         if block_size < 1:
             raise SetupError(f"block_size={block_size}: a block holds at least one draft token")
-        check_shared_vocabulary(tokenizer, {"the draft": draft, "the target": target})
+        check_tokenizer(tokenizer, {"the draft": draft, "the target": target})
         self.draft, self.target, self.tokenizer = draft, target, tokenizer
         self.chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
         self.system_prompt = system_prompt  # with the chat template: a system turn first (None: the template's)
         # End a block's drafting early where the draft is unsure (decoding.generate_cached); None: always K.
         self.draft_confidence = draft_confidence
-        drafts = True
-        if isinstance(policy, str):
-            policy, drafts = named_policy(policy, settings or PolicySettings())
-        self.policy, self.block_size = policy, block_size if drafts else 0
+        named = isinstance(policy, str)
+        self.policy = build_policy(policy, settings or PolicySettings()) if named else as_policy(policy)
+        self.block_size = block_size if self.policy.needs.drafts else 0
         self.eos_ids = end_of_sequence_ids(target) | tokenizer_eos_ids(tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id_of(tokenizer)
 
     @classmethod
     def from_pretrained(
         cls, draft: str, target: str, policy: str = "standard_sd", judge_path: str | None = None, **kwargs
     ) -> SpeculativeDecoder:
-        """Loads both models (transformers directories or hub ids) and the target's tokenizer.
-        kwargs: dtype, device, pack_linears, block_size, kl_threshold, kl_confidence, judge_threshold,
-        chat_template, system_prompt, draft_confidence. pack_linears (default True): on the CPU, every
-        linear layer's weight packed for oneDNN (models.packed): a float32 pass over K+1 tokens then
-        costs about 1.5 single-token passes instead of 2.2; a GPU model is left as it is."""
-        dtype, device = kwargs.pop("dtype", "float32"), kwargs.pop("device", "cpu")
-        pack = kwargs.pop("pack_linears", True)
-        settings = PolicySettings(**{k: kwargs.pop(k) for k in ("kl_threshold", "kl_confidence") if k in kwargs})
-        if judge_path is not None:
-            if not Path(judge_path).is_file():
-                raise SetupError(f"judge_path={judge_path} is not a file: bench/judges.py writes judge_*.pt")
-            settings.judge, saved = load_judge(judge_path)
-            settings.judge_threshold = kwargs.pop("judge_threshold", None) or saved
-        models = [load_causal_lm(p, dtype, device, f"{w} model", w) for p, w in ((draft, "draft"), (target, "target"))]
-        for model in models if pack else ():
-            pack_linears(model)
-        return cls(*models, AutoTokenizer.from_pretrained(target), policy, settings=settings, **kwargs)
+        """Loads both models (transformers directories or hub ids) and the target's tokenizer
+        (decoding.setup.build_decoding, as task=decode does). kwargs: dtype, device, pack_linears,
+        block_size, kl_threshold, kl_confidence, judge_threshold, chat_template, system_prompt,
+        draft_confidence. pack_linears (default True): on the CPU, every linear layer's weight
+        packed for oneDNN (models.packed); a GPU model is left as it is."""
+        load = {k: kwargs.pop(k) for k in ("dtype", "device", "pack_linears") if k in kwargs}
+        choice = {k: kwargs.pop(k) for k in ("kl_threshold", "kl_confidence", "judge_threshold") if k in kwargs}
+        setup = build_decoding(PairSettings(draft, target, **load), [policy], PolicySettings(**choice), judge_path)
+        models = (setup.draft, setup.target, setup.tokenizer)
+        return cls(*models, setup.policies[policy], settings=setup.settings, **kwargs)
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt: the user's turn of the chat template (instruct models), as

@@ -31,8 +31,13 @@ from spd_lightning.verification.outcomes import (
     tradeoff_rows,
 )
 
-# The trained judges, in table order (names.POLICIES says what each one is).
-JUDGES = ("judge_sup", "judge_grpo", "judge_exact", "scorer_grpo")
+# The trained judges, in table order: name -> what tables and plots call it.
+JUDGES = {
+    "judge_sup": "zero-cost judge, supervised (AutoJudge labels)",
+    "judge_grpo": "zero-cost judge, GRPO",
+    "judge_exact": "zero-cost judge, exact expected reward",
+    "scorer_grpo": "ScoringActor head (draft states), GRPO",
+}
 
 
 @dataclass

@@ -138,3 +138,9 @@ def tokenizer_eos_ids(tokenizer) -> set[int]:
     if config is not None and config.is_file():
         ids |= id_set(json.loads(config.read_text()).get("eos_token_id"))
     return ids
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id that fills padded rows: the tokenizer's pad token, or its EOS where it has none
+    (masked out either way; many causal LMs ship without a pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -2,7 +2,7 @@
 tokens costs about as much as a pass over one, the premise of speculative decoding.
 
 A float32 `nn.Linear` on the CPU multiplies through MKL, which, for a product of a handful of
-rows, re-lays-out the whole weight matrix on every call: on the 2-core EPYC of DEVELOPERS.md a
+rows, re-lays-out the whole weight matrix on every call: on a 2-core AMD EPYC (AVX-512, no AMX) a
 Qwen2.5-Coder-1.5B pass over 5 new tokens cost 2.2 single-token passes (bench/pass_cost.py).
 oneDNN's linear reads a weight laid out for it in advance; the same pass over 5 tokens then cost
 1.3-1.7 single-token passes (two runs), and the single-token pass itself 20-30% less.

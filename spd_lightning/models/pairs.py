@@ -204,6 +204,18 @@ def build_pair(name: str, out: Path, keep_downloads: bool = False) -> Path:
     return out
 
 
+def require_built(flag: str, *model_dirs: str | Path) -> None:
+    """For the benches: exits with one line naming the command that builds the real pair when a
+    model directory they read (a `flag` argument) holds no model."""
+    missing = [str(d) for d in model_dirs if not (Path(d) / "config.json").is_file()]
+    if missing:
+        sys.exit(
+            f"error: {flag}: no model at {', '.join(missing)}. Build the real pair with "
+            "`python -m spd_lightning.models.pairs qwen_coder` (about 3 minutes), or point "
+            f"{flag} at your own."
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(PAIRS))

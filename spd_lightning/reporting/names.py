@@ -1,36 +1,15 @@
-"""What things are called, in one place: the policies (tables, plots, configs) and the keys of
-the validation metrics that training logs and summary.json, the sweeps and the tests read."""
+"""What things are called, in one place: the policies (tables, plots, configs: derived from the
+decoding registry) and the keys of the validation metrics that training logs and summary.json,
+the sweeps and the tests read."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from spd_lightning.decoding.registry import SPECS, VAL_POLICIES, PolicySpec
 
+# Policy name (as in decode.policies, eval's tradeoff.csv) -> its spec: .short (a table row), .label (a legend).
+POLICIES: dict[str, PolicySpec] = SPECS
+__all__ = ["POLICIES", "VAL_POLICIES", "VAL_METRICS", "PARITY_METRIC", "INITIAL", "val_key"]
 
-@dataclass(frozen=True)
-class PolicyName:
-    short: str  # a table row
-    label: str  # a plot legend: what the policy accepts
-
-
-# Policy name (as in decode.policies, eval's tradeoff.csv, bench/judges.py) -> what it is called.
-POLICIES = {
-    "greedy": PolicyName("greedy target", "greedy decoding by the target alone"),
-    "scorer": PolicyName("SPD scorer", "SPD scorer: accept p >= t"),
-    "standard_sd": PolicyName("standard SD", "standard SD (reject mismatches)"),
-    "accept_all": PolicyName("accept all", "accept all"),
-    "topk": PolicyName("top-k", "draft token in target top-k"),
-    "kl_below": PolicyName("KL rule", "KL(target||draft) <= tau"),
-    "entropy_above": PolicyName("entropy rule", "target entropy >= tau"),
-    "judge": PolicyName("zero-cost judge", "zero-cost judge: accept p >= t"),
-    # bench/judges.py's trained judges
-    "judge_sup": PolicyName(*["zero-cost judge, supervised (AutoJudge labels)"] * 2),
-    "judge_grpo": PolicyName(*["zero-cost judge, GRPO"] * 2),
-    "judge_exact": PolicyName(*["zero-cost judge, exact expected reward"] * 2),
-    "scorer_grpo": PolicyName(*["ScoringActor head (draft states), GRPO"] * 2),
-}
-
-# The policies every validation epoch scores, in the column order handed to the verifier.
-VAL_POLICIES = ("scorer", "standard_sd", "accept_all")
 VAL_METRICS = ("accuracy", "accept_len", "reward")
 # The trained scorer's kept draft tokens per block, 0 below standard SD's accuracy: what sweeps optimise.
 PARITY_METRIC = "val/accept_len_at_parity"

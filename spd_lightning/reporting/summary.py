@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from spd_lightning.reporting.names import INITIAL, POLICIES, VAL_METRICS, VAL_POLICIES, val_key
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 
 
 def accept_len_at_parity(summary: dict[str, float], tolerance: float) -> float:
@@ -20,19 +18,18 @@ def accept_len_at_parity(summary: dict[str, float], tolerance: float) -> float:
 
 
 def print_summary(summary: dict[str, float], path: Path) -> None:
-    table = Table(title="Validation: accuracy vs draft tokens accepted per block")
-    for col in ("policy", "accuracy", "accept_len", "reward"):
-        table.add_column(col, justify="left" if col == "policy" else "right")
+    """The validation table, printed and written to summary.md beside summary.json (for docs/)."""
+    table = FigureTable("Validation: accuracy vs draft tokens accepted per block", ["policy", *VAL_METRICS])
     for p in VAL_POLICIES:
         row = [summary.get(val_key(p, m)) for m in VAL_METRICS]
         name = POLICIES[p].label if p != "scorer" else f"{POLICIES[p].short} (trained)"
-        table.add_row(name, *(f"{v:.3f}" if v is not None else "-" for v in row))
+        table.add(name, *(f"{v:.3f}" if v is not None else "-" for v in row))
     if INITIAL + val_key("scorer", "accuracy") in summary:
         row = [summary.get(INITIAL + val_key("scorer", m)) for m in VAL_METRICS]
-        table.add_row(f"{POLICIES['scorer'].short} (before training)", *(f"{v:.3f}" for v in row))
-    console = Console()
-    console.print(table)
+        table.add(f"{POLICIES['scorer'].short} (before training)", *(f"{v:.3f}" for v in row))
+    notes = []
     sd, ours = summary.get(val_key("standard_sd", "accept_len")), summary.get(val_key("scorer", "accept_len"))
     if sd and ours is not None:
-        console.print(f"accepted draft tokens per block: {ours / sd:.2f}x standard SD")
-    console.print(f"summary: {path}", soft_wrap=True)
+        notes.append(f"accepted draft tokens per block: {ours / sd:.2f}x standard SD")
+    write_markdown(path.with_suffix(".md"), [table], tuple(notes))
+    print_tables(table, notes=(*notes, f"summary: {path}"))

@@ -20,35 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.table import Table
-from transformers import PreTrainedModel
 
 from spd_lightning.core.sampling import changed_at, threshold_changing_at_most
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.prompts import Prompt, encode_prompts
 from spd_lightning.decoding.loop import Generation, LoopSettings, generate, generate_cached, summarize, timed
-from spd_lightning.decoding.policies import (
-    DECODE_POLICIES,
-    Policy,
-    PolicySettings,
-    judge_policy,
-    judge_probabilities,
-    named_policy,
-    scorer_policy,
-    watched_sd,
-)
+from spd_lightning.decoding.policies import PolicySettings
+from spd_lightning.decoding.registry import DECODE_POLICIES, SPECS, check_policy_names
+from spd_lightning.decoding.setup import DecodingSetup, PairSettings, build_decoding, check_tokenizer
 from spd_lightning.errors import SetupError
-from spd_lightning.judge.head import JudgeHead, load_judge
 from spd_lightning.judge.zero_cost import ZeroCostJudge
-from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, resolve_device, tokenizer_eos_ids
-from spd_lightning.models.packed import pack_linears
-from spd_lightning.reporting.names import POLICIES
+from spd_lightning.models.hf import load_tokenizer, pad_id_of, resolve_device
 from spd_lightning.reporting.plots import plot_judge_watch
-from spd_lightning.targets.local import load_causal_lm
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.tasks.builders import SCORER, ensure_toy_world, pair_path
 from spd_lightning.tasks.checkpoint import load_trained_scorer
 
@@ -101,77 +87,51 @@ class DecodeConfig:
     pack_linears: bool = True
 
 
-def _load_lm(cfg: DictConfig, role: str, device: str) -> PreTrainedModel:
-    """The causal LM at pair.<role> (draft or target)."""
-    offline_key = "model.local_files_only" if cfg.model.local_files_only else None  # as for the scorer
-    path, what = pair_path(cfg, role), f"{role} model"
-    return load_causal_lm(path, cfg.decode.dtype, device, what, f"pair.{role}", offline_key, section="decode")
-
-
-def _check_vocab(tokenizer, parts: dict[str, torch.nn.Module]) -> None:
-    """Every model must know every token of the tokenizer, which must say where generation stops."""
-    if tokenizer.eos_token_id is None:
-        raise SetupError("the tokenizer (model.tokenizer) has no EOS token: generation could never stop")
-    check_shared_vocabulary(tokenizer, parts)
-
-
-def build_policies(cfg: DictConfig, tokenizer, device: str) -> tuple[dict[str, tuple[Policy, int]], PolicySettings]:
-    """decode.policies -> (name: (policy, block size), what they were built with); greedy is the
-    target alone (block size 0)."""
-    settings = cfg.decode
-    unknown = sorted(set(settings.policies) - set(DECODE_POLICIES))
-    if unknown or not settings.policies:
-        raise SetupError(f"decode.policies {list(settings.policies)}: choose among {list(DECODE_POLICIES)}")
+def check_settings(settings: DictConfig) -> None:
+    """decode's settings that no policy reads, before anything is loaded."""
+    check_policy_names(list(settings.policies), "decode.policies")
     if settings.draft_confidence is not None and not settings.kv_cache:
         raise SetupError("decode.draft_confidence needs decode.kv_cache=true (the loop that drafts per block)")
     if settings.block_size < 1 or settings.max_new_tokens < 1 or settings.batch_size < 1:
         raise SetupError("decode.block_size, decode.max_new_tokens and decode.batch_size must be >= 1")
-    k = settings.block_size
     if "kl_below" in settings.policies and settings.kl_threshold is None:
         raise SetupError(
             "decode.policies has kl_below: set decode.kl_threshold=TAU (task=eval's tradeoff.csv lists "
             "the KL rule's accuracy and accepted tokens at each tau)"
         )
-    choice = PolicySettings(settings.kl_threshold, settings.kl_confidence)
-    if "judge" in settings.policies or settings.judge_path is not None:
-        choice.judge, choice.judge_threshold = _judge(settings)
-        path, threshold = settings.judge_path, choice.judge_threshold
-        log.info("zero-cost judge from %s, accepting mismatches at p >= %.12g", path, threshold)
-    policies = {}
-    # A fixed order, whatever the config's: greedy's responses are the others' reference.
-    for name in (n for n in DECODE_POLICIES if n in settings.policies):
-        if name == "scorer":
-            policies[name] = (_scorer_policy(cfg, tokenizer, device), k)
-        elif name == "standard_sd" and choice.judge is not None:
-            policies[name] = (watched_sd(judge_probabilities(choice.judge)), k)
-        else:
-            policy, drafts = named_policy(name, choice)
-            policies[name] = (policy, k if drafts else 0)
-    return policies, choice
 
 
-def _judge(settings: DictConfig) -> tuple[JudgeHead, float]:
-    path = settings.judge_path
-    if path is None or not Path(path).is_file():
-        raise SetupError(
-            f"decode.policies has judge, but decode.judge_path={path} is not a file: train one with "
-            "bench/judges.py, which writes judge_sup.pt, judge_grpo.pt and judge_exact.pt to its --out"
-        )
-    head, saved_threshold = load_judge(path)
-    return head, saved_threshold if settings.judge_threshold is None else settings.judge_threshold
+def decoding_setup(cfg: DictConfig, tokenizer, device: str) -> DecodingSetup:
+    """The pair, packed or not, and decode.policies (decoding.setup.build_decoding); with
+    decode.judge_path, standard_sd runs with the judge watching."""
+    settings = cfg.decode
+    check_settings(settings)
+    choice = PolicySettings(settings.kl_threshold, settings.kl_confidence, judge_threshold=settings.judge_threshold)
+    choice.watch_with_judge, choice.pad_id = True, pad_id_of(tokenizer)
+    if "scorer" in settings.policies:
+        choice.scorer, choice.scorer_threshold = _trained_scorer(cfg, tokenizer, device)
+    offline_key = "model.local_files_only" if cfg.model.local_files_only else None  # as for the scorer
+    source = PairSettings(
+        pair_path(cfg, "draft"), pair_path(cfg, "target"), settings.dtype, device, settings.pack_linears,
+        "pair.draft", "pair.target", "decode", offline_key,
+    )  # fmt: skip
+    keys = ("decode.policies", "decode.judge_path")
+    setup = build_decoding(source, list(settings.policies), choice, settings.judge_path, tokenizer, keys)
+    if choice.judge is not None:
+        threshold = choice.judge_threshold
+        log.info("zero-cost judge from %s, accepting mismatches at p >= %.12g", settings.judge_path, threshold)
+    return setup
 
 
-def _scorer_policy(cfg: DictConfig, tokenizer, device: str) -> Policy:
+def _trained_scorer(cfg: DictConfig, tokenizer, device: str):
+    """(the scorer of ckpt_path, on `device`; the threshold to run it at)."""
     scorer, hparams = load_trained_scorer(cfg.model, cfg.ckpt_path, "decode")
     threshold = cfg.decode.threshold
     if threshold is None:  # the threshold the training run validated the scorer at
         threshold = float(hparams.get("threshold", cfg.module.threshold))
-    _check_vocab(tokenizer, {SCORER: scorer.backbone})
+    check_tokenizer(tokenizer, {SCORER: scorer.backbone})
     log.info("scorer from %s, accepting mismatches at p >= %.3f", cfg.ckpt_path, threshold)
-    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    if isinstance(scorer, ZeroCostJudge):  # model=judge: its head reads what the block computed
-        return judge_policy(scorer.head.eval(), threshold)
-    return scorer_policy(scorer.to(device), threshold, pad)
+    return (scorer if isinstance(scorer, ZeroCostJudge) else scorer.to(device)), threshold
 
 
 def response_text(tokenizer, gen: Generation) -> str:
@@ -195,19 +155,15 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
     settings = cfg.decode
     if "greedy" not in settings.policies:
         references(prompts, None)  # fails now, not after decoding, when a prompt has no answer
-    policies, choice = build_policies(cfg, tokenizer, device)
-    draft, target = _load_lm(cfg, "draft", device), _load_lm(cfg, "target", device)
-    _check_vocab(tokenizer, {"the draft (pair.draft)": draft, "the target (pair.target)": target})
-    for model in (draft, target) if settings.pack_linears else ():
-        pack_linears(model)
+    setup = decoding_setup(cfg, tokenizer, device)
     prompt_ids = encode_prompts(tokenizer, prompts)
-    eos, pad = tokenizer_eos_ids(tokenizer), tokenizer.pad_token_id
-    pad = tokenizer.eos_token_id if pad is None else pad
     outputs: dict[str, tuple[list[Generation], float]] = {}
-    for name, (policy, k) in policies.items():
-        loop = LoopSettings(k, settings.max_new_tokens, eos, pad, settings.batch_size, settings.draft_confidence)
+    for name, policy in setup.policies.items():
+        k = settings.block_size if policy.needs.drafts else 0
+        loop = LoopSettings(k, settings.max_new_tokens, setup.eos_ids, setup.pad_id, settings.batch_size,
+                            settings.draft_confidence)  # fmt: skip
         run_loop = generate_cached if settings.kv_cache else generate
-        outputs[name] = timed(run_loop, draft, target, prompt_ids, policy, loop, desc=name)
+        outputs[name] = timed(run_loop, setup.draft, setup.target, prompt_ids, policy, loop, desc=name)
         log.info("%s: %d prompts in %.1f s", name, len(prompts), outputs[name][1])
     texts = {name: [response_text(tokenizer, g) for g in gens] for name, (gens, _) in outputs.items()}
     refs = references(prompts, texts.get("greedy"))
@@ -226,9 +182,9 @@ def run_policies(cfg: DictConfig, tokenizer, prompts: list[Prompt], device: str)
         # Standard SD is lossless: a share below 1 means the loop (or the numerics) is off.
         pairs = zip(outputs["standard_sd"][0], outputs["greedy"][0])
         summary["standard_sd/same_as_greedy"] = sum(a.response_ids == b.response_ids for a, b in pairs) / len(prompts)
-    if choice.judge is not None and "standard_sd" in outputs:  # standard SD ran with the judge watching
+    if setup.settings.judge is not None and "standard_sd" in outputs:  # standard SD ran with the judge watching
         watched = [g.watched_max for g in outputs["standard_sd"][0]]
-        summary.update(judge_watch(watched, settings.judge_tolerance, choice.judge_threshold))
+        summary.update(judge_watch(watched, settings.judge_tolerance, setup.settings.judge_threshold))
     samples = [
         {
             "index": p.index,
@@ -273,41 +229,54 @@ def _plot_watch(summary: dict[str, float], watched: list[float | None], out_png:
     log.info("judge thresholds against the generations they change: %s", plot_judge_watch(watched, marks, out_png))
 
 
-def print_table(summary: dict[str, float], path: Path, kv_cache: bool = False) -> None:
-    table = Table(title=f"Decoding {summary['num_prompts']} prompts, K={summary['block_size']}")
-    columns = {
-        "accuracy": "accuracy",
-        "accuracy_ci95_low": "95% CI low",
-        "accuracy_ci95_high": "high",
-        "target_calls_per_token": "calls/token",
-        "accepted_draft_tokens_per_block": "kept/block",
-        "tokens_per_prompt": "tokens",
-        "tokens_per_s": "tokens/s*",
-        "speedup_vs_greedy": "x greedy*",
-    }
-    table.add_column("policy")
-    for title in columns.values():
-        table.add_column(title, justify="right")
+# decode.json's per-policy figures -> (table, column header); headers stay short enough for 80 columns.
+ACCURACY_COLUMNS = {"accuracy": "accuracy", "accuracy_ci95_low": "95% CI low", "accuracy_ci95_high": "high"}
+COST_COLUMNS = {
+    "target_calls_per_token": "calls/tok",
+    "accepted_draft_tokens_per_block": "kept/blk",
+    "tokens_per_prompt": "tokens",
+    "tokens_per_s": "tok/s*",
+    "speedup_vs_greedy": "x greedy*",
+}
+
+
+def _policy_table(summary: dict[str, float], title: str, columns: dict[str, str]) -> FigureTable:
+    table = FigureTable(title, ["policy", *columns.values()])
     for name in DECODE_POLICIES:
         if f"{name}/accuracy" in summary:
-            table.add_row(POLICIES[name].short, *(f"{summary.get(f'{name}/{m}', float('nan')):.3f}" for m in columns))
-    console = Console()
-    console.print(table)
-    console.print("calls/token: target passes per generated token; kept/block: draft tokens kept")
-    if kv_cache:
-        console.print("per block; tokens: generated per prompt; *wall-clock, KV caches")
-    else:
-        console.print("per block; tokens: generated per prompt; *wall-clock without KV caches, so secondary")
+            table.add(SPECS[name].short, *(f"{summary.get(f'{name}/{m}', float('nan')):.3f}" for m in columns))
+    return table
+
+
+def report(summary: dict[str, float], kv_cache: bool = False) -> tuple[list[FigureTable], list[str]]:
+    """Two tables (accuracy; what it cost) that fit 80 columns, and the notes below them."""
+    title = f"Decoding {summary['num_prompts']} prompts, K={summary['block_size']}"
+    clock = "KV caches" if kv_cache else "without KV caches, so secondary"
+    notes = [
+        "calls/tok: target passes per generated token; kept/blk: draft tokens kept per block; tokens: "
+        f"generated per prompt; *wall-clock, {clock}"
+    ]
     if "judge_watch/threshold_at_tolerance" in summary:
         watch = {k.split("/")[1]: v for k, v in summary.items() if k.startswith("judge_watch/")}
-        console.print(
+        notes.append(
             f"The judge, watching standard SD, would change {watch['changed_at_threshold_in_use']:.1%} of these "
             f"generations at its threshold (p >= {watch['threshold_in_use']:.12g}), and "
             f"{watch['changed_at_tolerance']:.1%} at p >= {watch['threshold_at_tolerance']:.12g}: the lowest "
-            f"threshold within decode.judge_tolerance={watch['tolerance']:g}.",
-            soft_wrap=True,
+            f"threshold within decode.judge_tolerance={watch['tolerance']:g}."
         )
-    console.print(f"decode: {path}", soft_wrap=True)
+    tables = [
+        _policy_table(summary, f"{title}: accuracy", ACCURACY_COLUMNS),
+        _policy_table(summary, f"{title}: cost", COST_COLUMNS),
+    ]
+    return tables, notes
+
+
+def print_table(summary: dict[str, float], path: Path, kv_cache: bool = False) -> None:
+    """Prints the tables and notes, and writes them to decode.md beside decode.json (for docs/)."""
+    tables, notes = report(summary, kv_cache)
+    sample = f"{summary['num_prompts']} prompts, K={summary['block_size']}"
+    markdown = write_markdown(path.with_suffix(".md"), tables, tuple(notes), sample)
+    print_tables(*tables, notes=(*notes, f"decode: {path}, {markdown.name}"))
 
 
 def headline(summary: dict[str, float]) -> str:

@@ -34,12 +34,13 @@ from spd_lightning.core.rules import TokenFeatures, quantile_thresholds, token_f
 from spd_lightning.core.sampling import mismatch_mask
 from spd_lightning.core.stats import wilson_interval
 from spd_lightning.data.records import Record, check_vocab, collate_records
+from spd_lightning.decoding.registry import EVAL_FAMILIES, SPECS
 from spd_lightning.errors import RecordError
-from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, resolve_device
+from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer, pad_id_of, resolve_device
 from spd_lightning.models.lm import teacher_forced_logits
 from spd_lightning.models.scorer import ScoringActor
-from spd_lightning.reporting.names import POLICIES
 from spd_lightning.reporting.plots import plot_tradeoff
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.tasks.builders import SCORER, ensure_toy_world, instantiate_dict, pair_path
@@ -47,7 +48,6 @@ from spd_lightning.tasks.checkpoint import load_trained_scorer
 from spd_lightning.training.callbacks import finish_wandb, log_config, log_images, wandb_loggers
 from spd_lightning.verification.hybrid import HybridVerifier
 from spd_lightning.verification.outcomes import (
-    FAMILIES,
     OutcomeTable,
     RuleSweep,
     best_at_parity,
@@ -196,7 +196,7 @@ def write_outputs(out: Path, summary: dict, rows: list[dict], highlight: dict) -
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    return [plot_tradeoff(rows, {p: POLICIES[p].label for p in FAMILIES}, highlight, out / "tradeoff.png")]
+    return [plot_tradeoff(rows, {p: SPECS[p].label for p in EVAL_FAMILIES}, highlight, out / "tradeoff.png")]
 
 
 def log_results(loggers: list, metrics: dict[str, float], rows: list[dict], pngs: list[Path]) -> None:
@@ -213,40 +213,33 @@ def log_results(loggers: list, metrics: dict[str, float], rows: list[dict], pngs
 
 def print_table(rows: list[dict], threshold: float, tolerance: float, num_records: int, out: Path) -> None:
     """The configured scorer, the baselines, and each family's longest blocks at parity with SD."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Evaluation: {num_records} held-out records")
-    for col in ("policy", "parameter", "accuracy", "95% CI", "accept_len", "vs SD"):
-        table.add_column(col, justify="left" if col == "policy" else "right")
+    columns = ["policy", "param", "accuracy", "95% CI", "kept/blk", "vs SD"]
+    table = FigureTable(f"Evaluation: {num_records} held-out records", columns)
 
     def add(name: str, row: dict | None) -> None:
         if row is None:
-            table.add_row(name, "-", "-", "-", "-", "-")
+            table.add(name, "-", "-", "-", "-", "-")
             return
         ratio = row["accept_len_ratio"]
         param = "" if row["parameter"] is None else f"{row['parameter']:.4g}"
         ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
         low, high = wilson_interval(round(row["accuracy"] * num_records), num_records)
         ci = f"{low:.3f}-{high:.3f}"
-        table.add_row(name, param, f"{row['accuracy']:.3f}", ci, f"{row['accept_len']:.3f}", ratio_text)
+        table.add(name, param, f"{row['accuracy']:.3f}", ci, f"{row['accept_len']:.3f}", ratio_text)
 
     add("SPD scorer (configured)", next(r for r in rows if r["policy"] == "scorer" and r["parameter"] == threshold))
-    for policy in ("standard_sd", "accept_all"):
-        add(POLICIES[policy].short, next(r for r in rows if r["policy"] == policy))
-    table.add_section()
+    for policy in (p for p in EVAL_FAMILIES if not SPECS[p].swept):  # one point each
+        add(SPECS[policy].short, next(r for r in rows if r["policy"] == policy))
     parity = best_at_parity(rows, tolerance)
-    for policy in ("scorer", "topk", "kl_below", "entropy_above"):
-        add(f"{POLICIES[policy].short}, at parity", parity.get(policy))
-    console = Console()
-    console.print(table)
-    console.print(
-        f"accept_len: draft tokens kept per block. At parity: each family's longest blocks with accuracy "
-        f"at most {tolerance} below standard SD ('-': none). KL = KL(target || draft); entropy = the target's. "
-        "95% CI: Wilson, treating records as independent (blocks of one response are not).",
-        soft_wrap=True,
+    for policy in (p for p in EVAL_FAMILIES if SPECS[p].swept):
+        add(f"{SPECS[policy].short}, at parity", parity.get(policy))
+    notes = (
+        f"kept/blk: draft tokens kept per block (accept_len). At parity: each family's longest blocks with "
+        f"accuracy at most {tolerance} below standard SD ('-': none). KL = KL(target || draft); entropy = the "
+        "target's. 95% CI: Wilson, treating records as independent (blocks of one response are not).",
     )
-    console.print(f"all {len(rows)} policy points: {out / 'tradeoff.csv'}", soft_wrap=True)
+    markdown = write_markdown(out / "eval.md", [table], notes, f"{num_records} held-out records")
+    print_tables(table, notes=(*notes, f"all {len(rows)} policy points: {out / 'tradeoff.csv'}; table: {markdown}"))
 
 
 def load_inputs(cfg: DictConfig) -> tuple[ScoringActor, object, list[Record]]:
@@ -291,7 +284,7 @@ def run_eval(cfg: DictConfig, scorer: ScoringActor, tokenizer, records: list[Rec
     log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     out, threshold = Path(cfg.paths.output_dir), float(cfg.module.threshold)
     log.info("evaluating %d held-out records, K=%d; output: %s", len(records), records[0].block_size, out)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     table, probs, features, stats = collect(records, scorer, verifier, models, pad_id, cfg.eval.batch_size)
     rows = sweep(cfg, table, probs, features)
     summary = summarize(cfg, table, rows, stats)

@@ -21,8 +21,6 @@ from spd_lightning.core.sampling import all_outcomes, first_reject, threshold_de
 from spd_lightning.data.records import Record
 from spd_lightning.verification.hybrid import HybridVerifier
 
-# Policy families task=eval sweeps, in the order tables and plots show them (names.POLICIES says what each accepts).
-FAMILIES = ("scorer", "standard_sd", "accept_all", "topk", "kl_below", "entropy_above")
 METRICS = ("accuracy", "accept_len", "accepted_mismatches")
 
 
@@ -57,7 +55,7 @@ def verify_outcomes(
 
 @dataclass
 class PolicyPoint:
-    policy: str  # a key of names.POLICIES
+    policy: str  # a name of decoding.registry's REGISTRY
     parameter: float | None  # threshold, k or tau; None for the single-point baselines
     decisions: torch.Tensor  # [N, K] bool, True = accept
 

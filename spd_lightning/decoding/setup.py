@@ -1,0 +1,129 @@
+"""One decoding setup: settings in, (draft, target, tokenizer, policies) out, packed or not.
+task=decode, the generation API (SpeculativeDecoder.from_pretrained) and bench/decode_speed.py
+all build through here, so a pair is loaded, checked and packed one way.
+
+    setup = build_decoding(PairSettings(draft_dir, target_dir), ["standard_sd", "judge"],
+                           PolicySettings(), judge_path="judges/qwen_coder_grpo.pt")
+    generate_cached(setup.draft, setup.target, prompt_ids, setup.policies["judge"], ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedModel
+
+from spd_lightning.decoding.policies import Policy, PolicySettings
+from spd_lightning.decoding.registry import DECODE_POLICIES, build_policy, check_policy_names
+from spd_lightning.errors import SetupError
+from spd_lightning.judge.head import JudgeHead, load_judge
+from spd_lightning.models.hf import (
+    check_shared_vocabulary,
+    end_of_sequence_ids,
+    load_pretrained,
+    pad_id_of,
+    tokenizer_eos_ids,
+)
+from spd_lightning.models.packed import pack_linears
+from spd_lightning.targets.local import load_causal_lm
+
+
+@dataclass
+class PairSettings:
+    """Where the draft and target come from and how to load them."""
+
+    draft: str  # a transformers directory or a hub id
+    target: str
+    dtype: str = "float32"  # float32, bfloat16 or float16, both models
+    device: str = "cpu"
+    # On the CPU, every linear layer packed for oneDNN (models/packed.py); a GPU model is left as it is.
+    pack_linears: bool = True
+    # How messages name the settings: the keys of the two paths, the section of dtype and device
+    # (None: each path key's own), and the key that turned downloads off (None: downloads allowed).
+    draft_key: str = "draft"
+    target_key: str = "target"
+    section: str | None = None
+    offline_key: str | None = None
+
+
+@dataclass
+class DecodingSetup:
+    """Both models, their shared tokenizer and the policies, ready for decoding.loop."""
+
+    draft: PreTrainedModel
+    target: PreTrainedModel
+    tokenizer: object
+    policies: dict[str, Policy]  # in registry order
+    settings: PolicySettings  # what the policies were built with (the judge's threshold in use)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Every id that ends a response: the target's config and generation_config, and the tokenizer's."""
+        return end_of_sequence_ids(self.target) | tokenizer_eos_ids(self.tokenizer)
+
+    @property
+    def pad_id(self) -> int:
+        return pad_id_of(self.tokenizer)
+
+
+def load_judge_file(
+    path: str | None, threshold: float | None, key: str = "judge_path", why: str = ""
+) -> tuple[JudgeHead, float]:
+    """(a judge saved by task=judge, the threshold to run it at: `threshold`, or the one saved
+    with it). `why` opens the message of a missing file."""
+    if path is None or not Path(path).is_file():
+        raise SetupError(
+            f"{why}{key}={path} is not a file: train a judge with `python run.py task=judge` (it writes "
+            "judge_sup.pt, judge_grpo.pt and judge_exact.pt to its run directory)"
+        )
+    head, saved = load_judge(path)
+    return head, saved if threshold is None else threshold
+
+
+def build_policies(names: list[str], settings: PolicySettings, key: str = "policies") -> dict[str, Policy]:
+    """The named policies, in registry order whatever the order of `names` (greedy's responses,
+    when it runs, are the others' reference)."""
+    check_policy_names(names, key)
+    return {name: build_policy(name, settings) for name in DECODE_POLICIES if name in names}
+
+
+def check_tokenizer(tokenizer, parts: dict) -> None:
+    """The tokenizer must say where generation stops, and every part must know all its tokens."""
+    if tokenizer.eos_token_id is None:
+        raise SetupError("the tokenizer has no EOS token: generation could never stop")
+    check_shared_vocabulary(tokenizer, parts)
+
+
+def load_pair(source: PairSettings, tokenizer=None) -> tuple[PreTrainedModel, PreTrainedModel, object]:
+    """(draft, target, tokenizer): both models in eval mode, checked against the tokenizer (the
+    target's own when none is given), packed when source.pack_linears."""
+    models = [
+        load_causal_lm(path, source.dtype, source.device, f"{role} model", key, source.offline_key, source.section)
+        for role, path, key in (("draft", source.draft, source.draft_key), ("target", source.target, source.target_key))
+    ]
+    if tokenizer is None:
+        tokenizer = load_pretrained(AutoTokenizer, source.target, "tokenizer", source.target_key, source.offline_key)
+    names = (f"the draft ({source.draft_key})", f"the target ({source.target_key})")
+    check_tokenizer(tokenizer, dict(zip(names, models)))
+    for model in models if source.pack_linears else ():
+        pack_linears(model)
+    return models[0], models[1], tokenizer
+
+
+def build_decoding(
+    source: PairSettings,
+    names: list[str],
+    settings: PolicySettings,
+    judge_path: str | None = None,
+    tokenizer=None,
+    keys: tuple[str, str] = ("policies", "judge_path"),
+) -> DecodingSetup:
+    """Settings -> DecodingSetup. The policies are built first, so a missing judge or tau stops the
+    run before minutes of loading; `keys` name the policies and judge_path settings in messages."""
+    if judge_path is not None or ("judge" in names and settings.judge is None):
+        why = f"{keys[0]} has judge, but " if "judge" in names else ""
+        settings.judge, settings.judge_threshold = load_judge_file(judge_path, settings.judge_threshold, keys[1], why)
+    policies = build_policies(names, settings, keys[0])
+    draft, target, tokenizer = load_pair(source, tokenizer)
+    return DecodingSetup(draft, target, tokenizer, policies, settings)
