@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
+
+# Lightning has no public way to tell how a strategy starts its processes: these two launcher
+# classes (exported by lightning.pytorch.strategies.launchers, underscored) are how it says so.
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf, read_write
 
@@ -97,6 +100,16 @@ def learn_csv_columns(trainer: L.Trainer) -> None:
             logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
 
 
+def config_flags(argv: list[str]) -> list[str]:
+    """The --config-path/--config-name/--config-dir flags of a Hydra command line (or their
+    short forms), as --config-X=VALUE; everything else is left out."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for short, name in (("-cp", "path"), ("-cn", "name"), ("-cd", "dir")):
+        parser.add_argument(short, f"--config-{name}", dest=name)
+    known, _ = parser.parse_known_args(argv)
+    return [f"--config-{k}={v}" for k in ("path", "name", "dir") if (v := getattr(known, k))]
+
+
 def children_run_this_job(trainer: L.Trainer) -> Callable[[], None]:
     """trainer=ddp/fsdp2 start the other ranks by running run.py again: Lightning passes on sys.argv
     plus `hydra.run.dir=<hydra.run.dir>`. In a multirun job that would re-run the whole sweep in
@@ -110,9 +123,7 @@ def children_run_this_job(trainer: L.Trainer) -> Callable[[], None]:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return lambda: None  # a single run: Lightning's command is right
     hydra_cfg, argv = HydraConfig.get(), sys.argv
-    args = get_args_parser().parse_args(argv[1:])
-    flags = [f"--config-{k}={v}" for k in ("path", "name", "dir") if (v := getattr(args, f"config_{k}"))]
-    sys.argv = [argv[0], *flags, *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    sys.argv = [argv[0], *config_flags(argv[1:]), *hydra_cfg.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra_cfg.run):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 

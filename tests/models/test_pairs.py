@@ -14,7 +14,7 @@ import torch
 
 from spd_lightning.errors import SetupError
 from spd_lightning.models import pairs
-from spd_lightning.models.pairs import GgufSource, _keep_rope_theta_readable, build_role, download, join
+from spd_lightning.models.pairs import GgufSource, _keep_rope_theta_readable, build_role, download, join, require_built
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIR_DIR = ROOT / ".cache" / "pairs" / "qwen_coder"
@@ -139,3 +139,14 @@ def test_the_generation_api_on_the_built_pair_is_lossless_with_standard_sd():
     greedy = SpeculativeDecoder.from_pretrained(*pair, "greedy", dtype="bfloat16").generate(question, 12)
     assert sd.generations[0].response_ids == greedy.generations[0].response_ids
     assert "42" in sd.text and sd.stats["target_calls"] < greedy.stats["target_calls"]
+
+
+def test_a_bench_without_the_pair_stops_with_one_line_naming_the_build_command(tmp_path):
+    (tmp_path / "draft").mkdir()
+    (tmp_path / "draft" / "config.json").write_text("{}")
+    require_built("--pair", tmp_path / "draft")  # a built model: nothing happens
+    with pytest.raises(SystemExit) as stop:
+        require_built("--pair", tmp_path / "draft", tmp_path / "target")
+    message = str(stop.value)
+    assert "\n" not in message and f"no model at {tmp_path / 'target'}" in message
+    assert "`python -m spd_lightning.models.pairs qwen_coder`" in message

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 
 from spd_lightning.data.records import collate_records
-from spd_lightning.tasks.train import build_components
+from spd_lightning.tasks.train import build_components, config_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -176,3 +176,11 @@ def test_module_pickles_for_ddp_spawn(tmp_path: Path, toy_world: Path, compose_t
     accept_len = torch.tensor([[0, 4]] * 4)
     original = module.verifier.verify(batch.records, accept_len)
     assert torch.equal(copy.verifier.verify(batch.records, accept_len).correct, original.correct)
+
+
+def test_a_ddp_child_gets_the_config_flags_of_the_command_line():
+    """A multirun's DDP children rerun run.py with the job's overrides and these flags alone
+    (tasks/train.children_run_this_job), read without Hydra's private argument parser."""
+    argv = ["-m", "--config-name", "train", "-cp=conf", "seed=1,2", "-cd", "extra", "trainer=ddp"]
+    assert config_flags(argv) == ["--config-path=conf", "--config-name=train", "--config-dir=extra"]
+    assert config_flags(["seed=1"]) == []
