@@ -7,6 +7,7 @@
     python run.py task=prepare data.raw=PATH         # raw prompts -> records (conf/task/prepare.yaml)
     python run.py task=eval ckpt_path=CKPT           # the trained scorer against baselines
     python run.py task=decode ckpt_path=CKPT         # lossy speculative decoding end to end
+    python run.py task=judge                         # train the zero-cost judge that decode loads
 
 Returns cfg.optimized_metric to Hydra's sweeper. A single run that fails stops: a user error
 as one line (exit 1), anything else with its traceback. In a multirun a failing job is logged
@@ -27,6 +28,7 @@ from omegaconf.errors import MissingMandatoryValue
 from spd_lightning.errors import SPDError
 from spd_lightning.tasks.decode import decode
 from spd_lightning.tasks.evaluate import evaluate
+from spd_lightning.tasks.judge import judge
 from spd_lightning.tasks.prepare import prepare
 from spd_lightning.tasks.ranges import check_ranges
 from spd_lightning.tasks.schemas import register_schemas
@@ -38,7 +40,7 @@ register_schemas()
 log = logging.getLogger("run")
 
 # task=<name> (conf/task/<name>.yaml) -> what runs.
-TASKS = {"train": train, "prepare": prepare, "eval": evaluate, "decode": decode}
+TASKS = {"train": train, "prepare": prepare, "eval": evaluate, "decode": decode, "judge": judge}
 
 
 def user_error(err: Exception) -> str | None:

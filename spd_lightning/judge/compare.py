@@ -31,12 +31,12 @@ from spd_lightning.verification.outcomes import (
     tradeoff_rows,
 )
 
-# The trained judges, in table order: name -> what tables and plots call it.
+# The trained judges, in table order: name -> (a table row, a plot legend).
 JUDGES = {
-    "judge_sup": "zero-cost judge, supervised (AutoJudge labels)",
-    "judge_grpo": "zero-cost judge, GRPO",
-    "judge_exact": "zero-cost judge, exact expected reward",
-    "scorer_grpo": "ScoringActor head (draft states), GRPO",
+    "judge_sup": ("judge, supervised", "zero-cost judge, supervised (AutoJudge labels)"),
+    "judge_grpo": ("judge, GRPO", "zero-cost judge, GRPO"),
+    "judge_exact": ("judge, exact", "zero-cost judge, exact expected reward"),
+    "scorer_grpo": ("scorer head, GRPO", "ScoringActor head (draft states), GRPO"),
 }
 
 

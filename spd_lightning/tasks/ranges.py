@@ -126,6 +126,17 @@ RANGES: dict[str, Range] = {
     "decode.judge_threshold": PROBABILITY.or_null(),
     "decode.judge_tolerance": PROBABILITY,
     "decode.kl_confidence": PROBABILITY.or_null(),
+    # task=judge
+    "judge.train_records": COUNT.or_null(),
+    "judge.heldout_share": PROBABILITY,
+    "judge.max_response": COUNT,
+    "judge.batch": COUNT,
+    "judge.hidden": COUNT_OR_ZERO,
+    "judge.steps": COUNT,
+    "judge.lr": POSITIVE,
+    "judge.weight_decay": NON_NEGATIVE,
+    "judge.scorer_lr": POSITIVE,
+    "judge.tolerance": PROBABILITY,
 }
 
 _ABSENT = object()

@@ -28,6 +28,7 @@ from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.tasks.decode import DecodeConfig
 from spd_lightning.tasks.evaluate import EvalConfig
+from spd_lightning.tasks.judge import JudgeConfig
 from spd_lightning.tasks.prepare import PrepareConfig
 from spd_lightning.toy.build import SHIPPED_WORLD, ToyWorldSpec
 from spd_lightning.toy.raw import toy_prompts
@@ -128,6 +129,7 @@ SCHEMAS: dict[tuple[str, str], Any] = {
     ("schema", "prepare"): PrepareConfig,
     ("schema", "eval"): EvalConfig,
     ("schema", "decode"): DecodeConfig,
+    ("schema", "judge"): JudgeConfig,
     # train.yaml's `module:` (SPDModule's settings) and `verify:` (HybridVerifier's).
     ("schema", "module"): settings_schema(SPDModule),
     ("schema", "verify"): settings_schema(HybridVerifier),

@@ -122,7 +122,7 @@ def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_pa
         assert section.__class__.__name__.endswith("Config")
 
 
-@pytest.mark.parametrize("task", ["train", "prepare", "eval", "decode"])
+@pytest.mark.parametrize("task", ["train", "prepare", "eval", "decode", "judge"])
 def test_a_pair_names_each_model_role_once(task: str, tmp_path: Path, compose_train):
     raw = ["data.raw=x.jsonl"] if task == "prepare" else []
     cfg = compose_train([f"task={task}", "pair=qwen_coder", "pair.dir=/pairs/qc", *raw], tmp_path)
@@ -178,6 +178,7 @@ TASK_OVERRIDES = {
     "decode": ["task=decode"],
     "vllm": ["target=vllm", "target.url=http://h:1/v1"],
     "judge": ["model=judge"],
+    "judge_task": ["task=judge"],
     "prompts": ["task=prepare", "data.raw=x.jsonl"],
 }
 
