@@ -63,12 +63,13 @@ from spd_lightning.models.hf import tokenizer_eos_ids
 from spd_lightning.models.packed import pack_linears
 from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.plots import plot_speed
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("hf_greedy", "hf_assisted", "hf_assisted_packed")  # the anchors every method is divided by
 # Our methods: every decoding policy that needs no training checkpoint.
 OURS = {name: f"ours: {SPECS[name].short}" for name in DECODE_POLICIES if not SPECS[name].needs.scorer}
-NAMES = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted generation",
+NAMES = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted",
          "hf_assisted_packed": "HF assisted, packed", **OURS}  # fmt: skip
 
 
@@ -130,7 +131,7 @@ def ideal_and_efficiency(results: dict, k: int) -> None:
     """Adds c, the ideal speed-up over our greedy and the efficiency to every speculative method of ours."""
     greedy = results["greedy"]
     target_pass_s = greedy["target_s"] / greedy["target_calls"]
-    for name in ("standard_sd", "judge", "kl_below"):
+    for name in (m for m in OURS if SPECS[m].needs.drafts):
         if name not in results:
             continue
         r = results[name]
@@ -144,27 +145,30 @@ def ideal_and_efficiency(results: dict, k: int) -> None:
         r["kept_per_block"] = r["kept"] / r["target_calls"]
 
 
-def print_table(results: dict, n: int) -> None:
+def tables(results: dict, n: int) -> tuple[list[FigureTable], tuple[str, ...]]:
+    """(what each method wrote and cost; its speed against every anchor), and their legend."""
     base = {key: results[key]["tokens_per_s"] for key in (*BASES, "standard_sd") if key in results}
-    head = f"{'method':22s} {'accuracy':>9s} {'calls/tok':>9s} {'kept/blk':>8s} {'tok/s':>6s} "
-    head += f"{'xHFgreedy':>9s} {'xHFassist':>9s} {'xHFa-pk':>7s} {'xSD':>5s} {'ideal':>6s} {'effic.':>6s} {'same':>5s}"
-    print(f"\n{n} prompts, batch size 1\n{head}\n" + "-" * len(head))
+    title = f"{n} prompts, batch size 1"
+    speed = FigureTable(f"{title}: speed", ["method", "acc.", "calls/tok", "kept/blk", "tok/s", "same"])
+    ratios = FigureTable(f"{title}: ratios", ["method", "xHFgr", "xHFas", "xHFpk", "xSD", "ideal", "effic."])
     for key, name in NAMES.items():
         if key not in results:
             continue
         r = results[key]
-        ratios = " ".join(
-            f"{r['tokens_per_s'] / base[b]:>{w}.2f}" if b in base else f"{'-':>{w}s}"
-            for b, w in zip((*BASES, "standard_sd"), (9, 9, 7, 5))
-        )
-        ideal = f"{r['ideal_speedup']:6.2f} {r['efficiency']:6.2f}" if "ideal_speedup" in r else f"{'-':>6s} {'-':>6s}"
-        kept = f"{r['kept_per_block']:8.2f}" if "kept_per_block" in r else f"{'-':>8s}"
-        print(f"{name:22s} {r['correct']:>3d}/{n:<5d} {r['target_calls_per_token']:9.3f} {kept} "
-              f"{r['tokens_per_s']:6.2f} {ratios} {ideal} {r.get('same', '-'):>5}")  # fmt: skip
-    print("calls/tok: target forward passes per generated token (the prefill included); same: prompts whose")
-    print("tokens equal greedy's (ours against ours, HF assisted against HF greedy); xHFa-pk: against HF")
-    print("assisted on the packed models; ideal: (tokens per target call) / (1 + K c); effic.: the measured")
-    print("speed-up over our greedy / ideal")
+        kept = f"{r['kept_per_block']:.2f}" if "kept_per_block" in r else "-"
+        speed.add(name, f"{r['correct']}/{n}", f"{r['target_calls_per_token']:.3f}", kept, f"{r['tokens_per_s']:.2f}",
+                  r.get("same", "-"))  # fmt: skip
+        over = [f"{r['tokens_per_s'] / base[b]:.2f}" if b in base else "-" for b in (*BASES, "standard_sd")]
+        ideal = [f"{r['ideal_speedup']:.2f}", f"{r['efficiency']:.2f}"] if "ideal_speedup" in r else ["-", "-"]
+        ratios.add(name, *over, *ideal)
+    legend = (
+        "acc.: answers right; calls/tok: target forward passes per generated token (the prefill included); "
+        "kept/blk: draft tokens kept per block; same: prompts whose tokens equal greedy's (ours against ours, "
+        "HF assisted against HF greedy); xHFgr, xHFas, xHFpk, xSD: tokens/s over HF greedy, HF assisted, HF "
+        "assisted on the packed models, our standard SD; ideal: (tokens per target call) / (1 + K c); effic.: "
+        "the measured speed-up over our greedy / ideal",
+    )
+    return [speed, ratios], legend
 
 
 def parse_args() -> argparse.Namespace:
@@ -296,10 +300,14 @@ def report(runs: dict, questions, tokenizer, args) -> None:
         results["greedy"]["same"] = f"{same}/{len(questions)}"
     if "greedy" in results:
         ideal_and_efficiency(results, args.block_size)
-    print_table(results, len(questions))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_speed.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    figure_tables, legend = tables(results, len(questions))
+    sample = (f"{len(questions)} GSM8K test prompts (from line {questions[0].index}), {args.max_new_tokens} new tokens "
+              f"at most, K={args.block_size}, {args.dtype}, batch size 1")  # fmt: skip
+    markdown = write_markdown(out / "decode_speed.md", figure_tables, legend, sample)
+    print_tables(*figure_tables, notes=(*legend, f"tables: {markdown}"))
     rows = [{"name": NAMES[m], **results[m]} for m in NAMES if m in results]
     title = f"{len(questions)} GSM8K test prompts, {args.max_new_tokens} new tokens, {Path(args.pair).name}"
     print(f"figures: {out / 'decode_speed.json'}, plot: {plot_speed(rows, out / 'decode_speed.png', title)}")

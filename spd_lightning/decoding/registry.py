@@ -93,7 +93,7 @@ SPECS = {spec.name: spec for spec in REGISTRY}
 
 # The policies a decoding loop runs by name (task=decode, the generation API, bench/decode_speed.py).
 DECODE_POLICIES = tuple(s.name for s in REGISTRY if s.build is not None)
-# The families task=eval (and bench/judges.py) sweep on outcome tables.
+# The families task=eval (and task=judge) sweep on outcome tables.
 EVAL_FAMILIES = tuple(s.name for s in REGISTRY if s.evaluated)
 # The policies every validation epoch scores, in the column order handed to the verifier.
 VAL_POLICIES = tuple(s.name for s in REGISTRY if s.validated)

@@ -65,7 +65,7 @@ TRADEOFF_STYLE = {
     "entropy_above": {"color": "tab:purple", "marker": "v"},
     "standard_sd": {"color": "black", "marker": "D"},
     "accept_all": {"color": "tab:gray", "marker": "X"},
-    # bench/judges.py's trained judges
+    # the judges task=judge trains
     "judge_sup": {"color": "tab:orange", "marker": "P"},
     "judge_grpo": {"color": "tab:red", "marker": "o"},
     "judge_exact": {"color": "tab:brown", "marker": "d"},

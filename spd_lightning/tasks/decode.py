@@ -68,7 +68,7 @@ class DecodeConfig:
     kl_threshold: Optional[float] = None  # noqa: UP045
     # kl_below verifies strictly where the target's top-1 probability exceeds this; null: never.
     kl_confidence: Optional[float] = 0.9  # noqa: UP045
-    # judge: a zero-cost judge saved by bench/judges.py (e.g. outputs/judges/qwen_coder/judge_grpo.pt).
+    # judge: a zero-cost judge saved by task=judge (e.g. outputs/judge/runs/<time>/judge_grpo.pt).
     judge_path: Optional[str] = None  # noqa: UP045
     # judge: accept a mismatch when its probability is >= this; null: the threshold saved with the
     # judge (its longest blocks at parity with standard SD on the bench's held-out records).

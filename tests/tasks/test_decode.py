@@ -63,7 +63,7 @@ def test_bad_settings_are_one_clear_error(compose_train, toy_world: Path, tmp_pa
 
 
 def test_a_saved_judge_decodes_at_its_saved_threshold(compose_train, toy_world: Path, tmp_path: Path):
-    """bench/judges.py saves judges with save_judge; decode.judge_path runs one (here an accept-all
+    """task=judge saves judges with save_judge; decode.judge_path runs one (here an accept-all
     judge at its saved threshold 0: it must emit what accept_all emits)."""
     from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, save_judge
 
