@@ -9,7 +9,7 @@ run's csv/metrics.csv. The reward shown is val/reward: the deterministic scorer 
 on the seed's held-out records (413 for seed 0), the same yardstick for both losses. The cost axis is
 verify/total_completions: hybrid prefixes the target had to complete (cache misses), summed
 over the steps so far. Writes exact_vs_grpo.png and exact_vs_grpo.json into --out and prints a
-table; the last line holds the figures the README quotes.
+table, also written to exact_vs_grpo.md (docs/exact_vs_grpo.md copies it).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spd_lightning.reporting.plots import plt, read_metrics  # noqa: E402
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown  # noqa: E402
 
 LOSSES = {"grpo": "GRPO, N=8 samples", "exact": "exact expected reward"}
 
@@ -115,14 +116,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "exact_vs_grpo.png")
     (args.out / "exact_vs_grpo.json").write_text(json.dumps(summary, indent=2))
-    header = ("loss", "final val reward", "steps to 95%", "completions to 95%", "completions/step")
-    print(f"{header[0]:8} {header[1]:>17} {header[2]:>13} {header[3]:>19} {header[4]:>17}")
+    columns = ["loss", "final val reward", "steps to 95%", "completions to 95%", "completions/step"]
+    table = FigureTable(f"Mean of seeds {', '.join(map(str, args.seeds))}", columns)
     for loss, s in summary.items():
-        print(
-            f"{loss:8} {s['final_val_reward']:17.3f} {s['steps_to_95pct']:13.1f} "
-            f"{s['completions_to_95pct']:19.0f} {s['completions_per_step']:17.1f}"
-        )
-    print(f"plot: {args.out / 'exact_vs_grpo.png'}")
+        table.add(loss, f"{s['final_val_reward']:.3f}", f"{s['steps_to_95pct']:.1f}",
+                  f"{s['completions_to_95pct']:.0f}", f"{s['completions_per_step']:.1f}")  # fmt: skip
+    sample = f"{len(args.seeds)} seeds x {args.steps} steps per loss, validation every {args.every}"
+    markdown = write_markdown(args.out / "exact_vs_grpo.md", [table], sample=sample)
+    print_tables(table, notes=(f"plot: {args.out / 'exact_vs_grpo.png'}; table: {markdown}",))
     g, e = summary["grpo"], summary["exact"]
     print(
         f"grpo_steps={g['steps_to_95pct']:.1f} exact_steps={e['steps_to_95pct']:.1f} "

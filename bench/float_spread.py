@@ -10,7 +10,7 @@ numbers in another order, and after 300 steps the last digits differ. The varian
 kernels that torch (ATEN_CPU_CAPABILITY), MKL (MKL_CBWR) and oneDNN (ONEDNN_MAX_CPU_ISA) may
 use, which is how one machine can stand in for another CPU. Each run's summary.json is read
 back; a table and the spread (max - min) over the float variants at seed 0 are printed, and
-the last line holds the figures the README quotes.
+the table is also written to float_spread.md (docs/default_world.md copies it).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,16 +85,22 @@ def main() -> None:
     rows |= {f"native, 2 threads, seed {s}": run("native, 2 threads", {}, s, out) for s in args.seeds}
     reference = next(iter(VARIANTS))
     moved = {f"{name}, seed 0": weights_moved(name, reference, out) for name in VARIANTS}
-    print(f"\n{'run':<38}" + "".join(f"{k:>21}" for k in KEYS) + f"{'max |dw| vs first':>19}")
+    columns = ["run", "scorer acc.", "scorer kept", "SD acc.", "SD kept", "all acc.", "max |dw|"]
+    table = FigureTable("python run.py under other float code paths and seeds", columns)
     for name, summary in rows.items():
-        dw = f"{moved[name]:>19.1e}" if name in moved else ""
-        print(f"{name:<38}" + "".join(f"{summary[v]:>21.3f}" for v in KEYS.values()) + dw)
+        dw = f"{moved[name]:.1e}" if name in moved else ""
+        table.add(name, *(f"{summary[v]:.3f}" for v in KEYS.values()), dw)
     float_rows = [rows[f"{name}, seed 0"] for name in VARIANTS]
     spread = {k: max(r[v] for r in float_rows) - min(r[v] for r in float_rows) for k, v in KEYS.items()}
-    print("\nspread over the float variants at seed 0 (max - min):")
-    print("".join(f"{k}={spread[k]:.3f}  " for k in KEYS))
+    notes = (
+        "spread over the float variants at seed 0 (max - min): " + ", ".join(f"{k} {spread[k]:.3f}" for k in KEYS),
+        "kept: draft tokens kept per block; max |dw|: the largest scorer weight difference from the first run",
+    )
     report = {"runs": rows, "spread": spread, "max_weight_difference": moved}
     (out / "float_spread.json").write_text(json.dumps(report, indent=2))
+    sample = f"{len(VARIANTS)} float variants at seed 0, seeds {args.seeds} native; 413 validation records at seed 0"
+    markdown = write_markdown(out / "float_spread.md", [table], notes, sample)
+    print_tables(table, notes=(*notes, f"table: {markdown}"))
     print(
         f"accuracy_spread={spread['scorer accuracy']:.3f} accept_len_spread={spread['scorer accept_len']:.3f} "
         f"max_weight_difference={max(moved.values()):.1e} runs={len(float_rows)}"

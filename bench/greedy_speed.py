@@ -26,6 +26,7 @@ from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.models.hf import end_of_sequence_ids, pad_id_of
 from spd_lightning.models.lm import greedy_generate, left_pad
 from spd_lightning.models.pairs import require_built
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "greedy_speed"))
     args = parser.parse_args()
     require_built("--model", args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -101,6 +103,15 @@ def main() -> None:
             first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             print(f"prompt {i}: differs from token {first} on ({len(a)} vs {len(b)} tokens)")
     ratio = ours_s / hf_s
+    table = FigureTable("Greedy generation, the same prompts", ["method", "wall s", "tokens", "same tokens"])
+    table.add("spd_lightning.models.lm.greedy_generate", f"{ours_s:.1f}", str(sum(map(len, ours_rows))),
+              f"{identical}/{len(prompts)}")  # fmt: skip
+    table.add("transformers generate(do_sample=False)", f"{hf_s:.1f}", str(sum(map(len, hf_rows))), "")
+    sample = (f"{len(prompts)} GSM8K test prompts through the chat template, {args.max_new_tokens} new tokens at "
+              f"most, batch {args.batch_size}, {args.dtype}")  # fmt: skip
+    notes = (f"ratio of wall times: {ratio:.2f}",)
+    markdown = write_markdown(Path(args.out) / "greedy_speed.md", [table], notes, sample)
+    print_tables(table, notes=(f"table: {markdown}",))
     print(f"greedy_s={ours_s:.1f} hf_generate_s={hf_s:.1f} ratio={ratio:.2f} identical={identical}/{len(prompts)}")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from transformers import AutoTokenizer
 
 from spd_lightning.data.records import Record, collate_records
 from spd_lightning.models.hf import pad_id_of
-from spd_lightning.models.pairs import require_built
+from spd_lightning.models.pairs import require_built, require_records
 from spd_lightning.models.scorer import ScoringActor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +69,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     require_built("--backbone", args.backbone)
-    if not Path(args.records).is_file():
-        sys.exit(f"error: --records {args.records} is not a file: docs/real_pair.md prepares it (task=prepare)")
+    require_records("--records", args.records)
     with open(args.records) as f:
         rows = [json.loads(line) for _, line in zip(range(args.num_records), f)]
     records = [Record(r["context_ids"], r["prompt_len"], r["draft_ids"], r["target_ids"], r["reference"]) for r in rows]

@@ -7,10 +7,10 @@ premise of speculative decoding is that verifying K+1 tokens costs about one tok
 For each kind (a dtype, "-packed": its linear layers packed for oneDNN, spd_lightning.models.packed)
 the model reads a --context-token prompt once (KV cache), then, for each n, passes
 over n new tokens after it (the cache cut back each time); the median of --repeats timings is
-printed, and its ratio to the single-token pass. On a CPU whose matrix units only speed up
-bfloat16 (Intel AMX), an unpacked float32 pass over a few tokens can cost several single-token
-passes, and speculative decoding then gains little there: MKL re-lays-out the weights for every
-small product, which packing once avoids.
+printed, and its ratio to the single-token pass, in a table also written to --out/pass_cost.md.
+On a CPU whose matrix units only speed up bfloat16 (Intel AMX), an unpacked float32 pass over a
+few tokens can cost several single-token passes, and speculative decoding then gains little
+there: MKL re-lays-out the weights for every small product, which packing once avoids.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from spd_lightning.models.packed import pack_linears
 from spd_lightning.models.pairs import require_built
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.targets.local import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,20 +51,29 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "pass_cost"))
     args = parser.parse_args()
     require_built("--model", args.model)
     print(f"{args.model}, context {args.context} tokens, {torch.get_num_threads()} threads")
+    title = f"A pass over n new tokens after {args.context}: the single token's time, then x that time"
+    table = FigureTable(title, ["new tokens", *map(str, args.tokens)])
     for name in args.kinds:
         dtype, _, packed = name.partition("-")
         model = load_causal_lm(args.model, dtype, what="model", config_key="--model")
         if packed:
             pack_linears(model)
-        single = None
+        single, row = None, [name]
         for n in args.tokens:
             seconds = pass_seconds(model, args.context, n, args.repeats)
             single = single or seconds
             print(f"{name:14s} {n:3d} new tokens: {seconds * 1000:7.1f} ms  ({seconds / single:.2f}x one token)")
+            row.append(f"{seconds * 1000:.0f} ms" if n == args.tokens[0] else f"{seconds / single:.2f}x")
+        table.add(*row)
         del model
+    model_dir = Path(args.model)
+    sample = f"median of {args.repeats} timings after a warm-up, {model_dir.parent.name}/{model_dir.name}"
+    markdown = write_markdown(Path(args.out) / "pass_cost.md", [table], sample=sample)
+    print_tables(table, notes=(f"table: {markdown}",))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from spd_lightning.models.pairs import require_built
+from spd_lightning.models.pairs import require_built, require_records
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import launch_vllm_server
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
     require_built("--target", args.target)
+    require_records("--records", args.records)
     prefixes = hybrid_prefixes(Path(args.records), args.prefixes)
     print(f"{len(prefixes)} hybrid prefixes of {min(map(len, prefixes))}-{max(map(len, prefixes))} tokens", flush=True)
     start = time.perf_counter()

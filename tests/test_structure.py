@@ -1,4 +1,4 @@
-"""The package's folders are its layers, imports run one way (README, "How the code is organised"),
+"""The package's folders are its layers, imports run one way (CONTRIBUTING.md, "The layers"),
 and files, functions and argument lists stay small."""
 
 from __future__ import annotations

@@ -216,6 +216,17 @@ def require_built(flag: str, *model_dirs: str | Path) -> None:
         )
 
 
+def require_records(flag: str, path: str | Path) -> None:
+    """For the benches that read the real pair's records: exits with one line naming the command
+    that prepares them when `path` is not a file."""
+    if not Path(path).is_file():
+        sys.exit(
+            f"error: {flag} {path} is not a file. Prepare records of the real pair first, e.g. "
+            "`python run.py task=prepare pair=qwen_coder data=gsm8k data.raw=GSM8K/train.jsonl data.limit=4 "
+            "prepare.stride=4 prepare.max_new_tokens=320 prepare.out=data/gsm8k_qwen` (docs/real_pair.md)."
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(PAIRS))

@@ -14,7 +14,15 @@ import torch
 
 from spd_lightning.errors import SetupError
 from spd_lightning.models import pairs
-from spd_lightning.models.pairs import GgufSource, _keep_rope_theta_readable, build_role, download, join, require_built
+from spd_lightning.models.pairs import (
+    GgufSource,
+    _keep_rope_theta_readable,
+    build_role,
+    download,
+    join,
+    require_built,
+    require_records,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIR_DIR = ROOT / ".cache" / "pairs" / "qwen_coder"
@@ -150,3 +158,11 @@ def test_a_bench_without_the_pair_stops_with_one_line_naming_the_build_command(t
     message = str(stop.value)
     assert "\n" not in message and f"no model at {tmp_path / 'target'}" in message
     assert "`python -m spd_lightning.models.pairs qwen_coder`" in message
+
+
+def test_a_bench_without_the_records_stops_with_one_line_naming_the_prepare_command(tmp_path):
+    require_records("--records", __file__)  # a file: nothing happens
+    with pytest.raises(SystemExit) as stop:
+        require_records("--records", tmp_path / "records.jsonl")
+    message = str(stop.value)
+    assert "\n" not in message and "`python run.py task=prepare pair=qwen_coder data=gsm8k" in message
