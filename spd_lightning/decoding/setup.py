@@ -10,6 +10,7 @@ all build through here, so a pair is loaded, checked and packed one way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedModel
@@ -57,7 +58,7 @@ class DecodingSetup:
     policies: dict[str, Policy]  # in registry order
     settings: PolicySettings  # what the policies were built with (the judge's threshold in use)
 
-    @property
+    @cached_property
     def eos_ids(self) -> set[int]:
         """Every id that ends a response: the target's config and generation_config, and the tokenizer's."""
         return end_of_sequence_ids(self.target) | tokenizer_eos_ids(self.tokenizer)

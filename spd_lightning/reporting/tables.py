@@ -43,9 +43,12 @@ class FigureTable:
         return table
 
     def markdown(self) -> str:
-        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |"]
+        def line(cells: list[str]) -> str:  # a | inside a cell would end it
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+        lines = [f"**{self.title}**", "", line(self.columns)]
         lines.append("| " + " | ".join(["---"] + ["---:"] * (len(self.columns) - 1)) + " |")
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows]
+        lines += [line(row) for row in self.rows]
         return "\n".join(lines)
 
 

@@ -44,12 +44,12 @@ def test_decode_tables_keep_every_figure_readable_at_80_columns():
 
 
 def test_markdown_names_command_machine_date_and_sample(tmp_path):
-    table = FigureTable("Speed", ["method", "tok/s"])
-    table.add("ours | packed", "4.47")
+    table = FigureTable("Speed", ["method", "tok/s", "max |dw|"])
+    table.add("ours | packed", "4.47", "1e-7")
     path = write_markdown(tmp_path / "bench.md", [table], ("a note",), sample="5 prompts")
     text = path.read_text()
     assert text.startswith("Command: `python ")
     assert f"torch {torch.__version__}" in text and "cores" in machine()
     assert "Sample: 5 prompts" in text and "Date: 20" in text
-    assert "| method | tok/s |\n| --- | ---: |\n| ours \\| packed | 4.47 |" in text
+    assert "| method | tok/s | max \\|dw\\| |\n| --- | ---: | ---: |\n| ours \\| packed | 4.47 | 1e-7 |" in text
     assert text.rstrip().endswith("a note")
