@@ -85,7 +85,7 @@ def main() -> None:
     rows |= {f"native, 2 threads, seed {s}": run("native, 2 threads", {}, s, out) for s in args.seeds}
     reference = next(iter(VARIANTS))
     moved = {f"{name}, seed 0": weights_moved(name, reference, out) for name in VARIANTS}
-    columns = ["run", "scorer acc.", "scorer kept", "SD acc.", "SD kept", "all acc.", "max |dw|"]
+    columns = ["run", "acc.", "kept", "SD acc", "SD kept", "all acc", "|dw|"]
     table = FigureTable("python run.py under other float code paths and seeds", columns)
     for name, summary in rows.items():
         dw = f"{moved[name]:.1e}" if name in moved else ""
@@ -94,7 +94,8 @@ def main() -> None:
     spread = {k: max(r[v] for r in float_rows) - min(r[v] for r in float_rows) for k, v in KEYS.items()}
     notes = (
         "spread over the float variants at seed 0 (max - min): " + ", ".join(f"{k} {spread[k]:.3f}" for k in KEYS),
-        "kept: draft tokens kept per block; max |dw|: the largest scorer weight difference from the first run",
+        "acc., kept: the scorer's accuracy and draft tokens kept per block; SD: standard SD's; all: accept-all's; "
+        "|dw|: the largest scorer weight difference from the first run",
     )
     report = {"runs": rows, "spread": spread, "max_weight_difference": moved}
     (out / "float_spread.json").write_text(json.dumps(report, indent=2))

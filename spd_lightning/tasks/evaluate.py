@@ -213,7 +213,7 @@ def log_results(loggers: list, metrics: dict[str, float], rows: list[dict], pngs
 
 def print_table(rows: list[dict], threshold: float, tolerance: float, num_records: int, out: Path) -> None:
     """The configured scorer, the baselines, and each family's longest blocks at parity with SD."""
-    columns = ["policy", "param", "accuracy", "95% CI", "kept/blk", "vs SD"]
+    columns = ["policy", "param", "acc.", "95% CI", "kept/blk", "vs SD"]
     table = FigureTable(f"Evaluation: {num_records} held-out records", columns)
 
     def add(name: str, row: dict | None) -> None:
@@ -234,9 +234,9 @@ def print_table(rows: list[dict], threshold: float, tolerance: float, num_record
     for policy in (p for p in EVAL_FAMILIES if SPECS[p].swept):
         add(f"{SPECS[policy].short}, at parity", parity.get(policy))
     notes = (
-        f"kept/blk: draft tokens kept per block (accept_len). At parity: each family's longest blocks with "
-        f"accuracy at most {tolerance} below standard SD ('-': none). KL = KL(target || draft); entropy = the "
-        "target's. 95% CI: Wilson, treating records as independent (blocks of one response are not).",
+        f"acc.: accuracy; kept/blk: draft tokens kept per block (accept_len). At parity: each family's longest "
+        f"blocks with accuracy at most {tolerance} below standard SD ('-': none). KL = KL(target || draft); entropy "
+        "= the target's. 95% CI: Wilson, treating records as independent (blocks of one response are not).",
     )
     markdown = write_markdown(out / "eval.md", [table], notes, f"{num_records} held-out records")
     print_tables(table, notes=(*notes, f"all {len(rows)} policy points: {out / 'tradeoff.csv'}; table: {markdown}"))
