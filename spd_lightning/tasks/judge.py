@@ -138,6 +138,25 @@ def last_line(parity: dict) -> str:
     return " ".join(last)
 
 
+def report(settings: JudgeConfig, rows: list[dict], splits: dict, out: Path, name: str) -> tuple[dict, dict]:
+    """Prints and writes the two tables at parity (in agreement, then in accuracy), tradeoff.csv,
+    judges.json and the plots. -> ({policy: its row at parity in accuracy}, the same in agreement)."""
+    parity, agreement = best_at_parity(rows, settings.tolerance), parity_by_agreement(rows, settings.tolerance)
+    n, trained = int(splits["heldout"].table.verified.sum()), len(splits["train"].mismatch)
+    tables = [
+        judge_table(rows, agreement, n, settings.tolerance, "agreement with the target"),
+        judge_table(rows, parity, n, settings.tolerance, "accuracy"),
+    ]
+    legend = ("acc.: accuracy; agree: share keeping the target's own answer; kept/blk: draft tokens kept per "
+              "block; none: no point of the family at parity")  # fmt: skip
+    sample = f"{n} held-out records; judges trained on {trained}"
+    markdown = write_markdown(out / "judges.md", tables, (legend,), sample)
+    print_tables(*tables, notes=(legend, f"tables: {markdown}"))
+    title = f"{name}: {n} held-out records, judges trained on {trained}"
+    write_outputs(out, rows, {"heldout_records": n, "parity": parity, "settings": asdict(settings)}, title)
+    return parity, agreement
+
+
 def train_and_compare(settings: JudgeConfig, pair: PairSettings, out: Path, name: str, seed: int = 0) -> dict:
     """The whole task on `pair` (its models), writing to `out`; `name` heads the plots.
     -> {policy: its row at parity with standard SD in accuracy}."""
@@ -159,19 +178,7 @@ def train_and_compare(settings: JudgeConfig, pair: PairSettings, out: Path, name
     scorer = ScoringActor(models[0].get_decoder())
     judges, heads = train_judges(splits["train"], compare_settings, RewardWeights(), scorer)
     rows = compare(splits["heldout"], judges, compare_settings)
-    parity, agreement = best_at_parity(rows, settings.tolerance), parity_by_agreement(rows, settings.tolerance)
-    n = int(splits["heldout"].table.verified.sum())
-    tables = [
-        judge_table(rows, agreement, n, settings.tolerance, "agreement with the target"),
-        judge_table(rows, parity, n, settings.tolerance, "accuracy"),
-    ]
-    sample = f"{n} held-out records; judges trained on {len(splits['train'].mismatch)} records"
-    legend = ("acc.: accuracy; agree: share keeping the target's own answer; kept/blk: draft tokens kept per "
-              "block; none: no point of the family at parity")  # fmt: skip
-    markdown = write_markdown(out / "judges.md", tables, (legend,), sample)
-    print_tables(*tables, notes=(legend, f"tables: {markdown}"))
-    title = f"{name}: {n} held-out records, judges trained on {len(splits['train'].mismatch)}"
-    write_outputs(out, rows, {"heldout_records": n, "parity": parity, "settings": asdict(settings)}, title)
+    parity, agreement = report(settings, rows, splits, out, name)
     # Judges trained on agreement with the target run at their point at parity in agreement.
     measure = "agreement" if settings.labels == "target" else "accuracy"
     saved = save_judges(out, heads, agreement if measure == "agreement" else parity, measure)
