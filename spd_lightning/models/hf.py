@@ -140,7 +140,7 @@ def tokenizer_eos_ids(tokenizer) -> set[int]:
     return ids
 
 
-def pad_id_of(tokenizer) -> int:
-    """The id that fills padded rows: the tokenizer's pad token, or its EOS where it has none
-    (masked out either way; many causal LMs ship without a pad token)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def pad_id_of(source) -> int:
+    """The id that fills padded rows: the pad token of `source` (a tokenizer or a model config),
+    or its EOS where it has none (masked out either way; many causal LMs ship without a pad token)."""
+    return source.pad_token_id if source.pad_token_id is not None else source.eos_token_id

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from spd_lightning.errors import SetupError
-from spd_lightning.models.hf import end_of_sequence_ids, load_pretrained, resolve_device, torch_dtype
+from spd_lightning.models.hf import end_of_sequence_ids, load_pretrained, pad_id_of, resolve_device, torch_dtype
 from spd_lightning.models.lm import argmax_shared, greedy_generate, propose_shared, trunk_groups
 
 
@@ -69,7 +69,7 @@ class LocalTarget:
         self.eos_token_id = int(config.eos_token_id)
         # A response ends at any of these (the config's EOS and every one generation_config lists).
         self.eos_token_ids = end_of_sequence_ids(self.model)
-        self.pad_token_id = int(config.pad_token_id if config.pad_token_id is not None else config.eos_token_id)
+        self.pad_token_id = int(pad_id_of(config))
         self.num_requests = 0
 
     def to(self, device) -> LocalTarget:
