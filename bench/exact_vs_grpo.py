@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spd_lightning.reporting.plots import plt, read_metrics  # noqa: E402
+from spd_lightning.reporting.plots import plt, read_metrics, sign_figure  # noqa: E402
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown  # noqa: E402
 
 LOSSES = {"grpo": "GRPO, N=8 samples", "exact": "exact expected reward"}
@@ -83,7 +83,7 @@ def plot(results: dict[str, list[dict]], out_png: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    sign_figure(fig)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
 

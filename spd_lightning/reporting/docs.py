@@ -48,7 +48,7 @@ def main() -> None:
         text = page.read_text()
         new, blocks = refresh(text, root)
         for source, found in blocks:
-            print(f"{page.relative_to(root)}: {source} {'copied' if found else 'not here: kept as it is'}")
+            print(f"{page.relative_to(root)}: {source} {'found' if found else 'not here: kept as it is'}")
         if new != text:
             stale.append(page)
             if not args.check:

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display on a training node
 import matplotlib.pyplot as plt  # noqa: E402
 
 from spd_lightning.reporting.names import POLICIES, VAL_POLICIES, val_key  # noqa: E402
+from spd_lightning.reporting.tables import provenance  # noqa: E402
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -51,7 +52,7 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    sign_figure(fig)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
@@ -167,7 +168,13 @@ def _save(fig, ax, title: str, legend_at: str, out_png: Path) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc=legend_at)
-    fig.tight_layout()
+    sign_figure(fig)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def sign_figure(fig) -> None:
+    """Lays the figure out above a grey footer naming the command, the machine and the date."""
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.text(0.005, 0.005, provenance(), fontsize=6, color="gray", ha="left", va="bottom")

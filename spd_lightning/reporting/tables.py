@@ -95,6 +95,11 @@ def command_line() -> str:
     return "python " + shlex.join(a.replace(here, "") for a in argv)
 
 
+def provenance() -> str:
+    """One line: the command, the machine and the date (a plot's footer)."""
+    return f"{command_line()} | {machine()} | {datetime.date.today().isoformat()}"
+
+
 def write_markdown(path: Path, tables: list[FigureTable], notes: tuple[str, ...] = (), sample: str = "") -> Path:
     """`path` (…/NAME.md): the tables in markdown, headed by what measured them (command, machine,
     date, `sample`: the sample sizes), so a docs/ page can copy the file as it is."""
