@@ -244,7 +244,8 @@ def _policy_table(summary: dict[str, float], title: str, columns: dict[str, str]
     table = FigureTable(title, ["policy", *columns.values()])
     for name in DECODE_POLICIES:
         if f"{name}/accuracy" in summary:
-            table.add(SPECS[name].short, *(f"{summary.get(f'{name}/{m}', float('nan')):.3f}" for m in columns))
+            figures = (summary.get(f"{name}/{m}") for m in columns)  # x greedy only when greedy ran
+            table.add(SPECS[name].short, *("-" if v is None else f"{v:.3f}" for v in figures))
     return table
 
 
