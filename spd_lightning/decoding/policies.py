@@ -50,7 +50,6 @@ class Needs:
     target_hidden: bool = False  # the target's last hidden states at the draft tokens (Block.target_hidden)
     scorer: bool = False  # a trained scorer (task=decode's ckpt_path)
     judge: bool = False  # a saved judge head (judge_path)
-    kl_threshold: bool = False  # the KL rule's tau
 
     def union(self, other: Needs) -> Needs:
         """What a policy and its watcher read together."""
@@ -95,6 +94,11 @@ accept_all = Policy("accept_all", _keep_every)
 greedy = Policy("greedy", _keep_none, Needs(drafts=False))
 
 
+# What a policy reads, shared by the policies and their registry entries.
+SCORER_NEEDS = Needs(scorer=True)  # the ScoringActor runs its own backbone over context + draft
+DISTRIBUTIONS = Needs(distributions=True)  # the training-free rules: both models' distributions
+
+
 def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy:
     """The trained judge: keep a mismatch when its accept probability is >= threshold, the
     probability computed as training's validation computes it (context + draft, with the
@@ -124,7 +128,7 @@ def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy
         )  # [B, K]
         return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
 
-    return Policy("scorer", decide, Needs(scorer=True))
+    return Policy("scorer", decide, SCORER_NEEDS)
 
 
 def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
@@ -137,7 +141,7 @@ def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:
         features = token_features(block.target_logits, block.draft_logits, block.draft_ids)
         return kl_decisions(features.kl.cpu(), block.mismatch, tau, features.target_top1.cpu(), confidence)
 
-    return Policy("kl_below", decide, Needs(distributions=True, kl_threshold=True))
+    return Policy("kl_below", decide, DISTRIBUTIONS)
 
 
 # What the zero-cost judge reads: computed by the block's verification pass and the draft's proposals.

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from spd_lightning.decoding.policies import (
+    DISTRIBUTIONS,
     JUDGE_NEEDS,
+    SCORER_NEEDS,
     Needs,
     Policy,
     PolicySettings,
@@ -73,19 +75,19 @@ def _scorer(settings: PolicySettings) -> Policy:
 
 # In table order.
 REGISTRY = (
-    PolicySpec("greedy", "greedy target", "greedy decoding by the target alone", Needs(drafts=False),
+    PolicySpec("greedy", "greedy target", "greedy decoding by the target alone", greedy.needs,
                lambda _: greedy, lossless=True),
-    PolicySpec("scorer", "SPD scorer", "SPD scorer: accept p >= t", Needs(scorer=True), _scorer,
+    PolicySpec("scorer", "SPD scorer", "SPD scorer: accept p >= t", SCORER_NEEDS, _scorer,
                evaluated=True, swept=True, validated=True),
-    PolicySpec("standard_sd", "standard SD", "standard SD (reject mismatches)", Needs(), _standard_sd,
+    PolicySpec("standard_sd", "standard SD", "standard SD (reject mismatches)", reject_all.needs, _standard_sd,
                lossless=True, evaluated=True, validated=True),
-    PolicySpec("accept_all", "accept all", "accept all", Needs(), lambda _: accept_all,
+    PolicySpec("accept_all", "accept all", "accept all", accept_all.needs, lambda _: accept_all,
                evaluated=True, validated=True),
-    PolicySpec("topk", "top-k", "draft token in target top-k", Needs(distributions=True),
+    PolicySpec("topk", "top-k", "draft token in target top-k", DISTRIBUTIONS,
                evaluated=True, swept=True),
-    PolicySpec("kl_below", "KL rule", "KL(target||draft) <= tau", Needs(distributions=True, kl_threshold=True),
+    PolicySpec("kl_below", "KL rule", "KL(target||draft) <= tau", DISTRIBUTIONS,
                _kl, evaluated=True, swept=True),
-    PolicySpec("entropy_above", "entropy rule", "target entropy >= tau", Needs(distributions=True),
+    PolicySpec("entropy_above", "entropy rule", "target entropy >= tau", DISTRIBUTIONS,
                evaluated=True, swept=True),
     PolicySpec("judge", "zero-cost judge", "zero-cost judge: accept p >= t", JUDGE_NEEDS, _judge),
 )  # fmt: skip

@@ -21,10 +21,9 @@ from spd_lightning.errors import SetupError
 from spd_lightning.judge.head import JudgeHead, load_judge
 from spd_lightning.models.hf import (
     check_shared_vocabulary,
-    end_of_sequence_ids,
     load_pretrained,
     pad_id_of,
-    tokenizer_eos_ids,
+    response_end_ids,
 )
 from spd_lightning.models.packed import pack_linears
 from spd_lightning.targets.local import load_causal_lm
@@ -61,7 +60,7 @@ class DecodingSetup:
     @cached_property
     def eos_ids(self) -> set[int]:
         """Every id that ends a response: the target's config and generation_config, and the tokenizer's."""
-        return end_of_sequence_ids(self.target) | tokenizer_eos_ids(self.tokenizer)
+        return response_end_ids(self.target, self.tokenizer)
 
     @property
     def pad_id(self) -> int:

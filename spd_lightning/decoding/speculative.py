@@ -30,7 +30,7 @@ from spd_lightning.decoding.policies import Decide, Policy, PolicySettings, as_p
 from spd_lightning.decoding.registry import build_policy
 from spd_lightning.decoding.setup import PairSettings, build_decoding, check_tokenizer
 from spd_lightning.errors import SetupError
-from spd_lightning.models.hf import end_of_sequence_ids, pad_id_of, tokenizer_eos_ids
+from spd_lightning.models.hf import pad_id_of, response_end_ids
 
 
 @dataclass
@@ -91,7 +91,7 @@ class SpeculativeDecoder:
         named = isinstance(policy, str)
         self.policy = build_policy(policy, settings or PolicySettings()) if named else as_policy(policy)
         self.block_size = block_size if self.policy.needs.drafts else 0
-        self.eos_ids = end_of_sequence_ids(target) | tokenizer_eos_ids(tokenizer)
+        self.eos_ids = response_end_ids(target, tokenizer)
         self.pad_id = pad_id_of(tokenizer)
 
     @classmethod

@@ -31,7 +31,7 @@ from spd_lightning.judge.inputs import (
     prompt_of,
     target_answers,
 )
-from spd_lightning.models.hf import end_of_sequence_ids, pad_id_of, tokenizer_eos_ids
+from spd_lightning.models.hf import pad_id_of, response_end_ids
 from spd_lightning.verification.hybrid import HybridVerifier
 from spd_lightning.verification.outcomes import OutcomeTable, verify_outcomes
 
@@ -112,7 +112,7 @@ def build_splits(
     pad_id = pad_id_of(tokenizer)
     inputs = {name: stage_inputs(out, name, target, draft, recs, pad_id, batch) for name, recs in records.items()}
     store = DiskCompletions(out / "completions.jsonl")
-    eos = end_of_sequence_ids(target) | tokenizer_eos_ids(tokenizer)
+    eos = response_end_ids(target, tokenizer)
     every = [r for recs in records.values() for r in recs]
     complete_outcomes(Greedy(target, pad_id, eos, batch), every, store, max_response)
     splits = {}

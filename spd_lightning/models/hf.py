@@ -128,6 +128,12 @@ def end_of_sequence_ids(model) -> set[int]:
     return ids
 
 
+def response_end_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a response when `model` generates with `tokenizer`: the model's config
+    and generation_config, and the tokenizer's (with the generation_config.json beside it)."""
+    return end_of_sequence_ids(model) | tokenizer_eos_ids(tokenizer)
+
+
 def tokenizer_eos_ids(tokenizer) -> set[int]:
     """The tokenizer's EOS and every id the generation_config.json beside it lists: where a
     response ends when only the shared tokenizer (model.tokenizer) is at hand."""
