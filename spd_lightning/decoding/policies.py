@@ -115,20 +115,29 @@ def scorer_policy(scorer: ScoringActor, threshold: float, pad_id: int) -> Policy
             at_draft = prefix_cache.read(ids, k).last_hidden_state[:, -k:]  # [1, K, H]
             logits = scorer.score(at_draft, block.target_ids[:, :k].to(device))  # [1, K]
             return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
-        drafts, targets = block.draft_ids.tolist(), block.target_ids[:, :k].tolist()
-        records = [
-            Record(ctx, plen, d, t, "") for ctx, plen, d, t in zip(block.contexts, block.prompt_lens, drafts, targets)
-        ]
-        batch = collate_records(records, pad_id)
-        logits = scorer(
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
-            batch.context_len.to(device),
-            batch.target_ids.to(device),
-        )  # [B, K]
+        logits = scorer_logits(scorer, block, pad_id)  # [B, K]
         return threshold_decisions(torch.sigmoid(logits).cpu(), block.mismatch, threshold)
 
     return Policy("scorer", decide, SCORER_NEEDS)
+
+
+def scorer_logits(scorer: ScoringActor | ZeroCostJudge, block: Block, pad_id: int) -> torch.Tensor:
+    """[B, K] accept logits of a trained scorer for the rows of a block, computed as training
+    computes them (one padded batch of context + draft, the target's tokens as alternatives);
+    with gradients when the caller allows them."""
+    device = next(scorer.parameters()).device
+    k = block.draft_ids.shape[1]
+    drafts, targets = block.draft_ids.tolist(), block.target_ids[:, :k].tolist()
+    records = [
+        Record(ctx, plen, d, t, "") for ctx, plen, d, t in zip(block.contexts, block.prompt_lens, drafts, targets)
+    ]
+    batch = collate_records(records, pad_id)
+    return scorer(
+        batch.input_ids.to(device),
+        batch.attention_mask.to(device),
+        batch.context_len.to(device),
+        batch.target_ids.to(device),
+    )  # [B, K]
 
 
 def kl_policy(tau: float, confidence: float | None = 0.9) -> Policy:

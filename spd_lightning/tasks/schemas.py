@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from spd_lightning.core.exact import ExactLoss
+from spd_lightning.core.generation_grpo import GenerationGRPOLoss
 from spd_lightning.core.grpo import GRPOLoss
 from spd_lightning.core.reward import RewardWeights
 from spd_lightning.data.prompts import PromptList
@@ -33,6 +34,7 @@ from spd_lightning.tasks.prepare import PrepareConfig
 from spd_lightning.toy.build import SHIPPED_WORLD, ToyWorldSpec
 from spd_lightning.toy.raw import toy_prompts
 from spd_lightning.training.datamodule import RecordDataModule
+from spd_lightning.training.generation import RolloutConfig
 from spd_lightning.training.module import SPDModule
 from spd_lightning.verification.hybrid import HybridVerifier
 
@@ -116,6 +118,8 @@ SCHEMAS: dict[tuple[str, str], Any] = {
     ("reward", "reward_schema"): schema_for(RewardWeights),
     ("loss", "loss_schema"): schema_for(GRPOLoss),
     ("loss", "exact_schema"): schema_for(ExactLoss),
+    ("loss", "generation_grpo_schema"): schema_for(GenerationGRPOLoss),
+    ("rollout", "rollout_schema"): RolloutConfig,
     ("data", "data_schema"): schema_for(RecordDataModule),
     ("data", "prompts_schema"): schema_for(PromptList.from_jsonl),
     ("data", "toy_prompts_schema"): schema_for(toy_prompts),

@@ -30,11 +30,20 @@ from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer
 from spd_lightning.reporting.names import INITIAL, PARITY_METRIC
 from spd_lightning.reporting.plots import plot_training_curves
 from spd_lightning.reporting.summary import accept_len_at_parity, print_summary
-from spd_lightning.tasks.builders import SCORER, build_scorer, ensure_toy_world, in_toy_world, instantiate_dict
+from spd_lightning.tasks.builders import (
+    SCORER,
+    build_scorer,
+    ensure_toy_world,
+    in_toy_world,
+    instantiate_dict,
+    pair_path,
+)
 from spd_lightning.tasks.checkpoint import check_resume_checkpoint
 from spd_lightning.training.callbacks import finish_wandb, log_config, log_images
 from spd_lightning.training.datamodule import RecordDataModule
+from spd_lightning.training.generation import GenerationModule
 from spd_lightning.training.module import SPDModule
+from spd_lightning.training.prompts import PromptDataModule
 from spd_lightning.verification.hybrid import HybridVerifier
 
 log = logging.getLogger(__name__)
@@ -57,7 +66,9 @@ def route_lightning_logs_through_hydra() -> None:
         logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
-def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
+def build_components(cfg: DictConfig) -> tuple[RecordDataModule | PromptDataModule, SPDModule]:
+    if cfg.get("rollout") is not None and cfg.rollout.kind == "generation":
+        return build_generation_components(cfg)
     # A scorer from outside the toy world loads first: a missing model stops the run in seconds.
     scorer = None if in_toy_world(cfg, "model.path") else build_scorer(cfg.model)
     ensure_toy_world(cfg)
@@ -77,6 +88,39 @@ def build_components(cfg: DictConfig) -> tuple[RecordDataModule, SPDModule]:
         reward=instantiate(cfg.reward),
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
+        **cfg.module,
+    )
+    return datamodule, module
+
+
+def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, GenerationModule]:
+    """rollout=generation: prompts (data=toy_prompts, data=gsm8k, ...) and the episode module."""
+    scorer = None if in_toy_world(cfg, "model.path") else build_scorer(cfg.model)
+    ensure_toy_world(cfg)
+    scorer = scorer if scorer is not None else build_scorer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
+    rollout = cfg.rollout
+    datamodule = PromptDataModule(
+        instantiate(cfg.data), tokenizer, rollout.block_size, rollout.val_fraction, rollout.batch_size,
+        rollout.val_batch_size, cfg.seed,
+    )  # fmt: skip
+    datamodule.setup("fit")
+    target = instantiate(cfg.target)
+    check_shared_vocabulary(tokenizer, {SCORER: scorer.backbone, "target": target})
+    verifier = HybridVerifier(target, tokenizer, instantiate(cfg.answer), cfg.verify.cache_size)
+    module = GenerationModule(
+        scorer=scorer,
+        verifier=verifier,
+        reward=instantiate(cfg.reward),
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        draft_path=pair_path(cfg, "draft"),
+        block_size=rollout.block_size,
+        max_new_tokens=rollout.max_new_tokens,
+        reference=rollout.reference,
+        speed=rollout.speed,
+        max_forks=rollout.max_forks,
+        completions_path=rollout.completions,
         **cfg.module,
     )
     return datamodule, module
@@ -151,7 +195,8 @@ def train(cfg: DictConfig) -> float | None:
     out = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         log.info(
-            "records: %d train, %d val, K=%d; output: %s",
+            "%s: %d train, %d val, K=%d; output: %s",
+            "prompts" if isinstance(datamodule, PromptDataModule) else "records",
             len(datamodule.train_records),
             len(datamodule.val_records),
             datamodule.block_size,

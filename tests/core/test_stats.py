@@ -18,3 +18,12 @@ def test_wilson_interval_stays_in_range_and_contains_the_estimate(k, n):
 
 def test_no_trials_is_the_whole_range():
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_exact_is_one_without_discordant_pairs_and_small_when_one_sided():
+    from spd_lightning.core.stats import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(3, 3) == 1.0
+    assert abs(mcnemar_exact(0, 6) - 2 / 64) < 1e-12  # all six discordant pairs one way
+    assert mcnemar_exact(1, 9) < 0.05 < mcnemar_exact(3, 7)

@@ -13,6 +13,7 @@ from hydra_compose import compose_config
 from omegaconf import DictConfig, OmegaConf
 
 from spd_lightning.core.exact import ExactLoss
+from spd_lightning.core.generation_grpo import GenerationGRPOLoss
 from spd_lightning.core.grpo import GRPOLoss
 from spd_lightning.core.reward import RewardWeights
 from spd_lightning.data.prompts import Prompt
@@ -111,7 +112,7 @@ def test_group_file_composes_and_instantiates(rel: Path, toy_world: Path, tmp_pa
             target.close()
     assert instantiate(cfg.answer)("82", "82") is True
     assert isinstance(instantiate(cfg.reward), RewardWeights)
-    assert isinstance(instantiate(cfg.loss), (GRPOLoss, ExactLoss))
+    assert isinstance(instantiate(cfg.loss), (GRPOLoss, ExactLoss, GenerationGRPOLoss))
     assert callable(instantiate(cfg.optimizer))
     instantiate(cfg.toy.spec)
     callbacks, loggers = instantiate_dict(cfg.callbacks), instantiate_dict(cfg.logger)
@@ -180,6 +181,7 @@ TASK_OVERRIDES = {
     "judge": ["model=judge"],
     "judge_task": ["task=judge"],
     "prompts": ["task=prepare", "data.raw=x.jsonl"],
+    "generation": ["rollout=generation"],
 }
 
 

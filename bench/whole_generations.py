@@ -1,0 +1,105 @@
+"""The trade-off where users deploy the judge: whole generations, every policy at a threshold
+chosen on one problem set and measured on another (spd_lightning/tasks/generations.py).
+
+    python bench/whole_generations.py                          # the default world: a few minutes
+    python bench/whole_generations.py --world qwen_coder --stage responses   # real pair, resumable
+    python bench/whole_generations.py --world qwen_coder       # every stage, hours on 2 cores
+
+Stages, each kept on disk under --out, so a rerun resumes: responses (the target's own response to
+every prompt), heads (the supervised head on AutoJudge labels mined along whole generations, the
+per-block GRPO head, the whole-generation GRPO head: `python run.py ... model=judge`), sweep (every
+policy's thresholds on the choosing and the test set, at each K), then the report: a table per K,
+generations.png, generations.json/.md, and the last line
+`gen_rl_tpc=.. gen_rl_accuracy=.. block_rl_tpc=.. sup_tpc=.. kl_tpc=.. sd_tpc=.. sd_accuracy=.. n=..`
+(tpc: tokens per target call at the chosen threshold, at the largest K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from spd_lightning.models.pairs import require_built
+from spd_lightning.tasks.generation_report import report
+from spd_lightning.tasks.generation_sweep import families, stage_sweep
+from spd_lightning.tasks.generations import (
+    ROOT,
+    TOY_PAIR,
+    load_world,
+    real_sets,
+    stage_heads,
+    stage_responses,
+    toy_sets,
+)
+
+STAGES = ("responses", "heads", "sweep")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", choices=["toy", "qwen_coder"], default="toy")
+    parser.add_argument("--stage", choices=STAGES, default="sweep", help="run the stages up to this one")
+    parser.add_argument("--pair", default=str(ROOT / ".cache" / "pairs" / "qwen_coder"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k"), help="GSM8K jsonl folder")
+    parser.add_argument("--out", default=None, help="default: outputs/generations/toy, data/episodes_<world>")
+    parser.add_argument("--train", type=int, default=None, help="train problems (toy 320, pair 100)")
+    parser.add_argument("--choose", type=int, default=None, help="problems thresholds are chosen on (96, 60)")
+    parser.add_argument("--test", type=int, default=None, help="test problems (200, 150)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="response budget (toy 24, pair 384)")
+    parser.add_argument("--k", type=int, nargs="+", default=[4, 8], help="draft tokens per block")
+    parser.add_argument("--points", type=int, default=8, help="thresholds per swept policy")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy below standard SD allowed")
+    parser.add_argument("--steps", type=int, default=300, help="supervised head's optimiser steps")
+    parser.add_argument("--block-rl", default=None, help="a saved per-block judge (pair: judges/qwen_coder_grpo.pt)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def training_overrides(args, toy: bool, out: Path, budget: int) -> dict[str, list[str]]:
+    """The run.py command lines of the two GRPO heads (model=judge: the zero-cost judge)."""
+    common = ["model=judge", "logger=csv", f"seed={args.seed}"]
+    gen = [*common, "rollout=generation", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
+           f"rollout.completions={out / 'completions.jsonl'}"]  # fmt: skip
+    if not toy:
+        data = Path(args.data) / "train.jsonl"
+        gen += ["pair=qwen_coder", "data=gsm8k", f"data.raw={data}", f"data.limit={args.train or 100}"]
+    return {"block_rl": common, "gen_rl": gen}
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    toy = args.world == "toy"
+    pair = TOY_PAIR if toy else Path(args.pair)
+    if not toy:
+        require_built("--pair", pair / "draft", pair / "target")
+    if toy:
+        sets = toy_sets(args.train or 320, args.choose or 96, args.test or 200)
+    else:
+        sets = real_sets(Path(args.data), args.train or 100, args.choose or 60, args.test or 150)
+    out = Path(
+        args.out or (ROOT / "outputs" / "generations" / "toy" if toy else ROOT / "data" / f"episodes_{args.world}")
+    )
+    budget = args.max_new_tokens or (24 if toy else 384)
+    world = load_world(args.world, pair, sets, out, budget, not toy, args.batch)
+    upto = STAGES.index(args.stage)
+    for stage in STAGES[: upto + 1]:
+        start = time.perf_counter()
+        if stage == "responses":
+            stage_responses(world)
+        elif stage == "heads":
+            block_rl = Path(args.block_rl) if args.block_rl else None
+            heads = stage_heads(world, training_overrides(args, toy, out, budget), max(args.k), args.steps,
+                                args.seed, block_rl)  # fmt: skip
+        else:
+            results = stage_sweep(world, heads, args.k, args.points, args.tolerance)
+            sample = ", ".join(f"{name}: {len(p.prompts)} problems" for name, p in world.sets.items())
+            report(results, families(heads), out, args.tolerance, f"{sample}; {budget} new tokens at most")
+        print(f"stage {stage}: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""GRPO on whole generations: G episodes per prompt, every executed decision in the loss.
+
+An episode's decisions are the mismatches it met, each a Bernoulli draw (accept with p). Its
+log-probability is the sum over them of log p (accepted) or log(1 - p) (rejected): unlike a
+single block, a generation goes on after a rejection, so every decision met was executed. The
+reward is the four-scenario reward lifted to the generation (accepted = any mismatch accepted,
+correct = the final answer holds) plus a speed term in [0, 1]; advantages are normalised over
+the G episodes of a prompt (core/grpo.group_advantages), and the loss is the PPO-clipped
+surrogate averaged over all decisions of the batch (token-level, as DAPO).
+
+Shapes: P prompts, G episodes per prompt (E = P * G), D decisions in all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spd_lightning.core.grpo import GRPOStats, bernoulli_entropy, bernoulli_kl, group_advantages
+from spd_lightning.core.reward import RewardWeights, compute_reward_tensor
+
+SPEEDS = ("calls_saved", "mismatches_kept")
+
+
+def speed_term(
+    kind: str,
+    calls: torch.Tensor,
+    tokens: torch.Tensor,
+    sd_calls_per_token: torch.Tensor,
+    kept: torch.Tensor,
+    met: torch.Tensor,
+) -> torch.Tensor:
+    """[E] in [0, 1]. calls_saved: the share of standard SD's target calls per token saved (0 at
+    standard SD's own cost, clamped there); mismatches_kept: accepted / met (0 when none met).
+    calls, tokens, kept, met: [E] counts; sd_calls_per_token: [E] standard SD's on that prompt."""
+    if kind == "calls_saved":
+        per_token = calls.float() / tokens.float().clamp(min=1)  # [E]
+        return (1 - per_token / sd_calls_per_token.clamp(min=1e-9)).clamp(0, 1)
+    if kind == "mismatches_kept":
+        return kept.float() / met.float().clamp(min=1)
+    raise ValueError(f"speed term {kind!r}: choose among {list(SPEEDS)}")
+
+
+def generation_rewards(
+    accepted: torch.Tensor, correct: torch.Tensor, speed: torch.Tensor, weights: RewardWeights
+) -> torch.Tensor:
+    """[P, G] bool, bool, float -> [P, G]: the scenario weight plus token_bonus * speed (only
+    for correct episodes when weights.bonus_only_if_correct)."""
+    return compute_reward_tensor(accepted, correct, speed, 1, weights)
+
+
+class GenerationGRPOLoss(nn.Module):
+    """The PPO-clipped surrogate over the decisions of whole-generation episodes."""
+
+    def __init__(
+        self,
+        num_episodes: int = 4,
+        scale_std: bool = True,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        kl_coef: float = 0.0,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_episodes < 2:
+            raise ValueError(f"rollout.num_episodes must be >= 2 for a group baseline, got {num_episodes}")
+        self.num_episodes, self.scale_std = num_episodes, scale_std
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
+
+    def advantages(self, rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P, G] -> ([P, G] advantages, [P] zero-variance flags)."""
+        return group_advantages(rewards, valid, self.scale_std)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        old_logits: torch.Tensor,
+        accepted: torch.Tensor,
+        episode: torch.Tensor,
+        advantages: torch.Tensor,
+        ref_logits: torch.Tensor | None = None,
+    ) -> GRPOStats:
+        """logits [D] (with grad), old_logits [D] (what the decisions were drawn with), accepted [D]
+        bool, episode [D] long (index into the flattened [E] advantages), advantages [E]."""
+        if self.kl_coef > 0 and ref_logits is None:
+            raise ValueError("GenerationGRPOLoss: kl_coef > 0 needs ref_logits from the frozen initial scorer")
+        sign = torch.where(accepted, 1.0, -1.0)  # [D]
+        logp = F.logsigmoid(sign * logits)  # [D]
+        old_logp = F.logsigmoid(sign * old_logits.detach())  # [D]
+        ratio = torch.exp(logp - old_logp)  # [D]
+        adv = advantages.reshape(-1)[episode]  # [D]
+        clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high) * adv  # [D]
+        surrogate = torch.minimum(ratio * adv, clipped)  # [D]
+        n = max(len(logits), 1)
+        policy_loss = -surrogate.sum() / n
+        entropy = bernoulli_entropy(logits).sum() / n
+        kl = torch.zeros((), device=logits.device)
+        if ref_logits is not None:
+            kl = bernoulli_kl(logits, ref_logits.detach()).sum() / n
+        loss = policy_loss + self.kl_coef * kl - self.entropy_coef * entropy
+        clip_active = ((adv > 0) & (ratio > 1 + self.clip_high)) | ((adv < 0) & (ratio < 1 - self.clip_low))
+        clip_fraction = clip_active.float().sum() / n
+        return GRPOStats(loss, policy_loss, kl, entropy, clip_fraction.detach(), torch.tensor(len(logits)))

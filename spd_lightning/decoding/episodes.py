@@ -1,0 +1,200 @@
+"""Whole-generation episodes with models: paths, decisions, and many episodes in lockstep.
+
+core/episode.walk says what one episode does over the target's paths; here are its answers:
+- `PathSource`: the path from a response prefix (the target's greedy completion, cached by
+  prefix, so episodes, policies, thresholds and values of K share completions) and the draft's
+  proposal at every position of it (one teacher-forced draft pass per path, cached too);
+- deciders: a Policy of the registry (`PolicyDecider`: what the decoding loop runs, so an
+  episode writes exactly the loop's tokens), a score of cached features against a threshold
+  (decoding/features.py: FeatureDecider), or Bernoulli draws for GRPO (`SampledDecider`);
+- `run_episodes`: drives every walk at once, answering their mismatches in one batched decision
+  and their forks in one batched completion.
+
+Shapes: B mismatches decided together, V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from spd_lightning.core.episode import Ask, Episode, Fork, Path, walk
+from spd_lightning.decoding.loop import Generation
+from spd_lightning.decoding.policies import Block, Needs, Policy
+from spd_lightning.errors import VerificationError
+from spd_lightning.models.hf import id_set
+from spd_lightning.models.lm import block_states_shared, teacher_forced_argmax
+from spd_lightning.verification.hybrid import CompletionCache
+
+# Target.complete: prefixes and one budget -> each prefix's greedy completion (None: failed).
+Complete = Callable[[list[list[int]], int], list[list[int] | None]]
+
+
+class PathSource:
+    """The target's paths and the draft's proposals along them, each computed once.
+
+    complete: Target.complete (in-process or a vLLM server); store: where completions are kept,
+    keyed by prompt + response prefix (judge.inputs.DiskCompletions keeps them on disk)."""
+
+    def __init__(self, complete: Complete, draft: PreTrainedModel, pad_id: int, eos_ids: Collection[int],
+                 max_new_tokens: int, store: CompletionCache | None = None, batch_size: int = 32) -> None:  # fmt: skip
+        self.complete, self.draft, self.pad_id = complete, draft, pad_id
+        self.eos, self.max_new_tokens, self.batch_size = id_set(eos_ids), max_new_tokens, batch_size
+        self.store = store if store is not None else CompletionCache(10**9)
+        self._proposals: dict[tuple[int, ...], list[int]] = {}
+        self.completions = 0  # computed by the target (not read from the store)
+
+    def _budget(self, response: tuple[int, ...]) -> int:
+        ended = bool(response) and response[-1] in self.eos
+        return 0 if ended else max(self.max_new_tokens - len(response), 0)
+
+    def _cut(self, completion: list[int], budget: int) -> list[int]:
+        """A completion cut to its budget and after its first end-of-sequence id (the target's own
+        list may be shorter than the tokenizer's)."""
+        completion = completion[:budget]
+        stop = next((i for i, t in enumerate(completion) if t in self.eos), None)
+        return completion if stop is None else completion[: stop + 1]
+
+    def fill(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]], desc: str | None = None) -> None:
+        """Completes every prompt + response not stored yet, longest budget first, in batches; a
+        batch is generated to its longest budget and each row cut to its own (greedy is causal)."""
+        todo: dict[tuple[int, ...], int] = {}
+        for prompt, response in zip(prompts, responses):
+            key, budget = prompt + response, self._budget(response)
+            if budget == 0:
+                self.store.put(key, [])
+            elif self.store.get(key) is None:
+                todo[key] = budget
+        rows = sorted(todo.items(), key=lambda kv: -kv[1])
+        cuts = range(0, len(rows), self.batch_size)
+        for start in tqdm(cuts, desc=desc, unit="batch", leave=False, disable=desc is None or len(cuts) < 2):
+            batch = rows[start : start + self.batch_size]
+            outs = self.complete([list(key) for key, _ in batch], max(b for _, b in batch))
+            failed = sum(out is None for out in outs)
+            if failed:
+                raise VerificationError(f"the target failed to complete {failed} of {len(batch)} episode paths")
+            items = [(key, self._cut(out, budget)) for (key, budget), out in zip(batch, outs)]
+            if hasattr(self.store, "add"):  # a store on disk writes the batch at once
+                self.store.add(items)
+            else:
+                for key, completion in items:
+                    self.store.put(key, completion)
+            self.completions += len(batch)
+
+    def proposals(self, prompt: tuple[int, ...], tokens: list[int]) -> list[int]:
+        """[p] = the draft's greedy token after prompt + tokens[:p], for every p < len(tokens)."""
+        key = prompt + tuple(tokens)
+        if key not in self._proposals:
+            argmax = teacher_forced_argmax(self.draft, [list(prompt)], [list(tokens)], self.pad_id) if tokens else [[]]
+            self._proposals[key] = argmax[0]
+        return self._proposals[key]
+
+    def paths(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> list[Path]:
+        """The path from each response prefix: (prefix + the target's completion, proposals)."""
+        self.fill(prompts, responses)
+        out = []
+        for prompt, response in zip(prompts, responses):
+            tokens = list(response) + list(self.store.get(prompt + response))
+            out.append((tokens, self.proposals(prompt, tokens)))
+        return out
+
+
+class Decider(Protocol):
+    def __call__(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> list[bool]: ...
+
+
+class DecisionInputs:
+    """What a policy reads at a batch of mismatches: a Block of B rows and one draft token each,
+    with the models' distributions and hidden states where the policy's Needs say so (one pass
+    of each model, shared over contexts that extend one another)."""
+
+    def __init__(self, draft: PreTrainedModel | None, target: PreTrainedModel | None, pad_id: int) -> None:
+        self.draft, self.target, self.pad_id = draft, target, pad_id
+
+    def block(self, prompts: list[tuple[int, ...]], asks: list[Ask], needs: Needs) -> Block:
+        contexts = [list(p + a.response) for p, a in zip(prompts, asks)]
+        drafts = [[a.draft] for a in asks]
+        target_ids = torch.tensor([[a.target, self.pad_id] for a in asks])  # [B, 2]
+        target_logits = draft_logits = target_hidden = None
+        if needs.distributions or needs.target_hidden:
+            target_logits, target_hidden = block_states_shared(self.target, contexts, drafts, self.pad_id)  # [B, 2, V]
+            target_ids[:, 1] = target_logits[:, 1].argmax(-1).cpu()
+        if needs.distributions:
+            draft_logits, _ = block_states_shared(self.draft, contexts, drafts, self.pad_id)  # [B, 2, V]
+        prompt_lens = [len(p) for p in prompts]
+        hidden = target_hidden if needs.target_hidden else None  # [B, 1, H]
+        return Block(contexts, prompt_lens, torch.tensor(drafts), target_ids, target_logits, draft_logits, hidden)
+
+
+class PolicyDecider:
+    """A decoding Policy (decoding/registry.py) deciding at each mismatch, as the loop would."""
+
+    def __init__(self, policy: Policy, inputs: DecisionInputs) -> None:
+        self.policy, self.inputs = policy, inputs
+
+    def __call__(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> list[bool]:
+        return self.policy(self.inputs.block(prompts, asks, self.policy.needs))[:, 0].tolist()
+
+
+class SampledDecider:
+    """Bernoulli draws from accept probabilities (GRPO's rollouts): accept with p."""
+
+    def __init__(self, probabilities: Callable[[list[tuple[int, ...]], list[Ask]], list[float]],
+                 generator: torch.Generator | None = None) -> None:  # fmt: skip
+        self.probabilities, self.generator = probabilities, generator
+
+    def __call__(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> list[bool]:
+        p = torch.tensor(self.probabilities(prompts, asks), dtype=torch.float64)  # [B]
+        return (torch.rand(p.shape, generator=self.generator, dtype=torch.float64) < p).tolist()
+
+
+def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSource, block_size: int,
+                 desc: str | None = None, max_forks: int | None = None) -> list[Episode]:  # fmt: skip
+    """One episode per prompt (a prompt may repeat: G episodes of one prompt), all in lockstep;
+    max_forks: accepted mismatches per episode at most (core/episode.walk)."""
+    n, limit = len(prompts), source.max_new_tokens
+    prefetch = getattr(decide, "prefetch", None)  # a decider that computes a path's mismatches at once
+    starts = source.paths(prompts, [()] * n)
+    if prefetch is not None:
+        for prompt, path in zip(prompts, starts):
+            prefetch(prompt, path, 0)
+    walkers = [walk(path, block_size, source.eos, limit, max_forks) for path in starts]
+    episodes: list[Episode | None] = [None] * n
+    pending: dict[int, Ask | Fork] = {}
+
+    def advance(i: int, answer) -> None:
+        try:
+            pending[i] = walkers[i].send(answer)
+        except StopIteration as stop:
+            episodes[i] = stop.value
+            pending.pop(i, None)
+
+    with tqdm(total=n, desc=desc, leave=False, disable=desc is None) as bar:
+        for i in range(n):
+            advance(i, None)
+        while pending:
+            asks = [(i, r) for i, r in pending.items() if isinstance(r, Ask)]
+            forks = [(i, r) for i, r in pending.items() if isinstance(r, Fork)]
+            if asks:
+                verdicts = decide([prompts[i] for i, _ in asks], [r for _, r in asks])
+                for (i, _), verdict in zip(asks, verdicts):
+                    advance(i, bool(verdict))
+            if forks:
+                paths = source.paths([prompts[i] for i, _ in forks], [r.response for _, r in forks])
+                for (i, fork), path in zip(forks, paths):
+                    if prefetch is not None:
+                        prefetch(prompts[i], path, len(fork.response))
+                    advance(i, path)
+            bar.update(n - len(pending) - bar.n)
+    return episodes
+
+
+def as_generation(episode: Episode) -> Generation:
+    """The decoding loop's record of a generation (loop.summarize reads it)."""
+    kept = episode.accepted_mismatches
+    return Generation(episode.response, episode.target_calls, episode.accepted_draft_tokens, kept,
+                      episode.stopped_at_eos)  # fmt: skip

@@ -1,0 +1,141 @@
+"""What the zero-cost judge and the training-free rules read at a mismatch, computed once per
+(context, draft token) and shared by every policy, threshold and episode that meets it.
+
+A path's mismatches are computed together when the path appears (`prefetch`): their contexts
+extend one another, so one pass of each model over the path's trunk and one token per branch
+(lm.block_states_shared) give them all, instead of a pass over the whole context per mismatch.
+
+Shapes: B mismatches, F token features (judge.head.TOKEN_FEATURES), H the target's hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from spd_lightning.core.episode import Ask
+from spd_lightning.core.rules import token_features
+from spd_lightning.judge.head import JudgeHead, JudgeInputs, judge_token_features
+from spd_lightning.models.lm import block_states_shared
+
+Key = tuple[tuple[int, ...], int]  # (prompt + response so far, the draft's token)
+
+
+@dataclass
+class MismatchFeatures:
+    tokens: torch.Tensor  # [B, F] the judge's token features
+    rank: torch.Tensor  # [B] tokens the target prefers over the draft's
+    target_entropy: torch.Tensor  # [B] nats
+    kl: torch.Tensor  # [B] KL(target || draft), nats
+    target_top1: torch.Tensor  # [B] the target's highest probability
+    target_hidden: torch.Tensor  # [B, H] the target's last hidden state at the draft token
+
+    @staticmethod
+    def stack(rows: list[MismatchFeatures]) -> MismatchFeatures:
+        names = MismatchFeatures.__dataclass_fields__
+        return MismatchFeatures(**{n: torch.cat([getattr(r, n) for r in rows]) for n in names})
+
+    def row(self, i: int) -> MismatchFeatures:
+        names = MismatchFeatures.__dataclass_fields__
+        return MismatchFeatures(**{n: getattr(self, n)[i : i + 1] for n in names})
+
+    def judge_inputs(self) -> JudgeInputs:
+        """As JudgeInputs of B blocks of one draft token each ([B, 1, ...])."""
+        mismatch = torch.ones(len(self.rank), 1, dtype=torch.bool)
+        return JudgeInputs(mismatch, self.tokens[:, None], self.target_hidden[:, None].float())
+
+
+class FeatureCache:
+    """Features of every mismatch asked for or prefetched, from the frozen draft and target."""
+
+    def __init__(self, draft: PreTrainedModel, target: PreTrainedModel, pad_id: int, batch_size: int = 16,
+                 hidden_dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        self.draft, self.target, self.pad_id, self.batch_size = draft, target, pad_id, batch_size
+        self.hidden_dtype = hidden_dtype  # bfloat16 halves what a long sweep keeps in memory
+        self._rows: dict[Key, MismatchFeatures] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @torch.no_grad()
+    def _compute(self, keys: list[Key]) -> None:
+        keys = sorted(set(k for k in keys if k not in self._rows))  # branches of one trunk side by side
+        for start in range(0, len(keys), self.batch_size):
+            chunk = keys[start : start + self.batch_size]
+            contexts, drafts = [list(c) for c, _ in chunk], [[d] for _, d in chunk]
+            t_logits, t_hidden = block_states_shared(self.target, contexts, drafts, self.pad_id)  # [B, 2, V], [B, 1, H]
+            d_logits, _ = block_states_shared(self.draft, contexts, drafts, self.pad_id)  # [B, 2, V]
+            draft_ids = torch.tensor(drafts)  # [B, 1]
+            rules = token_features(t_logits, d_logits, draft_ids).cpu()  # [B, 1] each
+            tokens = judge_token_features(t_logits, d_logits, draft_ids).cpu()[:, 0]  # [B, F]
+            hidden = t_hidden[:, 0].cpu().to(self.hidden_dtype)  # [B, H]
+            for i, key in enumerate(chunk):
+                self._rows[key] = MismatchFeatures(
+                    tokens[i : i + 1], rules.rank[i, :1], rules.target_entropy[i, :1], rules.kl[i, :1],
+                    rules.target_top1[i, :1], hidden[i : i + 1],
+                )  # fmt: skip
+
+    def prefetch(self, prompt: tuple[int, ...], path: tuple[list[int], list[int]], start: int) -> None:
+        """Every mismatch of `path` at or after response position `start`, in one go."""
+        tokens, proposals = path
+        keys = [
+            (prompt + tuple(tokens[:p]), proposals[p]) for p in range(start, len(tokens)) if proposals[p] != tokens[p]
+        ]
+        self._compute(keys)
+
+    def get(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> MismatchFeatures:
+        keys = [(p + a.response, a.draft) for p, a in zip(prompts, asks)]
+        self._compute(keys)
+        return MismatchFeatures.stack([self._rows[k] for k in keys])
+
+
+# MismatchFeatures of B mismatches -> [B] float64 scores; a threshold rule keeps score >= t.
+FeatureScore = Callable[[MismatchFeatures], torch.Tensor]
+
+
+def judge_score(head: JudgeHead) -> FeatureScore:
+    """The zero-cost judge's accept probability (float64: a confident head's logits above ~17
+    would all round to 1 in float32)."""
+
+    @torch.no_grad()
+    def score(f: MismatchFeatures) -> torch.Tensor:
+        return torch.sigmoid(head(f.judge_inputs())[:, 0].double())
+
+    return score
+
+
+def kl_score(confidence: float | None = 0.9) -> FeatureScore:
+    """-KL(target || draft) (keep at KL <= tau is score >= -tau); -inf where the target's top-1
+    probability exceeds `confidence` (JuDi's mask: verify strictly where the target is sure)."""
+
+    def score(f: MismatchFeatures) -> torch.Tensor:
+        s = -f.kl.double()
+        return s if confidence is None else torch.where(f.target_top1 > confidence, -torch.inf, s)
+
+    return score
+
+
+def entropy_score(f: MismatchFeatures) -> torch.Tensor:
+    """The target's entropy: keep where it sees several plausible tokens (entropy >= tau)."""
+    return f.target_entropy.double()
+
+
+def topk_score(f: MismatchFeatures) -> torch.Tensor:
+    """-rank of the draft's token under the target: top-k keeps score >= -(k - 1)."""
+    return -f.rank.double()
+
+
+class FeatureDecider:
+    """A threshold rule on cached features: keep a mismatch where score >= threshold."""
+
+    def __init__(self, cache: FeatureCache, score: FeatureScore, threshold: float) -> None:
+        self.cache, self.score, self.threshold = cache, score, threshold
+
+    def prefetch(self, prompt, path, start: int) -> None:
+        self.cache.prefetch(prompt, path, start)
+
+    def __call__(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> list[bool]:
+        return (self.score(self.cache.get(prompts, asks)) >= self.threshold).tolist()

@@ -1,0 +1,112 @@
+"""The whole-generation comparison as a user reads it: one table per K (each policy at the
+threshold chosen on the choosing set, measured on the test set), the curves, and one line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from spd_lightning.reporting.plots import sign_figure  # noqa: E402
+from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown  # noqa: E402
+from spd_lightning.tasks.generation_sweep import Family, Point, paired  # noqa: E402
+
+# The bench's last line: short names of the families it reports.
+LINE_NAMES = {"gen_rl": "gen_rl", "block_rl": "block_rl", "supervised": "sup", "kl": "kl", "sd": "sd"}
+
+
+def shown(family: str, threshold: float) -> str:
+    """A threshold as its rule reads: KL <= tau, top-k's k, a probability or an entropy."""
+    if math.isinf(threshold):
+        return "-"
+    if family == "kl":
+        return f"tau={-threshold:.3g}"
+    if family == "topk":
+        return f"k={1 - threshold:.0f}"
+    return f"t={threshold:.6g}"
+
+
+def table_for(k: int, by_family: dict, families: list[Family], tolerance: float) -> FigureTable:
+    sd = by_family["sd"]["test"][0]
+    n = len(sd.correct)
+    table = FigureTable(
+        f"K = {k}: each policy at the threshold chosen on the choosing set (accuracy at most "
+        f"{100 * tolerance:g} points below standard SD's there), on {n} test problems",
+        ["policy", "threshold", "accuracy (95% CI)", "agreement", "tokens/call", "x SD", "gained/lost (p)"],
+    )
+    for family in families:
+        point: Point = by_family[family.name]["chosen"]
+        lo, hi = point.as_row()["accuracy_lo"], point.as_row()["accuracy_hi"]
+        gained, lost, p = paired(point, sd)
+        fallback = point.family != family.name
+        table.add(
+            family.label,
+            "= standard SD" if fallback else shown(family.name, point.threshold),
+            f"{point.accuracy:.3f} ({lo:.2f}-{hi:.2f})",
+            f"{point.agreement:.3f}",
+            f"{point.tokens_per_call:.2f}",
+            f"{point.tokens_per_call / sd.tokens_per_call:.2f}x",
+            f"+{gained}/-{lost} (p={p:.2g})",
+        )
+    return table
+
+
+def plot_curves(results: dict, families: list[Family], out_png: Path) -> Path:
+    """Accuracy against tokens per target call on the test set, one panel per K."""
+    ks = sorted(results)
+    fig, axes = plt.subplots(1, len(ks), figsize=(6.5 * len(ks), 5.2), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for family in families:
+            points = sorted(results[k][family.name]["test"], key=lambda p: p.tokens_per_call)
+            x, y = [p.tokens_per_call for p in points], [p.accuracy for p in points]
+            line = ax.plot(x, y, marker="o", ms=3, label=family.label, alpha=0.85)[0]
+            chosen = results[k][family.name]["chosen"]
+            if chosen.family == family.name:
+                ax.scatter([chosen.tokens_per_call], [chosen.accuracy], s=90, marker="*", color=line.get_color(),
+                           edgecolor="black", zorder=4)  # fmt: skip
+        ax.set_title(f"K = {k} (stars: thresholds chosen on the choosing set)")
+        ax.set_xlabel("tokens per target call (test set)")
+        ax.set_ylabel("accuracy (test set)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    sign_figure(fig)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def last_line(results: dict) -> str:
+    k = max(results)
+    figures = []
+    for name, short in LINE_NAMES.items():
+        if name in results[k]:
+            figures.append(f"{short}_tpc={results[k][name]['chosen'].tokens_per_call:.3f}")
+        if name in ("gen_rl", "sd") and name in results[k]:
+            figures.append(f"{short}_accuracy={results[k][name]['chosen'].accuracy:.3f}")
+    n = len(results[k]["sd"]["test"][0].correct)
+    return " ".join(figures) + f" n={n}"
+
+
+def report(results: dict, families: list[Family], out: Path, tolerance: float, sample: str) -> str:
+    """Prints and writes (generations.json, generations.md, generations.png); returns the last line."""
+    tables = [table_for(k, results[k], families, tolerance) for k in sorted(results)]
+    rows = {str(k): {f: {s: [p.as_row() for p in (v if isinstance(v, list) else [v])] for s, v in sets.items()}
+                     for f, sets in by.items()} for k, by in results.items()}  # fmt: skip
+    (out / "generations.json").write_text(json.dumps(rows, indent=1))
+    png = plot_curves(results, families, out / "generations.png")
+    notes = (
+        "tokens/call: generated tokens per target call (standard SD's is what lossless speculative decoding "
+        "gets); x SD: against standard SD's; gained/lost: test answers right here and wrong under standard SD, "
+        "and the reverse (exact McNemar p); agreement: the target's own final answer kept.",
+        f"curves: {png}",
+    )
+    write_markdown(out / "generations.md", tables, notes, sample)
+    print_tables(*tables, notes=notes)
+    line = last_line(results)
+    print(line)
+    return line

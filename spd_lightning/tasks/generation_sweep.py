@@ -1,0 +1,205 @@
+"""Every policy's trade-off on whole generations: threshold sweeps, the threshold chosen on one
+problem set, and the figures on another, with intervals and a paired test against standard SD.
+
+A policy family is a score of a mismatch's cached features (decoding/features.py) kept at
+score >= threshold; standard SD keeps nothing, accept-all everything. Thresholds are quantiles
+of the family's scores at the mismatches of the target's own responses to the choosing set, so a
+sweep spans what the data shows. Shapes: N problems of a set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from spd_lightning.core.rules import quantile_thresholds
+from spd_lightning.core.stats import mcnemar_exact, wilson_interval
+from spd_lightning.data.answers import extract_final_number, gsm8k_final_number
+from spd_lightning.decoding.episodes import run_episodes
+from spd_lightning.decoding.features import (
+    FeatureCache,
+    FeatureDecider,
+    FeatureScore,
+    entropy_score,
+    judge_score,
+    kl_score,
+    topk_score,
+)
+from spd_lightning.judge.head import JudgeHead
+from spd_lightning.training.generation import mismatches_along
+
+ACCEPT_ALL, STANDARD_SD = math.inf, -math.inf  # score thresholds no score passes / every score passes
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as in the bench's last line: sd, kl, gen_rl, ...
+    label: str  # a table row, a plot legend
+    score: FeatureScore | None  # None: a fixed rule (standard SD, accept-all)
+    thresholds: tuple[float, ...] = ()  # fixed grid (top-k); empty: quantiles of the scores
+
+
+def families(heads: dict[str, JudgeHead], kl_confidence: float = 0.9) -> list[Family]:
+    """The rules, then the trained heads (name -> head: supervised, block_rl, gen_rl)."""
+    labels = {
+        "supervised": "supervised head (AutoJudge labels)",
+        "block_rl": "GRPO head, per block",
+        "gen_rl": "GRPO head, whole generations",
+    }
+    out = [
+        Family("sd", "standard SD", None, (STANDARD_SD,)),
+        Family("kl", f"KL rule (strict where top-1 > {kl_confidence:g})", kl_score(kl_confidence)),
+        Family("entropy", "entropy rule", entropy_score),
+        Family("topk", "top-k", topk_score, tuple(-(k - 1.0) for k in (2, 3, 5, 10))),
+    ]
+    out += [Family(name, labels.get(name, name), judge_score(head)) for name, head in heads.items()]
+    return out + [Family("accept_all", "accept all", None, (ACCEPT_ALL,))]
+
+
+@dataclass
+class Point:
+    """One policy at one threshold on one problem set."""
+
+    family: str
+    threshold: float
+    correct: list[bool]  # the reference answer kept, per problem
+    agree: list[bool]  # the target's own final answer kept, per problem
+    tokens: int
+    calls: int
+    kept: int  # accepted mismatches
+    met: int  # mismatches decided
+    completions: int = 0  # target completions this point added to the store
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / max(len(self.correct), 1)
+
+    @property
+    def agreement(self) -> float:
+        return sum(self.agree) / max(len(self.agree), 1)
+
+    @property
+    def tokens_per_call(self) -> float:
+        return self.tokens / max(self.calls, 1)
+
+    @property
+    def calls_per_token(self) -> float:
+        return self.calls / max(self.tokens, 1)
+
+    def as_row(self) -> dict:
+        lo, hi = wilson_interval(sum(self.correct), len(self.correct))
+        return {"family": self.family, "threshold": self.threshold, "n": len(self.correct),
+                "accuracy": self.accuracy, "accuracy_lo": lo, "accuracy_hi": hi, "agreement": self.agreement,
+                "tokens_per_call": self.tokens_per_call, "calls_per_token": self.calls_per_token,
+                "accepted_mismatches": self.kept, "mismatches": self.met, "completions": self.completions}  # fmt: skip
+
+
+@dataclass
+class SetRun:
+    """What a sweep needs of one problem set: prompts, answers, the target's own answers."""
+
+    prompts: list[tuple[int, ...]]
+    answers: list[str]
+    own: list[str | None] = field(default_factory=list)
+
+
+def own_answers(world, run: SetRun) -> None:
+    """The final answer of the target's own response to every prompt (None: it wrote none)."""
+    paths = world.source.paths(run.prompts, [()] * len(run.prompts))
+    run.own = [extract_final_number(world.decode(tokens)) for tokens, _ in paths]
+
+
+def decide_fixed(keep: bool):
+    return lambda prompts, asks: [keep] * len(asks)
+
+
+def evaluate_point(world, run: SetRun, family: Family, threshold: float, k: int, cache: FeatureCache) -> Point:
+    """The family's episodes at one threshold on a set (completions shared through the store)."""
+    if family.score is None:
+        decide = decide_fixed(threshold == ACCEPT_ALL)
+    else:
+        decide = FeatureDecider(cache, family.score, threshold)
+    before = world.source.completions
+    episodes = run_episodes(run.prompts, decide, world.source, k, desc=f"{family.name} t={threshold:.4g} K={k}")
+    texts = [world.decode(e.response) for e in episodes]
+    correct = [gsm8k_final_number(t, a) for t, a in zip(texts, run.answers)]
+    agree = [own is not None and gsm8k_final_number(t, own) for t, own in zip(texts, run.own)]
+    return Point(
+        family.name, threshold, correct, agree, sum(e.num_tokens for e in episodes),
+        sum(e.target_calls for e in episodes), sum(e.accepted_mismatches for e in episodes),
+        sum(len(e.decisions) for e in episodes), world.source.completions - before,
+    )  # fmt: skip
+
+
+def thresholds_for(world, run: SetRun, family: Family, cache: FeatureCache, points: int) -> list[float]:
+    """The family's grid, or `points` quantiles of its scores at the mismatches of the target's
+    own responses to the set (finite scores only: a masked -inf is never a threshold)."""
+    if family.thresholds:
+        return list(family.thresholds)
+    met = mismatches_along(run.prompts, world.source.paths(run.prompts, [()] * len(run.prompts)))
+    if not met:
+        return []
+    scores = family.score(cache.get([p for p, _ in met], [a for _, a in met]))
+    finite = scores[torch.isfinite(scores)]
+    return quantile_thresholds(finite[:, None], torch.ones(len(finite), 1, dtype=torch.bool), points)
+
+
+def choose(points: list[Point], sd: Point, tolerance: float) -> Point:
+    """The most tokens per target call among the points whose accuracy is at most `tolerance`
+    below standard SD's (ties: the more accurate); standard SD itself when none is."""
+    allowed = [p for p in points if p.accuracy >= sd.accuracy - tolerance - 1e-12]
+    return max(allowed, key=lambda p: (p.tokens_per_call, p.accuracy), default=sd)
+
+
+def paired(point: Point, sd: Point) -> tuple[int, int, float]:
+    """(answers gained, answers lost, exact McNemar p) against standard SD on the same problems."""
+    gained = sum(c and not s for c, s in zip(point.correct, sd.correct))
+    lost = sum(s and not c for c, s in zip(point.correct, sd.correct))
+    return gained, lost, mcnemar_exact(gained, lost)
+
+
+def _cached_points(path: Path, make) -> list[Point]:
+    """Points read back from `path` (a JSON list), or made and written there."""
+    if path.is_file():
+        return [Point(**row) for row in json.loads(path.read_text())]
+    points = make()
+    path.write_text(json.dumps([vars(p) for p in points]))
+    return points
+
+
+def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, cache: FeatureCache, points: int,
+                 folder: Path) -> dict[str, list[Point]]:  # fmt: skip
+    """The family's grid (from the choosing set's scores) on the choosing and the test set."""
+    grid = thresholds_for(world, runs["choose"], family, cache, points)
+    out = {}
+    for name in ("choose", "test"):
+        make = lambda name=name: [evaluate_point(world, runs[name], family, t, k, cache) for t in grid]  # noqa: E731
+        out[name] = _cached_points(folder / f"K{k}_{name}_{family.name}.json", make)
+    return out
+
+
+def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, tolerance: float) -> dict:
+    """For every K and family: the sweep on both sets, the threshold chosen on `choose`, and its
+    point on `test`. -> {K: {family: {"choose": [Point], "test": [Point], "chosen": Point}}}."""
+    folder = world.out / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = FeatureCache(world.draft, world.target, world.source.pad_id)
+    runs = {}
+    for name in ("choose", "test"):
+        runs[name] = SetRun(world.sets[name].prompts, world.sets[name].answers)
+        own_answers(world, runs[name])
+    results: dict = {}
+    for k in ks:
+        by_family = {f.name: sweep_family(world, runs, f, k, cache, points, folder) for f in families(heads)}
+        sd_choose = by_family["sd"]["choose"][0]
+        for sets in by_family.values():
+            pick = choose(sets["choose"], sd_choose, tolerance)
+            sets["chosen"] = next(
+                (p for p in sets["test"] if p.threshold == pick.threshold), by_family["sd"]["test"][0]
+            )
+        results[k] = by_family
+    return results

@@ -1,0 +1,213 @@
+"""The trade-off on whole generations: every policy's episodes, stage by stage, on disk.
+
+    python bench/whole_generations.py --world toy          # the default world: minutes
+    python bench/whole_generations.py --world qwen_coder --stage responses   # real pair, resumable
+
+A world is a draft, a target, problem sets (train: judges learn there; choose: thresholds are
+chosen there; test: reported there) and one completion store, keyed by prompt + response prefix,
+that every stage reads and extends: the target's own responses first (stage `responses`), then
+the completions of every hybrid prefix an episode forks to. A stage that is interrupted resumes
+from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spd_lightning.core.episode import Ask
+from spd_lightning.data.answers import extract_final_number, gsm8k_final_number
+from spd_lightning.data.prompts import PromptList, encode_prompts
+from spd_lightning.decoding.episodes import PathSource, run_episodes
+from spd_lightning.decoding.features import FeatureCache
+from spd_lightning.judge.fit import FitSettings, fit_supervised
+from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, load_judge, save_judge
+from spd_lightning.judge.inputs import DiskCompletions
+from spd_lightning.models.hf import load_tokenizer, pad_id_of, response_end_ids
+from spd_lightning.models.packed import pack_linears
+from spd_lightning.targets.local import LocalTarget, load_causal_lm
+from spd_lightning.toy.build import SHIPPED_WORLD
+from spd_lightning.toy.raw import toy_prompts
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+GSM8K_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+
+
+@dataclass(frozen=True)
+class ProblemSet:
+    """Prompts of one role: a slice of a raw JSONL file (or toy prompts of one seed)."""
+
+    name: str  # train, choose or test
+    raw: str | None  # JSONL of GSM8K-style lines; None: toy prompts
+    skip: int
+    limit: int
+
+
+@dataclass
+class Problems:
+    prompts: list[tuple[int, ...]]
+    answers: list[str]
+
+
+@dataclass
+class World:
+    name: str
+    draft: object
+    target: object
+    tokenizer: object
+    sets: dict[str, Problems]
+    source: PathSource
+    out: Path
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def real_sets(data: Path, train: int, choose: int, test: int) -> list[ProblemSet]:
+    """GSM8K: train and choose from train.jsonl (disjoint), test from test.jsonl; test first, so
+    that a stage cut short has done what the report needs first."""
+    return [
+        ProblemSet("test", str(data / "test.jsonl"), 0, test),
+        ProblemSet("choose", str(data / "train.jsonl"), train, choose),
+        ProblemSet("train", str(data / "train.jsonl"), 0, train),
+    ]
+
+
+def toy_sets(train: int = 320, choose: int = 96, test: int = 200) -> list[ProblemSet]:
+    """Fresh toy prompts, one seed per role (the world's records came from another seed); the
+    train prompts are rollout=generation's (conf/rollout/generation.yaml: 320 of seed 2000)."""
+    return [ProblemSet("train", None, 2000, train), ProblemSet("choose", None, 3000, choose),
+            ProblemSet("test", None, 1000, test)]  # fmt: skip
+
+
+def load_problems(spec: ProblemSet, tokenizer) -> Problems:
+    if spec.raw is None:
+        prompts = toy_prompts(spec.limit, spec.skip)
+    else:
+        prompts = PromptList.from_jsonl(spec.raw, template=GSM8K_TEMPLATE, chat_template=True,
+                                        limit=spec.limit, skip=spec.skip)  # fmt: skip
+    ids = encode_prompts(tokenizer, prompts)
+    return Problems([tuple(p) for p in ids], [p.answer or "" for p in prompts])
+
+
+def load_world(name: str, pair: Path, sets: list[ProblemSet], out: Path, max_new_tokens: int,
+               pack: bool, batch_size: int) -> World:  # fmt: skip
+    """The pair (float32), its problem sets and the completion store out/completions.jsonl."""
+    tokenizer = load_tokenizer(str(pair / "target"), True)
+    draft = load_causal_lm(str(pair / "draft"), "float32", "cpu", "draft model", "--pair", None)
+    target = load_causal_lm(str(pair / "target"), "float32", "cpu", "target model", "--pair", None)
+    for model in (draft, target) if pack else ():
+        pack_linears(model)
+    backend = LocalTarget.from_model(target, max_new_tokens, batch_size)
+    eos, pad = response_end_ids(target, tokenizer), pad_id_of(tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    store = DiskCompletions(out / "completions.jsonl")
+    source = PathSource(backend.complete, draft, pad, eos, max_new_tokens, store, batch_size)
+    problems = {s.name: load_problems(s, tokenizer) for s in sets}
+    return World(name, draft, target, tokenizer, problems, source, out)
+
+
+def stage_responses(world: World) -> None:
+    """The target's own response to every prompt of every set (the paths every episode starts on)."""
+    for name, problems in world.sets.items():
+        log.info("responses: %s, %d prompts", name, len(problems.prompts))
+        world.source.fill(problems.prompts, [()] * len(problems.prompts), desc=f"responses ({name})")
+
+
+def accuracy_of(world: World, problems: Problems, responses: list[list[int]]) -> list[bool]:
+    return [gsm8k_final_number(world.decode(r), a) for r, a in zip(responses, problems.answers)]
+
+
+TOY_PAIR = SHIPPED_WORLD
+
+
+# --- stage heads: the judges the sweep compares -------------------------------------------------
+
+
+def mine_labels(world: World, prompts: list[tuple[int, ...]], block_size: int):
+    """AutoJudge's labels along whole generations: walk each target response; at every mismatch
+    met, in order, accept it and let the target complete the new prefix; it is harmless (label 1,
+    kept: the walk goes on along the new path) when the target's own final answer survives, and
+    important (label 0, rejected) when it changes. -> (prompts [N], Asks [N], labels [N] bool)."""
+    own = {
+        p: extract_final_number(world.decode(t))
+        for p, (t, _) in zip(prompts, world.source.paths(prompts, [()] * len(prompts)))
+    }
+    seen: list[tuple[tuple[int, ...], Ask, bool]] = []
+
+    def decide(batch_prompts, asks):
+        forks = world.source.paths(batch_prompts, [a.response + (a.draft,) for a in asks])
+        verdicts = []
+        for prompt, ask, (tokens, _) in zip(batch_prompts, asks, forks):
+            answer = own[prompt]
+            harmless = answer is not None and gsm8k_final_number(world.decode(tokens), answer)
+            seen.append((prompt, ask, harmless))
+            verdicts.append(harmless)
+        return verdicts
+
+    run_episodes(prompts, decide, world.source, block_size, desc="mining labels")
+    return [s[0] for s in seen], [s[1] for s in seen], torch.tensor([s[2] for s in seen])
+
+
+def fit_supervised_head(world: World, cache: FeatureCache, prompts, asks, labels, steps: int, seed: int) -> JudgeHead:
+    """A logistic regression on the zero-cost judge's inputs (AutoJudge's head), on mined labels."""
+    inputs = cache.get(prompts, asks).judge_inputs()  # [N, 1, ...]
+    head = JudgeHead(JudgeHead.sizes_of(inputs), ("tokens", "target_hidden"), hidden=0)
+    head.fit_scaling(inputs)
+    defined = torch.ones(len(labels), 1, dtype=torch.bool)
+    fit_supervised(lambda index: head(inputs.select(index)), head.parameters(), labels[:, None], defined,
+                   FitSettings(steps=steps, seed=seed))  # fmt: skip
+    return head.eval()
+
+
+def head_from_checkpoint(ckpt: Path) -> JudgeHead:
+    """The zero-cost judge's head from a `python run.py model=judge` checkpoint."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    head_state = {k[len("scorer.head.") :]: v for k, v in state.items() if k.startswith("scorer.head.")}
+    width = head_state["mean"].numel()
+    hidden = head_state["net.0.weight"].shape[0] if "net.2.weight" in head_state else 0
+    sizes = {"tokens": len(TOKEN_FEATURES), "target_hidden": width - len(TOKEN_FEATURES)}
+    head = JudgeHead(sizes, ("tokens", "target_hidden"), hidden)
+    head.load_state_dict(head_state)
+    return head.eval()
+
+
+def train_with_run_py(out: Path, overrides: list[str]) -> Path:
+    """`python run.py <overrides>` into `out` (skipped when its last checkpoint is there)."""
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        command = [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={out}"]
+        log.info("training: %s", " ".join(command[1:]))
+        subprocess.run(command, check=True, cwd=ROOT)
+    return ckpt
+
+
+def stage_heads(world: World, overrides: dict[str, list[str]], block_size: int, steps: int, seed: int,
+                block_rl_path: Path | None) -> dict[str, JudgeHead]:  # fmt: skip
+    """supervised (mined here), block_rl (run.py model=judge, or a saved judge) and gen_rl (run.py
+    rollout=generation model=judge), each saved under out/heads/ and read back on a rerun."""
+    folder = world.out / "heads"
+    folder.mkdir(parents=True, exist_ok=True)
+    heads: dict[str, JudgeHead] = {}
+    path = folder / "supervised.pt"
+    if not path.is_file():
+        cache = FeatureCache(world.draft, world.target, world.source.pad_id)
+        prompts, asks, labels = mine_labels(world, world.sets["train"].prompts, block_size)
+        head = fit_supervised_head(world, cache, prompts, asks, labels, steps, seed)
+        notes = {"mismatches": len(labels), "harmless": int(labels.sum())}
+        save_judge(head, path, 0.5, notes)
+    heads["supervised"], _ = load_judge(path)
+    if block_rl_path is not None:
+        heads["block_rl"], _ = load_judge(block_rl_path)
+    else:
+        heads["block_rl"] = head_from_checkpoint(train_with_run_py(folder / "block_rl", overrides["block_rl"]))
+    heads["gen_rl"] = head_from_checkpoint(train_with_run_py(folder / "gen_rl", overrides["gen_rl"]))
+    world.source.store = DiskCompletions(world.out / "completions.jsonl")  # with what training added
+    return heads

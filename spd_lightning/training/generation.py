@@ -1,0 +1,268 @@
+"""`rollout=generation`: GRPO on whole generations, the unit users deploy.
+
+A training step takes P prompts and runs G episodes of each (decoding/episodes.py): at every
+mismatch an episode meets, the scorer's accept probability is drawn as a Bernoulli; an accepted
+mismatch forks to the target's completion of the new prefix. Each episode is scored by the four
+scenarios lifted to the generation (accepted any mismatch, final answer kept) plus a speed term,
+advantages are normalised over the G episodes of a prompt, and every decision of every episode
+enters the loss (core/generation_grpo.py). Validation decodes held-out prompts whole under the
+scorer at its threshold, standard SD and accept-all, and logs what the per-block rollout logs
+(val/accuracy, val/accept_len: draft tokens kept per target call), plus target calls per token.
+
+The per-block rollout (training/module.py) stays the default; both train the same scorers
+(ScoringActor, model=judge) and save the same checkpoints, which task=decode reads alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+
+from spd_lightning.core.episode import Ask, Episode
+from spd_lightning.core.generation_grpo import GenerationGRPOLoss, generation_rewards, speed_term
+from spd_lightning.core.reward import RewardWeights
+from spd_lightning.data.answers import extract_final_number
+from spd_lightning.decoding.episodes import DecisionInputs, PathSource, SampledDecider, run_episodes
+from spd_lightning.decoding.features import FeatureCache
+from spd_lightning.decoding.policies import Needs, scorer_logits
+from spd_lightning.judge.inputs import DiskCompletions
+from spd_lightning.judge.zero_cost import ZeroCostJudge
+from spd_lightning.models.hf import pad_id_of
+from spd_lightning.models.scorer import ScoringActor
+from spd_lightning.reporting.names import VAL_POLICIES, val_key
+from spd_lightning.targets.local import load_causal_lm
+from spd_lightning.training.module import SPDModule
+from spd_lightning.verification.hybrid import HybridVerifier
+
+REFERENCES = ("reference", "target")
+
+
+@dataclass
+class RolloutConfig:
+    """The `rollout` section (conf/rollout/): what one GRPO sample is. The keys past `kind` are
+    read by rollout=generation only."""
+
+    kind: str = "block"  # block (a prepared record's block) or generation (a whole episode)
+    block_size: int = 4
+    max_new_tokens: int = 24
+    reference: str = "reference"
+    speed: str = "calls_saved"
+    max_forks: Optional[int] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
+    completions: Optional[str] = None  # noqa: UP045
+    val_fraction: float = 0.2
+    batch_size: int = 8
+    val_batch_size: int = 64
+
+
+class GenerationModule(SPDModule):
+    def __init__(
+        self,
+        scorer: ScoringActor,
+        verifier: HybridVerifier,
+        reward: RewardWeights,
+        loss: GenerationGRPOLoss,
+        optimizer: partial,
+        draft_path: str,
+        block_size: int = 4,
+        max_new_tokens: int = 24,
+        reference: str = "reference",
+        speed: str = "calls_saved",
+        max_forks: int | None = None,
+        completions_path: str | None = None,
+        threshold: float = 0.5,
+        backbone_lr_scale: float = 0.1,
+        grad_clip: float = 1.0,
+    ) -> None:
+        if reference not in REFERENCES:
+            raise ValueError(f"rollout.reference={reference!r}: choose among {list(REFERENCES)}")
+        loss.ppo_epochs = 1  # one update per batch of episodes: the ratio is 1, the clip inactive
+        super().__init__(scorer, verifier, reward, loss, optimizer, threshold, backbone_lr_scale, grad_clip)
+        self.save_hyperparameters(ignore=["scorer", "verifier", "reward", "loss", "optimizer"], logger=False)
+        self.pad_id = pad_id_of(verifier.tokenizer)
+        # The draft's proposals along every path come from the draft as a causal LM (the scorer's
+        # backbone has no LM head); frozen, outside the module tree, so no checkpoint holds it.
+        self._draft = [load_causal_lm(draft_path, "float32", "cpu", "draft model", "rollout.draft_path").eval()]
+        eos = verifier.eos
+        # Completions kept on disk (rollout.completions) outlive the run: a rerun, task=decode's
+        # bench and other runs on the same prompts read them instead of generating again.
+        store = DiskCompletions(completions_path) if completions_path else None
+        self.source = PathSource(verifier.target.complete, self._draft[0], self.pad_id, eos, max_new_tokens, store)
+        self.inputs = DecisionInputs(None, None, self.pad_id)
+        # The zero-cost judge reads features of the frozen models, computed once per mismatch
+        # (a path's all at once); its head alone is trained.
+        self.features = None
+        if isinstance(scorer, ZeroCostJudge):
+            self.features = FeatureCache(scorer.models.draft, scorer.models.target, self.pad_id)
+
+    def setup(self, stage: str) -> None:
+        """model=judge: the head's input scaling, from the mismatches of the target's own
+        responses to the training prompts (before any validation fixes it)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.features is None or datamodule is None or self.scorer.head.fitted:
+            return
+        prompts = [p for p, _ in datamodule.train_records]
+        met = mismatches_along(prompts, self.source.paths(prompts, [()] * len(prompts)))
+        if met:
+            features = self.features.get([p for p, _ in met], [a for _, a in met])
+            self.scorer.head.fit_scaling(features.judge_inputs())
+
+    def _logits(self, prompts: list[tuple[int, ...]], asks: list[Ask], scorer=None) -> torch.Tensor:
+        """[D] accept logits at the mismatches (with gradients when enabled)."""
+        scorer = scorer or self.scorer
+        if self.features is not None:
+            return scorer.head(self.features.get(prompts, asks).judge_inputs())[:, 0]
+        block = self.inputs.block(prompts, asks, Needs())
+        return scorer_logits(scorer, block, self.pad_id)[:, 0]
+
+    @torch.no_grad()
+    def _probabilities(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> list[float]:
+        return torch.sigmoid(self._logits(prompts, asks)).tolist()
+
+    def _episodes(self, prompts: list[tuple[int, ...]], decide, max_forks=None) -> list[Episode]:
+        return run_episodes(prompts, decide, self.source, self.hparams.block_size, max_forks=max_forks)
+
+    def _references(self, prompts: list[tuple[int, ...]], answers: list[str]) -> list[str]:
+        """What each prompt's episodes must keep: the dataset's answer, or the target's own final
+        answer (its greedy response, the standard-SD episode: no completion beyond it)."""
+        if self.hparams.reference == "reference":
+            return list(answers)
+        own = self._episodes(prompts, _reject_all)
+        return [extract_final_number(self._text(e.response)) or "" for e in own]
+
+    def _text(self, ids: list[int]) -> str:
+        end = next((i for i, t in enumerate(ids) if t in self.verifier.eos), len(ids))
+        return self.verifier.tokenizer.decode(ids[:end], skip_special_tokens=True)
+
+    def _correct(self, episodes: list[Episode], references: list[str]) -> torch.Tensor:
+        check = self.verifier.answer_check
+        return torch.tensor([bool(r) and check(self._text(e.response), r) for e, r in zip(episodes, references)])
+
+    def _speed(self, episodes: list[Episode], sd: list[Episode], group: int) -> torch.Tensor:
+        """[E] the speed term of each episode against standard SD on its prompt."""
+        sd_cpt = torch.tensor([e.target_calls / max(e.num_tokens, 1) for e in sd]).repeat_interleave(group)
+        calls = torch.tensor([e.target_calls for e in episodes])
+        tokens = torch.tensor([e.num_tokens for e in episodes])
+        kept = torch.tensor([e.accepted_mismatches for e in episodes])
+        met = torch.tensor([len(e.decisions) + e.forced_rejects for e in episodes])
+        return speed_term(self.hparams.speed, calls, tokens, sd_cpt, kept, met)
+
+    def training_step(self, batch: list[tuple[tuple[int, ...], str]], batch_idx: int) -> torch.Tensor:
+        prompts, answers = [p for p, _ in batch], [a for _, a in batch]
+        group = self.loss_fn.num_episodes
+        rows = [p for p in prompts for _ in range(group)]  # [E]
+        decide = SampledDecider(self._probabilities)
+        if self.features is not None:
+            decide.prefetch = self.features.prefetch
+        episodes = self._episodes(rows, decide, self.hparams.max_forks)
+        sd = self._episodes(prompts, _reject_all)
+        references = [r for r in self._references(prompts, answers) for _ in range(group)]
+        correct = self._correct(episodes, references).view(len(prompts), group)  # [P, G]
+        accepted = torch.tensor([e.accepted_mismatches > 0 for e in episodes]).view_as(correct)  # [P, G]
+        speed = self._speed(episodes, sd, group).view_as(correct)  # [P, G]
+        rewards = generation_rewards(accepted, correct, speed, self.reward)  # [P, G]
+        advantages, zero_variance = self.loss_fn.advantages(rewards, torch.ones_like(correct))  # [P, G], [P]
+        d_prompts, d_asks, d_accepted, d_episode = _decisions(rows, episodes)
+        stats = None
+        if d_asks:
+            logits = self._logits(d_prompts, d_asks)  # [D]
+            ref = None
+            if self.ref_scorer is not None:
+                with torch.no_grad():
+                    ref = self._logits(d_prompts, d_asks, self.ref_scorer)
+            stats = self.loss_fn(logits, logits.detach(), d_accepted, d_episode, advantages, ref)
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(stats.loss)
+            self._clip_gradients(opt)
+            opt.step()
+            probs = torch.sigmoid(logits.detach())
+        else:
+            probs = torch.zeros(0)
+        self._log_generation_train(episodes, rewards, correct, accepted, zero_variance, probs, stats)
+        return stats.loss.detach() if stats is not None else torch.zeros(())
+
+    def _log_generation_train(self, episodes, rewards, correct, accepted, zero_variance, probs, stats) -> None:
+        tokens = sum(e.num_tokens for e in episodes)
+        metrics = {
+            "train/reward": rewards.mean(),
+            # How far apart a prompt's G episodes are: 0 everywhere is a saturated policy.
+            "train/reward_std_in_group": rewards.std(dim=1).mean() if rewards.shape[1] > 1 else torch.zeros(()),
+            "train/accuracy": correct.float().mean(),
+            "train/accept_prob": probs.mean() if probs.numel() else torch.tensor(float("nan")),
+            "train/decisions_per_episode": torch.tensor(sum(len(e.decisions) for e in episodes) / len(episodes)),
+            "train/accepted_mismatches_per_episode": torch.tensor(
+                sum(e.accepted_mismatches for e in episodes) / len(episodes)
+            ),
+            "train/target_calls_per_token": torch.tensor(sum(e.target_calls for e in episodes) / max(tokens, 1)),
+            "train/scenario_A": (accepted & correct).float().mean(),
+            "train/scenario_B": (accepted & ~correct).float().mean(),
+            "train/scenario_C": (~accepted & correct).float().mean(),
+            "train/scenario_D": (~accepted & ~correct).float().mean(),
+        }
+        if stats is not None:
+            metrics.update({"train/loss": stats.loss.detach(), "train/kl": stats.kl.detach(),
+                            "train/entropy": stats.entropy.detach()})  # fmt: skip
+        size = rewards.numel()
+        self.log_dict(metrics, batch_size=size, sync_dist=True)
+        self.log("train/zero_variance_groups", zero_variance.float().sum(), batch_size=size, sync_dist=True,
+                 reduce_fx="sum")  # fmt: skip
+        self.log_dict({"verify/total_completions": float(self.source.completions)}, batch_size=size)
+        self.log("reward", metrics["train/reward"], prog_bar=True, logger=False, batch_size=size, sync_dist=True)
+
+    def validation_step(self, batch: list[tuple[tuple[int, ...], str]], batch_idx: int) -> None:
+        """Whole generations of the held-out prompts under the scorer at its threshold, standard
+        SD and accept-all: accuracy, draft tokens kept per target call, target calls per token."""
+        prompts, answers = [p for p, _ in batch], [a for _, a in batch]
+        references = self._references(prompts, answers)
+        threshold = self.hparams.threshold
+        deciders = {
+            "scorer": lambda ps, asks: [p >= threshold for p in self._probabilities(ps, asks)],
+            "standard_sd": _reject_all,
+            "accept_all": lambda ps, asks: [True] * len(asks),
+        }
+        sd = self._episodes(prompts, _reject_all)
+        for name in VAL_POLICIES:
+            episodes = sd if name == "standard_sd" else self._episodes(prompts, deciders[name])
+            correct = self._correct(episodes, references)
+            accepted = torch.tensor([e.accepted_mismatches > 0 for e in episodes])
+            rewards = generation_rewards(accepted, correct, self._speed(episodes, sd, 1), self.reward)
+            calls = sum(e.target_calls for e in episodes)
+            tokens = sum(e.num_tokens for e in episodes)
+            metrics = {
+                val_key(name, "accuracy"): correct.float().mean(),
+                val_key(name, "reward"): rewards.mean(),
+                val_key(name, "accept_len"): torch.tensor(
+                    sum(e.accepted_draft_tokens for e in episodes) / max(calls, 1)
+                ),
+                val_key(name, "target_calls_per_token"): torch.tensor(calls / max(tokens, 1)),
+            }
+            self.log_dict(metrics, batch_size=len(batch), sync_dist=True, prog_bar=name == "scorer")
+
+
+def mismatches_along(prompts: list[tuple[int, ...]], paths) -> list[tuple[tuple[int, ...], Ask]]:
+    """(prompt, Ask) at every position of each path where the draft's proposal differs."""
+    return [
+        (prompt, Ask(tuple(tokens[:p]), proposals[p], tokens[p]))
+        for prompt, (tokens, proposals) in zip(prompts, paths)
+        for p in range(len(tokens))
+        if proposals[p] != tokens[p]
+    ]
+
+
+def _reject_all(prompts, asks: list[Ask]) -> list[bool]:
+    return [False] * len(asks)
+
+
+def _decisions(rows: list[tuple[int, ...]], episodes: list[Episode]):
+    """Every decision of every episode, flat: (prompts [D], Asks [D], accepted [D] bool, episode [D] long)."""
+    prompts, asks, accepted, index = [], [], [], []
+    for e, (prompt, episode) in enumerate(zip(rows, episodes)):
+        for d in episode.decisions:
+            prompts.append(prompt)
+            asks.append(Ask(tuple(episode.response[: d.position]), d.draft, d.target))
+            accepted.append(d.accepted)
+            index.append(e)
+    return prompts, asks, torch.tensor(accepted, dtype=torch.bool), torch.tensor(index, dtype=torch.long)

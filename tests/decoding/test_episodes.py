@@ -1,0 +1,94 @@
+"""Episodes on the default world's models: for every policy and K, an episode walked over the
+target's paths writes the decoding loop's tokens with the loop's target calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spd_lightning.data.prompts import encode_prompts
+from spd_lightning.decoding.episodes import DecisionInputs, PathSource, PolicyDecider, run_episodes
+from spd_lightning.decoding.features import FeatureCache, FeatureDecider, judge_score, kl_score
+from spd_lightning.decoding.loop import LoopSettings, generate
+from spd_lightning.decoding.policies import accept_all, judge_policy, kl_policy, reject_all, scorer_policy
+from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
+from spd_lightning.models.hf import pad_id_of, response_end_ids
+from spd_lightning.models.scorer import ScoringActor
+from spd_lightning.targets.local import LocalTarget, load_causal_lm
+from spd_lightning.toy.raw import toy_prompts
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def world(toy_world, toy_tokenizer):
+    draft = load_causal_lm(str(toy_world / "draft"), "float32", "cpu")
+    target = load_causal_lm(str(toy_world / "target"), "float32", "cpu")
+    prompts = encode_prompts(toy_tokenizer, toy_prompts(40, 1000))
+    return draft, target, prompts, response_end_ids(target, toy_tokenizer), pad_id_of(toy_tokenizer)
+
+
+def _random_judge(target, seed: int = 0) -> JudgeHead:
+    torch.manual_seed(seed)
+    head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": target.config.hidden_size})
+    torch.nn.init.normal_(head.net[-1].weight, std=0.5)
+    return head.eval()
+
+
+def _random_scorer(toy_world, seed: int = 0) -> ScoringActor:
+    torch.manual_seed(seed)
+    scorer = ScoringActor.from_pretrained(str(toy_world / "draft"))
+    torch.nn.init.normal_(scorer.head[-1].weight, std=0.5)
+    return scorer.eval()
+
+
+def _policies(world, toy_world):
+    draft, target, _, _, pad = world
+    return {
+        "standard_sd": reject_all,
+        "accept_all": accept_all,
+        "kl_below": kl_policy(0.5),
+        "judge": judge_policy(_random_judge(target), 0.5),
+        "scorer": scorer_policy(_random_scorer(toy_world), 0.5, pad),
+    }
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_every_policys_episode_writes_the_loops_tokens_in_the_loops_calls(world, toy_world, k):
+    draft, target, prompts, eos, pad = world
+    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
+    inputs = DecisionInputs(draft, target, pad)
+    for name, policy in _policies(world, toy_world).items():
+        loop = generate(draft, target, prompts, policy, LoopSettings(k, MAX_NEW, eos, pad, 64))
+        episodes = run_episodes([tuple(p) for p in prompts], PolicyDecider(policy, inputs), source, k)
+        assert [e.response for e in episodes] == [g.response_ids for g in loop], name
+        assert [e.target_calls for e in episodes] == [g.target_calls for g in loop], name
+        assert [e.accepted_mismatches for e in episodes] == [g.accepted_mismatches for g in loop], name
+        if name not in ("standard_sd",):
+            assert sum(e.accepted_mismatches for e in episodes) > 0, f"{name} never kept a mismatch: a weak test"
+
+
+def test_standard_sd_needs_no_completion_and_thresholds_share_completions(world):
+    draft, target, prompts, eos, pad = world
+    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
+    tuples = [tuple(p) for p in prompts]
+    features, head = FeatureCache(draft, target, pad), _random_judge(target)
+    run_episodes(tuples, FeatureDecider(features, judge_score(head), 2.0), source, 4)  # standard SD
+    assert source.completions == len(set(tuples))  # the target's own responses, nothing more
+    low = run_episodes(tuples, FeatureDecider(features, judge_score(head), 0.3), source, 4)
+    after_low, computed = source.completions, len(features)
+    again = run_episodes(tuples, FeatureDecider(features, judge_score(head), 0.3), source, 4)
+    assert source.completions == after_low and len(features) == computed  # nothing computed twice
+    assert [e.response for e in again] == [e.response for e in low]
+    judge = run_episodes(tuples, PolicyDecider(judge_policy(head, 0.3), DecisionInputs(draft, target, pad)), source, 4)
+    assert [e.response for e in judge] == [e.response for e in low]  # cached features decide as the policy
+
+
+def test_the_kl_rule_on_cached_features_decides_as_the_policy(world):
+    draft, target, prompts, eos, pad = world
+    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
+    tuples = [tuple(p) for p in prompts]
+    cached = run_episodes(tuples, FeatureDecider(FeatureCache(draft, target, pad), kl_score(0.9), -0.5), source, 4)
+    policy = run_episodes(tuples, PolicyDecider(kl_policy(0.5, 0.9), DecisionInputs(draft, target, pad)), source, 4)
+    assert [e.response for e in cached] == [e.response for e in policy]
+    assert sum(e.accepted_mismatches for e in cached) > 0
