@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--points", type=int, default=8, help="thresholds per swept policy")
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy below standard SD allowed")
     parser.add_argument("--steps", type=int, default=300, help="supervised head's optimiser steps")
+    parser.add_argument("--train-steps", type=int, default=None, help="GRPO steps of run.py (default: its own)")
     parser.add_argument("--block-rl", default=None, help="a saved per-block judge (pair: judges/qwen_coder_grpo.pt)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -61,9 +62,13 @@ def parse_args() -> argparse.Namespace:
 def training_overrides(args, toy: bool, out: Path, budget: int) -> dict[str, list[str]]:
     """The run.py command lines of the two GRPO heads (model=judge: the zero-cost judge)."""
     common = ["model=judge", "logger=csv", f"seed={args.seed}"]
+    if args.train_steps:
+        common += [f"trainer.max_steps={args.train_steps}", f"trainer.val_check_interval={min(25, args.train_steps)}"]
     gen = [*common, "rollout=generation", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
            f"rollout.completions={out / 'completions.jsonl'}"]  # fmt: skip
-    if not toy:
+    if toy:  # the bench's train prompts are rollout=generation's: 320 (or --train) of seed 2000
+        gen.append(f"data.num_prompts={args.train or 320}")
+    else:
         data = Path(args.data) / "train.jsonl"
         gen += ["pair=qwen_coder", "data=gsm8k", f"data.raw={data}", f"data.limit={args.train or 100}"]
     return {"block_rl": common, "gen_rl": gen}

@@ -179,8 +179,11 @@ class FakeVLLM:
         eos = self.target.eos_token_id
         choices = [
             {
-                "index": i, "text": text, "logprobs": None,
-                "finish_reason": "stop" if c and c[-1] == eos and not ignore_eos else "length", "stop_reason": None,
+                "index": i,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": "stop" if c and c[-1] == eos and not ignore_eos else "length",
+                "stop_reason": None,
                 **({"token_ids": c} if body.get("return_token_ids") else {}),
                 "prompt_logprobs": plp,
                 **({"prompt_token_ids": p} if body.get("return_token_ids") else {}),
@@ -188,8 +191,13 @@ class FakeVLLM:
             for i, (p, c, text, plp) in enumerate(zip(prompts, completions, texts, prompt_logprobs))
         ]
         usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": sum(map(len, completions))}
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": self.served_model,
-                "choices": choices, "usage": usage}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "model": self.served_model,
+            "choices": choices,
+            "usage": usage,
+        }
 
     def _handler_class(self) -> type:
         return type("Handler", (_Handler,), {"fake": self})

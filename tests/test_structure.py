@@ -55,9 +55,7 @@ def imports(path: Path) -> list[tuple[str, bool]]:
 
 
 def internal_graph() -> dict[str, set[str]]:
-    return {
-        name: {dep for dep, _ in imports(path) if dep in MODULES and dep != name} for name, path in MODULES.items()
-    }
+    return {name: {dep for dep, _ in imports(path) if dep in MODULES and dep != name} for name, path in MODULES.items()}
 
 
 def folder(module: str) -> str:

@@ -87,9 +87,14 @@ def test_training_steps_against_vllm(vllm_url: str, toy_world: Path, tmp_path: P
         targets.append(self)
 
     overrides = [
-        "target=vllm", f"target.url={vllm_url}", f"target.model={MODEL}",
-        "trainer.max_steps=10", "trainer.val_check_interval=5", f"toy.out={toy_world}",
-        "validate_before_fit=false", "data.max_val_records=128",
+        "target=vllm",
+        f"target.url={vllm_url}",
+        f"target.model={MODEL}",
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        f"toy.out={toy_world}",
+        "validate_before_fit=false",
+        "data.max_val_records=128",
     ]
     cfg = compose_train(overrides, tmp_path)
     # After composing: the config schema is derived from VLLMTarget.__init__'s signature.

@@ -35,7 +35,7 @@ def _plot(ax, points: list[tuple[int, float]], label: str, **kwargs) -> None:
 
 def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     series = read_metrics(metrics_csv)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     _plot(axes[0], series.get("train/reward", []), "train reward")
     _plot(axes[0], series.get(val_key("scorer", "reward"), []), "val reward (scorer)", marker="o")
     axes[0].set_title("reward")
@@ -48,6 +48,10 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
         _plot(axes[3], series.get(val_key(policy, "accuracy"), []), name, marker="o")
     axes[2].set_title("val: draft tokens accepted per block")
     axes[3].set_title("val: accuracy")
+    # Saturation shows here first: accept probabilities pinned at 0 or 1, no spread within groups.
+    _plot(axes[4], series.get("train/accept_prob", []), "mean accept probability")
+    _plot(axes[4], series.get("train/reward_std_in_group", []), "reward std within a group")
+    axes[4].set_title("train: is the policy still exploring?")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -45,15 +45,11 @@ class Family:
 
 def families(heads: dict[str, JudgeHead], kl_confidence: float = 0.9) -> list[Family]:
     """The rules, then the trained heads (name -> head: supervised, block_rl, gen_rl)."""
-    labels = {
-        "supervised": "supervised head (AutoJudge labels)",
-        "block_rl": "GRPO head, per block",
-        "gen_rl": "GRPO head, whole generations",
-    }
+    labels = {"supervised": "AutoJudge", "block_rl": "GRPO block", "gen_rl": "GRPO gen."}
     out = [
-        Family("sd", "standard SD", None, (STANDARD_SD,)),
-        Family("kl", f"KL rule (strict where top-1 > {kl_confidence:g})", kl_score(kl_confidence)),
-        Family("entropy", "entropy rule", entropy_score),
+        Family("sd", "std. SD", None, (STANDARD_SD,)),
+        Family("kl", "KL rule", kl_score(kl_confidence)),
+        Family("entropy", "entropy", entropy_score),
         Family("topk", "top-k", topk_score, tuple(-(k - 1.0) for k in (2, 3, 5, 10))),
     ]
     out += [Family(name, labels.get(name, name), judge_score(head)) for name, head in heads.items()]

@@ -62,10 +62,13 @@ def test_gradient_is_minus_the_exact_expected_reward_gradient(with_baseline: boo
         advantages = rewards * possible
     stats = on_rollouts(loss_fn, logits, logits.detach(), accept_len, MISMATCH, advantages, possible)
     (grad,) = torch.autograd.grad(stats.loss, logits)
-    expected = sum(
-        (brute_force_outcome_probs(torch.sigmoid(logits[b]), MISMATCH[b]) * rewards[b] * possible[b]).sum()
-        for b in range(4)
-    ) / 4
+    expected = (
+        sum(
+            (brute_force_outcome_probs(torch.sigmoid(logits[b]), MISMATCH[b]) * rewards[b] * possible[b]).sum()
+            for b in range(4)
+        )
+        / 4
+    )
     (want,) = torch.autograd.grad(-expected, logits)
     assert_close(grad, want)
     # Matching positions carry no decision: no gradient there.

@@ -104,8 +104,15 @@ def test_on_policy_loss_is_minus_mean_advantage_over_executed_decisions():
     logits = torch.zeros(1, 2, dtype=torch.float64)
     mismatch = torch.tensor([[T, T]])
     # sample 0 accepts both (2 decisions, adv +1); sample 1 rejects at 0 (1 decision, adv -1)
-    stats = on_rollouts(GRPOLoss(), logits, logits.clone(), torch.tensor([[2, 0]]), mismatch,
-                        torch.tensor([[1.0, -1.0]]), torch.tensor([[T, T]]))
+    stats = on_rollouts(
+        GRPOLoss(),
+        logits,
+        logits.clone(),
+        torch.tensor([[2, 0]]),
+        mismatch,
+        torch.tensor([[1.0, -1.0]]),
+        torch.tensor([[T, T]]),
+    )
     # ratio = 1 everywhere: policy_loss = -(1 + 1 - 1) / 3
     assert stats.policy_loss.item() == pytest.approx(-1 / 3)
     assert stats.loss.item() == pytest.approx(-1 / 3)
@@ -118,8 +125,9 @@ def test_positive_advantage_on_accepted_mismatch_raises_its_logit():
     logits = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
     mismatch = torch.tensor([[T, T]])
     # j = 1: accepted the mismatch at 0, rejected at 1; adv +1
-    stats = on_rollouts(GRPOLoss(), logits, logits.detach(), torch.tensor([[1]]), mismatch, torch.tensor([[1.0]]),
-                       torch.tensor([[T]]))
+    stats = on_rollouts(
+        GRPOLoss(), logits, logits.detach(), torch.tensor([[1]]), mismatch, torch.tensor([[1.0]]), torch.tensor([[T]])
+    )
     (grad,) = torch.autograd.grad(stats.loss, logits)
     # loss = -(r0 + r1) / 2; dr/dx = (1-p) = 0.5 for accept, -p = -0.5 for reject
     assert_close(grad, torch.tensor([[-0.25, 0.25]], dtype=torch.float64))
@@ -133,8 +141,15 @@ def test_clipping_stops_the_gradient():
     # position 1: unchanged, ratio 1
     logits = torch.stack([logit(0.8), logit(0.5)]).unsqueeze(0).requires_grad_(True)
     old = torch.zeros(1, 2, dtype=torch.float64)
-    stats = on_rollouts(GRPOLoss(clip_low=0.2, clip_high=0.2), logits, old, torch.tensor([[1]]), torch.tensor([[T, T]]),
-                                                  torch.tensor([[1.0]]), torch.tensor([[T]]))
+    stats = on_rollouts(
+        GRPOLoss(clip_low=0.2, clip_high=0.2),
+        logits,
+        old,
+        torch.tensor([[1]]),
+        torch.tensor([[T, T]]),
+        torch.tensor([[1.0]]),
+        torch.tensor([[T]]),
+    )
     (grad,) = torch.autograd.grad(stats.loss, logits)
     assert grad[0, 0].item() == 0.0
     assert grad[0, 1].item() == pytest.approx(0.25)  # -(1/2) * 1 * (-p), p = 0.5
@@ -146,8 +161,9 @@ def test_clipping_for_negative_advantage():
     # rejected at 0 with p: 0.5 -> 0.8, so ratio (1-0.8)/(1-0.5) = 0.4 < 0.8 with adv < 0 -> clipped
     logits = logit(0.8).reshape(1, 1).requires_grad_(True)
     old = torch.zeros(1, 1, dtype=torch.float64)
-    stats = on_rollouts(GRPOLoss(), logits, old, torch.tensor([[0]]), torch.tensor([[T]]),
-                        torch.tensor([[-1.0]]), torch.tensor([[T]]))
+    stats = on_rollouts(
+        GRPOLoss(), logits, old, torch.tensor([[0]]), torch.tensor([[T]]), torch.tensor([[-1.0]]), torch.tensor([[T]])
+    )
     (grad,) = torch.autograd.grad(stats.loss, logits)
     assert grad.item() == 0.0
     assert stats.clip_fraction.item() == 1.0
@@ -162,8 +178,16 @@ KL_MISMATCH = torch.tensor([[T, T, T]])
 
 def test_kl_zero_against_itself():
     logits = torch.stack([logit(p) for p in KL_P]).unsqueeze(0)
-    stats = on_rollouts(GRPOLoss(kl_coef=0.5), logits, logits, KL_ACCEPT_LEN, KL_MISMATCH, torch.tensor([[1.0, -1.0]]),
-                                  torch.tensor([[T, T]]), ref_logits=logits.clone())
+    stats = on_rollouts(
+        GRPOLoss(kl_coef=0.5),
+        logits,
+        logits,
+        KL_ACCEPT_LEN,
+        KL_MISMATCH,
+        torch.tensor([[1.0, -1.0]]),
+        torch.tensor([[T, T]]),
+        ref_logits=logits.clone(),
+    )
     assert stats.kl.item() == pytest.approx(0.0, abs=1e-12)
     assert stats.loss.item() == pytest.approx(stats.policy_loss.item())
 
@@ -171,8 +195,16 @@ def test_kl_zero_against_itself():
 def test_kl_is_exact_mean_over_executed_decisions():
     logits = torch.stack([logit(p) for p in KL_P]).unsqueeze(0)
     ref = torch.stack([logit(q) for q in [0.4, 0.5, 0.1]]).unsqueeze(0)  # position 2 differs but never runs
-    stats = on_rollouts(GRPOLoss(kl_coef=0.5), logits, logits, KL_ACCEPT_LEN, KL_MISMATCH, torch.tensor([[1.0, -1.0]]),
-                                  torch.tensor([[T, T]]), ref_logits=ref)
+    stats = on_rollouts(
+        GRPOLoss(kl_coef=0.5),
+        logits,
+        logits,
+        KL_ACCEPT_LEN,
+        KL_MISMATCH,
+        torch.tensor([[1.0, -1.0]]),
+        torch.tensor([[T, T]]),
+        ref_logits=ref,
+    )
     # executed: position 0 twice (KL(0.7||0.4) = 0.183787), position 1 once (KL = 0) -> 2 * 0.183787 / 3
     assert stats.num_decisions.item() == 3
     assert stats.kl.item() == pytest.approx(2 * 0.1837869 / 3, abs=1e-6)
@@ -193,8 +225,15 @@ def test_entropy_bonus_lowers_the_loss():
 def test_invalid_samples_contribute_nothing():
     logits = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
     # sample 0 valid, accepts both (adv 1); sample 1 failed verification, huge advantage
-    stats = on_rollouts(GRPOLoss(), logits, logits.detach(), torch.tensor([[2, 0]]), torch.tensor([[T, T]]),
-                       torch.tensor([[1.0, 50.0]]), torch.tensor([[T, F]]))
+    stats = on_rollouts(
+        GRPOLoss(),
+        logits,
+        logits.detach(),
+        torch.tensor([[2, 0]]),
+        torch.tensor([[T, T]]),
+        torch.tensor([[1.0, 50.0]]),
+        torch.tensor([[T, F]]),
+    )
     assert stats.num_decisions.item() == 2
     assert stats.policy_loss.item() == pytest.approx(-1.0)
     (grad,) = torch.autograd.grad(stats.loss, logits)
@@ -204,7 +243,14 @@ def test_invalid_samples_contribute_nothing():
 
 def test_all_invalid_gives_zero_loss_and_no_decisions():
     logits = torch.zeros(1, 2, requires_grad=True)
-    stats = on_rollouts(GRPOLoss(), logits, logits.detach(), torch.tensor([[2, 0]]), torch.tensor([[T, T]]),
-                       torch.tensor([[1.0, -1.0]]), torch.tensor([[F, F]]))
+    stats = on_rollouts(
+        GRPOLoss(),
+        logits,
+        logits.detach(),
+        torch.tensor([[2, 0]]),
+        torch.tensor([[T, T]]),
+        torch.tensor([[1.0, -1.0]]),
+        torch.tensor([[F, F]]),
+    )
     assert stats.num_decisions.item() == 0
     assert stats.loss.item() == 0.0 and math.isfinite(stats.loss.item())

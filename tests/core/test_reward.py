@@ -72,7 +72,6 @@ def test_zero_token_bonus_gives_the_bare_weights():
     assert [compute_reward(a, c, 4, K, w) for a, c in [(T, T), (T, F), (F, T), (F, F)]] == [1.0, -1.0, 0.5, 0.0]
 
 
-
 @pytest.mark.parametrize(
     "weights", [DEFAULT, CUSTOM, RewardWeights(bonus_only_if_correct=False)], ids=["default", "custom", "bonus_always"]
 )

@@ -14,8 +14,14 @@ K = 4
 def tiny_backbone(seed: int = 0) -> LlamaModel:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
     )
     return LlamaModel(config).eval()
 

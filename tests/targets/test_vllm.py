@@ -93,8 +93,12 @@ def test_empty_input_sends_nothing(fake_vllm, make):
 def test_two_replicas_both_receive_requests(fake_vllm, toy_world, make, local, prefixes):
     with FakeVLLM(toy_world / "target", served_model="toy-target") as second:
         target = VLLMTarget(
-            urls=[fake_vllm.url, second.url], model="toy-target", max_new_tokens=MAX_NEW,
-            prompts_per_request=2, backoff_s=0.0, api_key_env=KEY_ENV,
+            urls=[fake_vllm.url, second.url],
+            model="toy-target",
+            max_new_tokens=MAX_NEW,
+            prompts_per_request=2,
+            backoff_s=0.0,
+            api_key_env=KEY_ENV,
         )
         try:
             out = target.complete(prefixes[:8])
@@ -108,8 +112,13 @@ def test_two_replicas_both_receive_requests(fake_vllm, toy_world, make, local, p
 def test_a_small_step_is_split_over_the_replicas(fake_vllm, toy_world, local, prefixes):
     # 6 prefixes fit one request of 64, but two servers each get half of them.
     with FakeVLLM(toy_world / "target", served_model="toy-target") as second:
-        target = VLLMTarget(urls=[fake_vllm.url, second.url], model="toy-target", max_new_tokens=MAX_NEW,
-                            prompts_per_request=64, api_key_env=KEY_ENV)
+        target = VLLMTarget(
+            urls=[fake_vllm.url, second.url],
+            model="toy-target",
+            max_new_tokens=MAX_NEW,
+            prompts_per_request=64,
+            api_key_env=KEY_ENV,
+        )
         try:
             out = target.complete(prefixes[:6])
         finally:

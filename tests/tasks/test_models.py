@@ -94,8 +94,13 @@ def test_lora_trains_adapters_and_head_only(toy_world: Path, tmp_path: Path, com
 
     before = {n: p.detach().clone() for n, p in scorer.named_parameters()}
     trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
         default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=datamodule)

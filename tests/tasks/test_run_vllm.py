@@ -43,9 +43,14 @@ def test_server_failing_mid_run_stops_cleanly_with_intact_checkpoint(tmp_path: P
     # failing after 10 lets the validation (and checkpoint) at step 5 happen first.
     fake_vllm.fail_after(10, status=500)
     args = [
-        "target=vllm", f"target.url={fake_vllm.url}", "trainer.max_steps=100", "trainer.val_check_interval=5",
+        "target=vllm",
+        f"target.url={fake_vllm.url}",
+        "trainer.max_steps=100",
+        "trainer.val_check_interval=5",
         # Failures are immediate 500s; a generous timeout keeps a loaded machine from adding timeouts.
-        "target.retries=1", "target.backoff_s=0", "target.timeout_s=10",
+        "target.retries=1",
+        "target.backoff_s=0",
+        "target.timeout_s=10",
     ]
     proc = run(args + FAST, tmp_path, toy_world)
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -47,8 +47,13 @@ def test_steps_learn_accept_harmless_reject_harmful(loss: str, toy_world: Path, 
     before_params = [p.detach().clone() for p in module.scorer.parameters()]
     before = accept_probs_at(module, batch, first)
     trainer = L.Trainer(
-        max_steps=15, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        max_steps=15,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
         default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=datamodule)

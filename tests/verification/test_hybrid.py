@@ -8,8 +8,20 @@ from spd_lightning.data.records import Record
 from spd_lightning.verification.hybrid import CompletionCache, HybridVerifier
 
 EOS = 1
-VOCAB = {0: "<pad>", EOS: "</s>", 20: "Q:", 21: " 2+2=", 22: " so", 23: " the", 24: " sum", 25: " is",
-         26: " total", 27: " makes", 30: " ", 31: "."}
+VOCAB = {
+    0: "<pad>",
+    EOS: "</s>",
+    20: "Q:",
+    21: " 2+2=",
+    22: " so",
+    23: " the",
+    24: " sum",
+    25: " is",
+    26: " total",
+    27: " makes",
+    30: " ",
+    31: ".",
+}
 VOCAB.update({10 + d: str(d) for d in range(10)})
 FOUR = [30, 14, 31, EOS]  # " 4." then EOS
 FIVE = [30, 15, 31, EOS]  # " 5." then EOS

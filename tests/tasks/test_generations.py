@@ -1,0 +1,56 @@
+"""bench/whole_generations.py's stages on the default world: mined labels, sweeps, the report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spd_lightning.decoding.features import FeatureCache
+from spd_lightning.tasks.generation_report import report
+from spd_lightning.tasks.generation_sweep import families, stage_sweep
+from spd_lightning.tasks.generations import (
+    ROOT,
+    fit_supervised_head,
+    load_world,
+    mine_labels,
+    stage_responses,
+    toy_sets,
+)
+
+
+@pytest.fixture
+def world(toy_world, tmp_path):
+    w = load_world("toy", toy_world, toy_sets(24, 16, 24), tmp_path, 24, False, 16)
+    stage_responses(w)
+    return w
+
+
+def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(world, tmp_path):
+    prompts, asks, labels = mine_labels(world, world.sets["train"].prompts, 4)
+    assert len(asks) > 10 and 0 < int(labels.sum()) < len(labels)  # harmless and important mismatches both
+    head = fit_supervised_head(world, FeatureCache(world.draft, world.target, 0), prompts, asks, labels, 50, 0)
+    results = stage_sweep(world, {"supervised": head}, [2], 2, 0.01)
+    sd = results[2]["sd"]["test"][0]
+    assert sd.agreement == 1.0  # standard SD writes the target's own responses
+    accept_all = results[2]["accept_all"]["test"][0]
+    assert accept_all.tokens_per_call > sd.tokens_per_call and accept_all.accuracy < sd.accuracy
+    line = report(results, families({"supervised": head}), tmp_path, 0.01, "test sample")
+    assert line.startswith("sup_tpc=") and "sd_accuracy=" in line and line.endswith("n=24")
+    assert (tmp_path / "generations.png").is_file() and "Machine:" in (tmp_path / "generations.md").read_text()
+    again = stage_sweep(world, {"supervised": head}, [2], 2, 0.01)  # read back from disk
+    assert again[2]["sd"]["test"][0].correct == sd.correct
+
+
+@pytest.mark.cli
+def test_the_bench_runs_every_stage_as_documented(tmp_path):
+    args = ["--train", "24", "--choose", "16", "--test", "16", "--k", "4", "--points", "2", "--train-steps", "4"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "whole_generations.py"), *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-2]  # then "stage sweep: N s"
+    for key in ("gen_rl_tpc=", "gen_rl_accuracy=", "block_rl_tpc=", "sup_tpc=", "kl_tpc=", "sd_tpc=", "n=16"):
+        assert key in last, last
+    assert (Path(tmp_path) / "heads" / "gen_rl" / "checkpoints" / "last.ckpt").is_file()

@@ -1,0 +1,70 @@
+"""GRPO on whole generations (rollout=generation): the loss reaches every decision of every
+episode, and on the default world the scorer learns to beat standard SD at its accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_lightning.core.generation_grpo import GenerationGRPOLoss, generation_rewards, speed_term
+from spd_lightning.core.reward import RewardWeights
+from spd_lightning.reporting.names import val_key
+from spd_lightning.tasks.train import train
+
+
+def test_every_decision_of_every_episode_gets_a_gradient_of_its_advantages_sign():
+    loss = GenerationGRPOLoss(num_episodes=2)
+    logits = torch.zeros(5, requires_grad=True)  # [D]
+    accepted = torch.tensor([True, False, True, True, False])  # [D]
+    episode = torch.tensor([0, 0, 1, 2, 3])  # decisions of episodes 0 (two), 1, 2, 3
+    advantages = torch.tensor([[1.0, -1.0], [0.5, -0.5]])  # [P, G]: episodes 0, 1 | 2, 3
+    loss(logits, logits.detach(), accepted, episode, advantages).loss.backward()
+    grad = logits.grad
+    assert (grad != 0).all()  # a generation goes on after a rejection: every decision counts
+    # Gradient descent raises the logit of an accept with a positive advantage, lowers a reject's.
+    assert grad[0] < 0 and grad[1] > 0  # episode 0, advantage +1: keep what it did
+    assert grad[2] > 0  # episode 1, advantage -1, accepted: less likely now
+    assert grad[4] < 0  # episode 3, advantage -0.5, rejected: accepting becomes likelier
+
+
+def test_the_generation_reward_pays_speed_only_when_the_answer_holds():
+    weights = RewardWeights(weight_a=1.0, weight_b=-1.0, weight_c=0.5, weight_d=0.0, token_bonus=0.5)
+    calls, tokens = torch.tensor([4, 8, 4]), torch.tensor([16, 16, 16])
+    speed = speed_term("calls_saved", calls, tokens, torch.tensor([0.5, 0.5, 0.5]), torch.zeros(3), torch.ones(3))
+    assert torch.allclose(speed, torch.tensor([0.5, 0.0, 0.5]))  # 0.25 calls/token against SD's 0.5
+    rewards = generation_rewards(torch.tensor([True, False, True]), torch.tensor([True, True, False]), speed, weights)
+    assert torch.allclose(rewards, torch.tensor([1.25, 0.5, -1.0]))
+
+
+@pytest.mark.parametrize("model", ["toy", "judge"])
+def test_whole_generation_grpo_beats_standard_sd_at_its_accuracy_on_the_default_world(
+    model: str, toy_world: Path, tmp_path: Path, compose_train
+):
+    overrides = [f"toy.out={toy_world}", "rollout=generation", f"model={model}", "~logger",
+                 "trainer.max_steps=60", "trainer.val_check_interval=30"]  # fmt: skip
+    cfg = compose_train(overrides, tmp_path)
+    train(cfg)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    sd, ours = val_key("standard_sd", "accept_len"), val_key("scorer", "accept_len")
+    # Before training every mismatch is kept (p = 0.5 at threshold 0.5): accept-all's accuracy.
+    assert s["initial/" + val_key("scorer", "accuracy")] < 0.5
+    assert s[val_key("scorer", "accuracy")] >= s[val_key("standard_sd", "accuracy")] - 0.02
+    assert s[ours] > 2 * s[sd]
+    assert s[val_key("scorer", "target_calls_per_token")] < s[val_key("standard_sd", "target_calls_per_token")]
+
+
+@pytest.mark.slow
+def test_episodes_complete_their_forks_over_a_vllm_server(toy_world: Path, tmp_path: Path, compose_train, fake_vllm):
+    overrides = [f"toy.out={toy_world}", "rollout=generation", "~logger", "target=vllm",
+                 f"target.url={fake_vllm.url}", "target.model=toy-target", "trainer.max_steps=3",
+                 "trainer.val_check_interval=3", "validate_before_fit=false",
+                 f"rollout.completions={tmp_path / 'completions.jsonl'}"]  # fmt: skip
+    train(compose_train(overrides, tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["train/steps"] == 3
+    assert len(fake_vllm.prompts) > 8  # the target's responses and the forks, as token ids
+    stored = (tmp_path / "completions.jsonl").read_text().splitlines()
+    assert len(stored) >= len(fake_vllm.prompts) - 1  # every completion kept on disk for the next run
