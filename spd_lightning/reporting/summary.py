@@ -8,6 +8,9 @@ from spd_lightning.reporting.names import INITIAL, POLICIES, VAL_METRICS, VAL_PO
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 
 
+CALLS = "target_calls_per_token"
+
+
 def accept_len_at_parity(summary: dict[str, float], tolerance: float) -> float:
     """The trained scorer's draft tokens kept per block, or 0 when its accuracy falls more than
     `tolerance` below standard speculative decoding's. Unlike val/reward it does not depend on
@@ -19,13 +22,16 @@ def accept_len_at_parity(summary: dict[str, float], tolerance: float) -> float:
 
 def print_summary(summary: dict[str, float], path: Path) -> None:
     """The validation table, printed and written to summary.md beside summary.json (for docs/)."""
-    table = FigureTable("Validation: accuracy vs draft tokens accepted per block", ["policy", *VAL_METRICS])
+    # rollout=generation validates whole generations: their target calls per token too.
+    metrics = list(VAL_METRICS) + ([CALLS] if val_key("scorer", CALLS) in summary else [])
+    headers = [m if m != CALLS else "calls/token" for m in metrics]
+    table = FigureTable("Validation: accuracy vs draft tokens accepted per block", ["policy", *headers])
     for p in VAL_POLICIES:
-        row = [summary.get(val_key(p, m)) for m in VAL_METRICS]
+        row = [summary.get(val_key(p, m)) for m in metrics]
         name = POLICIES[p].label if p != "scorer" else f"{POLICIES[p].short} (trained)"
         table.add(name, *(f"{v:.3f}" if v is not None else "-" for v in row))
     if INITIAL + val_key("scorer", "accuracy") in summary:
-        row = [summary.get(INITIAL + val_key("scorer", m)) for m in VAL_METRICS]
+        row = [summary.get(INITIAL + val_key("scorer", m)) for m in metrics]
         table.add(f"{POLICIES['scorer'].short} (before training)", *(f"{v:.3f}" for v in row))
     notes = []
     sd, ours = summary.get(val_key("standard_sd", "accept_len")), summary.get(val_key("scorer", "accept_len"))
