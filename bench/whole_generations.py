@@ -17,11 +17,14 @@ generations.png, generations.json/.md, and the last line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 from spd_lightning.models.pairs import require_built
+from spd_lightning.targets.vllm_server import launch_vllm_server
 from spd_lightning.tasks.generation_report import report
 from spd_lightning.tasks.generation_sweep import families, stage_sweep
 from spd_lightning.tasks.generations import (
@@ -50,18 +53,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="response budget (toy 24, pair 384)")
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8], help="draft tokens per block")
     parser.add_argument("--points", type=int, default=8, help="thresholds per swept policy")
+    parser.add_argument("--families", nargs="+", default=None, help="sweep only these (sd kl entropy topk ...)")
+    parser.add_argument("--no-heads", action="store_true", help="sweep the rules only (no judge trained)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy below standard SD allowed")
     parser.add_argument("--steps", type=int, default=300, help="supervised head's optimiser steps")
     parser.add_argument("--train-steps", type=int, default=None, help="GRPO steps of run.py (default: its own)")
     parser.add_argument("--block-rl", default=None, help="a saved per-block judge (pair: judges/qwen_coder_grpo.pt)")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="paths completed per call (vLLM: 64 suits)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every model's")
+    parser.add_argument("--vllm", action="store_true", help="serve the target with vLLM (.venv-vllm) for completions")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
-def training_overrides(args, toy: bool, out: Path, budget: int) -> dict[str, list[str]]:
-    """The run.py command lines of the two GRPO heads (model=judge: the zero-cost judge)."""
-    common = ["model=judge", "logger=csv", f"seed={args.seed}"]
+def training_overrides(args, toy: bool, out: Path, budget: int, url: str | None) -> dict[str, list[str]]:
+    """The run.py command lines of the two GRPO heads (model=judge: the zero-cost judge), with the
+    bench's dtype and, under --vllm, its server as the target."""
+    common = ["model=judge", "logger=csv", f"seed={args.seed}", f"model.dtype={args.dtype}"]
+    if url:
+        common += ["target=vllm", f"target.url={url}", "target.model=target", "target.timeout_s=3600"]
     if args.train_steps:
         common += [f"trainer.max_steps={args.train_steps}", f"trainer.val_check_interval={min(25, args.train_steps)}"]
     gen = [*common, "rollout=generation", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
@@ -85,24 +95,47 @@ def main() -> None:
         sets = toy_sets(args.train or 320, args.choose or 96, args.test or 200)
     else:
         sets = real_sets(Path(args.data), args.train or 100, args.choose or 60, args.test or 150)
-    out = Path(
-        args.out or (ROOT / "outputs" / "generations" / "toy" if toy else ROOT / "data" / f"episodes_{args.world}")
+    default_out = (
+        ROOT / "outputs" / "generations" / "toy" if toy else ROOT / "data" / f"episodes_{args.world}_{args.dtype}"
     )
+    out = Path(args.out or default_out)
     budget = args.max_new_tokens or (24 if toy else 384)
-    world = load_world(args.world, pair, sets, out, budget, not toy, args.batch)
+    with serving(args, pair) as url:
+        pack = not toy and args.dtype == "float32"  # oneDNN-packed float32 linears (models/packed.py)
+        world = load_world(args.world, pair, sets, out, budget, pack, args.batch, args.dtype, url)
+        run_stages(args, world, toy, out, budget, url)
+
+
+@contextlib.contextmanager
+def serving(args, pair: Path):
+    """A vLLM server of the target (--vllm: both cores, the pair's dtype), or None."""
+    if not args.vllm:
+        yield None
+        return
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}
+    extra = ["--enforce-eager", "--max-model-len", "2048", "--dtype", args.dtype]
+    with launch_vllm_server(pair / "target", "target", extra_args=extra, env=env) as url:
+        yield url
+
+
+def run_stages(args, world, toy: bool, out: Path, budget: int, url: str | None) -> None:
     upto = STAGES.index(args.stage)
     for stage in STAGES[: upto + 1]:
         start = time.perf_counter()
         if stage == "responses":
             stage_responses(world)
+        elif stage == "heads" and args.no_heads:
+            heads = {}
         elif stage == "heads":
             block_rl = Path(args.block_rl) if args.block_rl else None
-            heads = stage_heads(world, training_overrides(args, toy, out, budget), max(args.k), args.steps,
-                                args.seed, block_rl)  # fmt: skip
+            overrides = training_overrides(args, toy, out, budget, url)
+            heads = stage_heads(world, overrides, max(args.k), args.steps, args.seed, block_rl)
         else:
-            results = stage_sweep(world, heads, args.k, args.points, args.tolerance)
+            results = stage_sweep(world, heads, args.k, args.points, args.tolerance, args.families)
             sample = ", ".join(f"{name}: {len(p.prompts)} problems" for name, p in world.sets.items())
-            report(results, families(heads), out, args.tolerance, f"{sample}; {budget} new tokens at most")
+            report(
+                results, families(heads), out, args.tolerance, f"{sample}; {budget} new tokens at most, {args.dtype}"
+            )
         print(f"stage {stage}: {time.perf_counter() - start:.0f} s")
 
 

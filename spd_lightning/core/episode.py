@@ -21,13 +21,20 @@ returns the Episode.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Generator
+from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-# A path: the whole response (prefix + the target's greedy continuation), at most the budget
-# long, ending with an end-of-sequence id unless the budget cut it. proposals[p]: the draft's
-# greedy token after response[:p], for every position p of the path.
-Path = tuple[list[int], list[int]]
+
+class TargetPath(NamedTuple):
+    """The whole response from some prefix on: the prefix + the target's greedy continuation, at
+    most the budget long, ending with an end-of-sequence id unless the budget cut it."""
+
+    tokens: list[int]
+    proposals: list[int]  # [p]: the draft's greedy token after tokens[:p], for every p
+    # [p]: the draft gives its proposal at p less than the loop's draft_confidence, so drafting
+    # stops after p (empty: drafting never stops early).
+    unsure: Sequence[bool] = ()
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,10 @@ class Episode:
         return len(self.response)
 
 
-Walk = Generator["Ask | Fork", "bool | Path", Episode]
+Walk = Generator["Ask | Fork", "bool | TargetPath", Episode]
 
 
-def walk(path: Path, block_size: int, eos_ids: Collection[int], max_new_tokens: int,
+def walk(path: TargetPath, block_size: int, eos_ids: Collection[int], max_new_tokens: int,
          max_forks: int | None = None) -> Walk:  # fmt: skip
     """One episode over `path` (the target's own response and the draft's proposals along it).
 
@@ -85,15 +92,17 @@ def walk(path: Path, block_size: int, eos_ids: Collection[int], max_new_tokens: 
     accepted one (send: the new path, which starts with Fork.response). Returns the Episode; it
     ends at an end-of-sequence id (kept) or after max_new_tokens tokens. max_forks caps the
     accepted mismatches (each costs a target completion): past it, every mismatch is rejected
-    without asking, counted in Episode.forced_rejects, not in its decisions."""
-    tokens, proposals = path
+    without asking, counted in Episode.forced_rejects, not in its decisions. Where the path marks
+    the draft unsure, the block's drafting stops after that token, as the cached loop's does."""
+    tokens, proposals, unsure = path
     episode, pos = Episode(), 0
     while pos < max_new_tokens:
         episode.target_calls += 1
+        drafts = block_size  # draft tokens in this block
         for i in range(block_size + 1):
             if pos >= max_new_tokens:
                 return episode
-            token, drafted = tokens[pos], i < block_size
+            token, drafted = tokens[pos], i < drafts
             if drafted and proposals[pos] != token:
                 draft = proposals[pos]
                 if max_forks is not None and episode.accepted_mismatches >= max_forks:
@@ -103,12 +112,14 @@ def walk(path: Path, block_size: int, eos_ids: Collection[int], max_new_tokens: 
                     accept = bool((yield Ask(tuple(tokens[:pos]), draft, token)))
                     episode.decisions.append(Decision(pos, draft, token, accept))
                 if accept:
-                    tokens, proposals = yield Fork((*tokens[:pos], draft))
+                    tokens, proposals, unsure = yield Fork((*tokens[:pos], draft))
                     token = draft
                 else:
                     drafted = False  # the target's correction ends the block
             episode.response.append(token)
             episode.accepted_draft_tokens += drafted
+            if i < drafts and unsure and unsure[pos]:
+                drafts = i + 1  # the draft stopped here: the next token is the target's
             pos += 1
             if token in eos_ids:
                 episode.stopped_at_eos = True

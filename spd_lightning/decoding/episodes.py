@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from spd_lightning.core.episode import Ask, Episode, Fork, Path, walk
+from spd_lightning.core.episode import Ask, Episode, Fork, TargetPath, walk
 from spd_lightning.decoding.loop import Generation
 from spd_lightning.decoding.policies import Block, Needs, Policy
 from spd_lightning.errors import VerificationError
 from spd_lightning.models.hf import id_set
-from spd_lightning.models.lm import block_states_shared, teacher_forced_argmax
+from spd_lightning.models.lm import block_states_shared, teacher_forced_logits
 from spd_lightning.verification.hybrid import CompletionCache
 
 # Target.complete: prefixes and one budget -> each prefix's greedy completion (None: failed).
@@ -41,8 +41,11 @@ class PathSource:
     keyed by prompt + response prefix (judge.inputs.DiskCompletions keeps them on disk)."""
 
     def __init__(self, complete: Complete, draft: PreTrainedModel, pad_id: int, eos_ids: Collection[int],
-                 max_new_tokens: int, store: CompletionCache | None = None, batch_size: int = 32) -> None:  # fmt: skip
+                 max_new_tokens: int, store: CompletionCache | None = None, batch_size: int = 32,
+                 draft_confidence: float | None = None) -> None:  # fmt: skip
         self.complete, self.draft, self.pad_id = complete, draft, pad_id
+        # The cached loop's early stop: drafting ends after a token the draft gives less than this.
+        self.draft_confidence = draft_confidence
         self.eos, self.max_new_tokens, self.batch_size = id_set(eos_ids), max_new_tokens, batch_size
         self.store = store if store is not None else CompletionCache(10**9)
         self._proposals: dict[tuple[int, ...], list[int]] = {}
@@ -85,21 +88,32 @@ class PathSource:
                     self.store.put(key, completion)
             self.completions += len(batch)
 
-    def proposals(self, prompt: tuple[int, ...], tokens: list[int]) -> list[int]:
-        """[p] = the draft's greedy token after prompt + tokens[:p], for every p < len(tokens)."""
+    @torch.no_grad()
+    def proposals(self, prompt: tuple[int, ...], tokens: list[int]) -> tuple[list[int], list[bool]]:
+        """([p] the draft's greedy token after prompt + tokens[:p], [p] whether it gives that token
+        less than draft_confidence (empty without one)), for every p < len(tokens)."""
         key = prompt + tuple(tokens)
         if key not in self._proposals:
-            argmax = teacher_forced_argmax(self.draft, [list(prompt)], [list(tokens)], self.pad_id) if tokens else [[]]
-            self._proposals[key] = argmax[0]
+            if not tokens:
+                self._proposals[key] = ([], [])
+            else:
+                logits = teacher_forced_logits(self.draft, [list(prompt)], [list(tokens)], self.pad_id)[
+                    0, :-1
+                ]  # [L, V]
+                unsure = []
+                if self.draft_confidence is not None:
+                    unsure = (torch.softmax(logits, dim=-1).max(-1).values < self.draft_confidence).tolist()
+                self._proposals[key] = (logits.argmax(-1).tolist(), unsure)
         return self._proposals[key]
 
-    def paths(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> list[Path]:
-        """The path from each response prefix: (prefix + the target's completion, proposals)."""
+    def paths(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> list[TargetPath]:
+        """The path from each response prefix: prefix + the target's completion, with the draft's
+        proposals along it."""
         self.fill(prompts, responses)
         out = []
         for prompt, response in zip(prompts, responses):
             tokens = list(response) + list(self.store.get(prompt + response))
-            out.append((tokens, self.proposals(prompt, tokens)))
+            out.append(TargetPath(tokens, *self.proposals(prompt, tokens)))
         return out
 
 

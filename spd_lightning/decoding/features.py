@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from spd_lightning.core.episode import Ask
+from spd_lightning.core.episode import Ask, TargetPath
 from spd_lightning.core.rules import token_features
 from spd_lightning.judge.head import JudgeHead, JudgeInputs, judge_token_features
 from spd_lightning.models.lm import block_states_shared
@@ -78,9 +78,9 @@ class FeatureCache:
                     rules.target_top1[i, :1], hidden[i : i + 1],
                 )  # fmt: skip
 
-    def prefetch(self, prompt: tuple[int, ...], path: tuple[list[int], list[int]], start: int) -> None:
+    def prefetch(self, prompt: tuple[int, ...], path: TargetPath, start: int) -> None:
         """Every mismatch of `path` at or after response position `start`, in one go."""
-        tokens, proposals = path
+        tokens, proposals = path.tokens, path.proposals
         keys = [
             (prompt + tuple(tokens[:p]), proposals[p]) for p in range(start, len(tokens)) if proposals[p] != tokens[p]
         ]

@@ -7,7 +7,6 @@ from pathlib import Path
 from spd_lightning.reporting.names import INITIAL, POLICIES, VAL_METRICS, VAL_POLICIES, val_key
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 
-
 CALLS = "target_calls_per_token"
 
 

@@ -39,7 +39,7 @@ def table_for(k: int, by_family: dict, families: list[Family], tolerance: float)
         f"K = {k}, {len(sd.correct)} test problems, thresholds chosen on the choosing set",
         ["policy", "thr", "acc %", "95% CI", "agree %", "tok/call", "x SD", "+/- (p)"],
     )
-    for family in families:
+    for family in (f for f in families if f.name in by_family):
         point: Point = by_family[family.name]["chosen"]
         if family.name == "accept_all":  # one point, whatever it costs
             point = by_family[family.name]["test"][0]
@@ -64,7 +64,7 @@ def plot_curves(results: dict, families: list[Family], out_png: Path) -> Path:
     ks = sorted(results)
     fig, axes = plt.subplots(1, len(ks), figsize=(6.5 * len(ks), 5.2), squeeze=False)
     for ax, k in zip(axes[0], ks):
-        for family in families:
+        for family in (f for f in families if f.name in results[k]):
             points = sorted(results[k][family.name]["test"], key=lambda p: p.tokens_per_call)
             x, y = [p.tokens_per_call for p in points], [p.accuracy for p in points]
             line = ax.plot(x, y, marker="o", ms=3, label=family.label, alpha=0.85)[0]
@@ -84,13 +84,14 @@ def plot_curves(results: dict, families: list[Family], out_png: Path) -> Path:
 
 
 def last_line(results: dict) -> str:
+    """The bench's last line at the largest K (nan for a family that did not run)."""
     k = max(results)
     figures = []
     for name, short in LINE_NAMES.items():
-        if name in results[k]:
-            figures.append(f"{short}_tpc={results[k][name]['chosen'].tokens_per_call:.3f}")
-        if name in ("gen_rl", "sd") and name in results[k]:
-            figures.append(f"{short}_accuracy={results[k][name]['chosen'].accuracy:.3f}")
+        chosen = results[k][name]["chosen"] if name in results[k] else None
+        figures.append(f"{short}_tpc={chosen.tokens_per_call if chosen else float('nan'):.3f}")
+        if name in ("gen_rl", "sd"):
+            figures.append(f"{short}_accuracy={chosen.accuracy if chosen else float('nan'):.3f}")
     n = len(results[k]["sd"]["test"][0].correct)
     return " ".join(figures) + f" n={n}"
 

@@ -106,7 +106,7 @@ class SetRun:
 def own_answers(world, run: SetRun) -> None:
     """The final answer of the target's own response to every prompt (None: it wrote none)."""
     paths = world.source.paths(run.prompts, [()] * len(run.prompts))
-    run.own = [extract_final_number(world.decode(tokens)) for tokens, _ in paths]
+    run.own = [extract_final_number(world.decode(path.tokens)) for path in paths]
 
 
 def decide_fixed(keep: bool):
@@ -178,9 +178,11 @@ def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, cache: 
     return out
 
 
-def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, tolerance: float) -> dict:
+def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, tolerance: float,
+                names: list[str] | None = None) -> dict:  # fmt: skip
     """For every K and family: the sweep on both sets, the threshold chosen on `choose`, and its
-    point on `test`. -> {K: {family: {"choose": [Point], "test": [Point], "chosen": Point}}}."""
+    point on `test`; `names`: only these families (standard SD always). -> {K: {family: {"choose":
+    [Point], "test": [Point], "chosen": Point}}}."""
     folder = world.out / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
     cache = FeatureCache(world.draft, world.target, world.source.pad_id)
@@ -190,7 +192,8 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, 
         own_answers(world, runs[name])
     results: dict = {}
     for k in ks:
-        by_family = {f.name: sweep_family(world, runs, f, k, cache, points, folder) for f in families(heads)}
+        chosen = [f for f in families(heads) if names is None or f.name in names or f.name == "sd"]
+        by_family = {f.name: sweep_family(world, runs, f, k, cache, points, folder) for f in chosen}
         sd_choose = by_family["sd"]["choose"][0]
         for sets in by_family.values():
             pick = choose(sets["choose"], sd_choose, tolerance)

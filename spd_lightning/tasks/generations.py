@@ -31,6 +31,7 @@ from spd_lightning.judge.inputs import DiskCompletions
 from spd_lightning.models.hf import load_tokenizer, pad_id_of, response_end_ids
 from spd_lightning.models.packed import pack_linears
 from spd_lightning.targets.local import LocalTarget, load_causal_lm
+from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.toy.build import SHIPPED_WORLD
 from spd_lightning.toy.raw import toy_prompts
 
@@ -97,15 +98,21 @@ def load_problems(spec: ProblemSet, tokenizer) -> Problems:
     return Problems([tuple(p) for p in ids], [p.answer or "" for p in prompts])
 
 
-def load_world(name: str, pair: Path, sets: list[ProblemSet], out: Path, max_new_tokens: int,
-               pack: bool, batch_size: int) -> World:  # fmt: skip
-    """The pair (float32), its problem sets and the completion store out/completions.jsonl."""
+def load_world(name: str, pair: Path, sets: list[ProblemSet], out: Path, max_new_tokens: int, pack: bool,
+               batch_size: int, dtype: str = "float32", target_url: str | None = None) -> World:  # fmt: skip
+    """The pair in `dtype`, its problem sets and the completion store out/completions.jsonl. The
+    target completes paths in-process, or on the vLLM server at `target_url` (serving the same
+    target in the same dtype; the in-process target then computes only the judge's features)."""
     tokenizer = load_tokenizer(str(pair / "target"), True)
-    draft = load_causal_lm(str(pair / "draft"), "float32", "cpu", "draft model", "--pair", None)
-    target = load_causal_lm(str(pair / "target"), "float32", "cpu", "target model", "--pair", None)
+    draft = load_causal_lm(str(pair / "draft"), dtype, "cpu", "draft model", "--pair", None)
+    target = load_causal_lm(str(pair / "target"), dtype, "cpu", "target model", "--pair", None)
     for model in (draft, target) if pack else ():
         pack_linears(model)
-    backend = LocalTarget.from_model(target, max_new_tokens, batch_size)
+    if target_url:
+        backend = VLLMTarget(url=target_url, model="target", max_new_tokens=max_new_tokens, timeout_s=3600.0)
+        backend.check_tokenizer(tokenizer)
+    else:
+        backend = LocalTarget.from_model(target, max_new_tokens, batch_size)
     eos, pad = response_end_ids(target, tokenizer), pad_id_of(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     store = DiskCompletions(out / "completions.jsonl")
@@ -138,14 +145,14 @@ def mine_labels(world: World, prompts: list[tuple[int, ...]], block_size: int):
     important (label 0, rejected) when it changes. -> (prompts [N], Asks [N], labels [N] bool)."""
     own = {
         p: extract_final_number(world.decode(t))
-        for p, (t, _) in zip(prompts, world.source.paths(prompts, [()] * len(prompts)))
+        for p, (t, *_) in zip(prompts, world.source.paths(prompts, [()] * len(prompts)))
     }
     seen: list[tuple[tuple[int, ...], Ask, bool]] = []
 
     def decide(batch_prompts, asks):
         forks = world.source.paths(batch_prompts, [a.response + (a.draft,) for a in asks])
         verdicts = []
-        for prompt, ask, (tokens, _) in zip(batch_prompts, asks, forks):
+        for prompt, ask, (tokens, *_) in zip(batch_prompts, asks, forks):
             answer = own[prompt]
             harmless = answer is not None and gsm8k_final_number(world.decode(tokens), answer)
             seen.append((prompt, ask, harmless))
@@ -180,10 +187,12 @@ def head_from_checkpoint(ckpt: Path) -> JudgeHead:
 
 
 def train_with_run_py(out: Path, overrides: list[str]) -> Path:
-    """`python run.py <overrides>` into `out` (skipped when its last checkpoint is there)."""
+    """`python run.py <overrides>` into `out`: skipped once it wrote summary.json; resumed from its
+    last checkpoint when an earlier run was cut short."""
     ckpt = out / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        command = [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={out}"]
+    if not (out / "summary.json").is_file():
+        resume = [f"ckpt_path={ckpt}"] if ckpt.is_file() else []
+        command = [sys.executable, str(ROOT / "run.py"), *overrides, *resume, f"hydra.run.dir={out}"]
         log.info("training: %s", " ".join(command[1:]))
         subprocess.run(command, check=True, cwd=ROOT)
     return ckpt

@@ -121,6 +121,7 @@ def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, Gene
         speed=rollout.speed,
         max_forks=rollout.max_forks,
         completions_path=rollout.completions,
+        draft_dtype=cfg.model.dtype,  # the draft proposes in the scorer's dtype
         **cfg.module,
     )
     return datamodule, module

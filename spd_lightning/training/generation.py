@@ -72,6 +72,7 @@ class GenerationModule(SPDModule):
         speed: str = "calls_saved",
         max_forks: int | None = None,
         completions_path: str | None = None,
+        draft_dtype: str = "float32",
         threshold: float = 0.5,
         backbone_lr_scale: float = 0.1,
         grad_clip: float = 1.0,
@@ -84,7 +85,7 @@ class GenerationModule(SPDModule):
         self.pad_id = pad_id_of(verifier.tokenizer)
         # The draft's proposals along every path come from the draft as a causal LM (the scorer's
         # backbone has no LM head); frozen, outside the module tree, so no checkpoint holds it.
-        self._draft = [load_causal_lm(draft_path, "float32", "cpu", "draft model", "rollout.draft_path").eval()]
+        self._draft = [load_causal_lm(draft_path, draft_dtype, "cpu", "draft model", "pair.draft").eval()]
         eos = verifier.eos
         # Completions kept on disk (rollout.completions) outlive the run: a rerun, task=decode's
         # bench and other runs on the same prompts read them instead of generating again.
@@ -246,7 +247,7 @@ def mismatches_along(prompts: list[tuple[int, ...]], paths) -> list[tuple[tuple[
     """(prompt, Ask) at every position of each path where the draft's proposal differs."""
     return [
         (prompt, Ask(tuple(tokens[:p]), proposals[p], tokens[p]))
-        for prompt, (tokens, proposals) in zip(prompts, paths)
+        for prompt, (tokens, proposals, _) in zip(prompts, paths)
         for p in range(len(tokens))
         if proposals[p] != tokens[p]
     ]

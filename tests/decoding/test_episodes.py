@@ -9,7 +9,7 @@ import torch
 from spd_lightning.data.prompts import encode_prompts
 from spd_lightning.decoding.episodes import DecisionInputs, PathSource, PolicyDecider, run_episodes
 from spd_lightning.decoding.features import FeatureCache, FeatureDecider, judge_score, kl_score
-from spd_lightning.decoding.loop import LoopSettings, generate
+from spd_lightning.decoding.loop import LoopSettings, generate, generate_cached
 from spd_lightning.decoding.policies import accept_all, judge_policy, kl_policy, reject_all, scorer_policy
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
 from spd_lightning.models.hf import pad_id_of, response_end_ids
@@ -92,3 +92,22 @@ def test_the_kl_rule_on_cached_features_decides_as_the_policy(world):
     policy = run_episodes(tuples, PolicyDecider(kl_policy(0.5, 0.9), DecisionInputs(draft, target, pad)), source, 4)
     assert [e.response for e in cached] == [e.response for e in policy]
     assert sum(e.accepted_mismatches for e in cached) > 0
+
+
+def test_an_early_stop_on_the_drafts_confidence_moves_the_walks_blocks_as_the_cached_loops(world, toy_world):
+    draft, target, prompts, eos, pad = world
+    confidence = 0.9
+    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW,
+                        draft_confidence=confidence)  # fmt: skip
+    inputs = DecisionInputs(draft, target, pad)
+    settings = LoopSettings(4, MAX_NEW, eos, pad, batch_size=1, draft_confidence=confidence)
+    calls = {}
+    for policy in (reject_all, accept_all, kl_policy(0.5)):
+        loop = generate_cached(draft, target, prompts, policy, settings)
+        episodes = run_episodes([tuple(p) for p in prompts], PolicyDecider(policy, inputs), source, 4)
+        assert [e.response for e in episodes] == [g.response_ids for g in loop], policy.name
+        assert [e.target_calls for e in episodes] == [g.target_calls for g in loop], policy.name
+        calls[policy.name] = [e.target_calls for e in episodes]
+    plain = run_episodes([tuple(p) for p in prompts], PolicyDecider(reject_all, inputs),
+                         PathSource(source.complete, draft, pad, eos, MAX_NEW), 4)  # fmt: skip
+    assert [e.target_calls for e in plain] != calls["standard_sd"]  # the stop did move block boundaries
