@@ -85,7 +85,10 @@ class GenerationModule(SPDModule):
         self.pad_id = pad_id_of(verifier.tokenizer)
         # The draft's proposals along every path come from the draft as a causal LM (the scorer's
         # backbone has no LM head); frozen, outside the module tree, so no checkpoint holds it.
-        self._draft = [load_causal_lm(draft_path, draft_dtype, "cpu", "draft model", "pair.draft").eval()]
+        if isinstance(scorer, ZeroCostJudge):  # it holds the draft already
+            self._draft = [scorer.models.draft]
+        else:
+            self._draft = [load_causal_lm(draft_path, draft_dtype, "cpu", "draft model", "pair.draft").eval()]
         eos = verifier.eos
         # Completions kept on disk (rollout.completions) outlive the run: a rerun, task=decode's
         # bench and other runs on the same prompts read them instead of generating again.
