@@ -20,6 +20,8 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -85,6 +87,8 @@ def training_overrides(args, toy: bool, out: Path, budget: int, url: str | None)
 
 
 def main() -> None:
+    # A stage stopped with SIGTERM unwinds as from an exception: the vLLM server it started stops too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     toy = args.world == "toy"

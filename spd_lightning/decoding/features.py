@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -85,6 +86,21 @@ class FeatureCache:
             (prompt + tuple(tokens[:p]), proposals[p]) for p in range(start, len(tokens)) if proposals[p] != tokens[p]
         ]
         self._compute(keys)
+
+    def save(self, path: Path) -> None:
+        """Every row computed so far, to one file (a later run's `load` skips their model passes)."""
+        keys = list(self._rows)
+        if keys:
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"keys": keys, "rows": vars(MismatchFeatures.stack([self._rows[k] for k in keys]))}, tmp)
+            tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        if path.is_file():
+            saved = torch.load(path, weights_only=False)
+            rows = MismatchFeatures(**saved["rows"])
+            for i, key in enumerate(saved["keys"]):
+                self._rows[tuple(key[0]), key[1]] = rows.row(i)
 
     def get(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> MismatchFeatures:
         keys = [(p + a.response, a.draft) for p, a in zip(prompts, asks)]

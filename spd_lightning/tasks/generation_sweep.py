@@ -171,9 +171,17 @@ def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, cache: 
                  folder: Path) -> dict[str, list[Point]]:  # fmt: skip
     """The family's grid (from the choosing set's scores) on the choosing and the test set."""
     grid = thresholds_for(world, runs["choose"], family, cache, points)
+    cache.save(folder / "features.pt")
     out = {}
     for name in ("choose", "test"):
-        make = lambda name=name: [evaluate_point(world, runs[name], family, t, k, cache) for t in grid]  # noqa: E731
+
+        def make(name=name) -> list[Point]:
+            made = []
+            for t in grid:
+                made.append(evaluate_point(world, runs[name], family, t, k, cache))
+                cache.save(folder / "features.pt")  # a run cut short keeps the model passes it made
+            return made
+
         out[name] = _cached_points(folder / f"K{k}_{name}_{family.name}.json", make)
     return out
 
@@ -186,6 +194,7 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, 
     folder = world.out / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
     cache = FeatureCache(world.draft, world.target, world.source.pad_id)
+    cache.load(folder / "features.pt")
     runs = {}
     for name in ("choose", "test"):
         runs[name] = SetRun(world.sets[name].prompts, world.sets[name].answers)

@@ -111,3 +111,18 @@ def test_an_early_stop_on_the_drafts_confidence_moves_the_walks_blocks_as_the_ca
     plain = run_episodes([tuple(p) for p in prompts], PolicyDecider(reject_all, inputs),
                          PathSource(source.complete, draft, pad, eos, MAX_NEW), 4)  # fmt: skip
     assert [e.target_calls for e in plain] != calls["standard_sd"]  # the stop did move block boundaries
+
+
+def test_cached_features_survive_a_save_and_a_load(world, tmp_path):
+    draft, target, prompts, eos, pad = world
+    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
+    cache = FeatureCache(draft, target, pad)
+    path = source.paths([tuple(prompts[0])], [()])[0]
+    cache.prefetch(tuple(prompts[0]), path, 0)
+    assert len(cache) > 0
+    cache.save(tmp_path / "features.pt")
+    loaded = FeatureCache(None, None, pad)  # no model: every row must come from the file
+    loaded.load(tmp_path / "features.pt")
+    assert len(loaded) == len(cache)
+    key = next(iter(cache._rows))
+    assert torch.equal(loaded._rows[key].target_hidden, cache._rows[key].target_hidden)
