@@ -32,6 +32,7 @@ from spd_lightning.tasks.generation_sweep import families, stage_sweep
 from spd_lightning.tasks.generations import (
     ROOT,
     TOY_PAIR,
+    WorldSettings,
     load_world,
     real_sets,
     stage_heads,
@@ -106,7 +107,7 @@ def main() -> None:
     budget = args.max_new_tokens or (24 if toy else 384)
     with serving(args, pair) as url:
         pack = not toy and args.dtype == "float32"  # oneDNN-packed float32 linears (models/packed.py)
-        world = load_world(args.world, pair, sets, out, budget, pack, args.batch, args.dtype, url)
+        world = load_world(args.world, WorldSettings(pair, sets, out, budget, pack, args.batch, args.dtype, url))
         run_stages(args, world, toy, out, budget, url)
 
 

@@ -98,15 +98,30 @@ def load_problems(spec: ProblemSet, tokenizer) -> Problems:
     return Problems([tuple(p) for p in ids], [p.answer or "" for p in prompts])
 
 
-def load_world(name: str, pair: Path, sets: list[ProblemSet], out: Path, max_new_tokens: int, pack: bool,
-               batch_size: int, dtype: str = "float32", target_url: str | None = None) -> World:  # fmt: skip
-    """The pair in `dtype`, its problem sets and the completion store out/completions.jsonl. The
-    target completes paths in-process, or on the vLLM server at `target_url` (serving the same
-    target in the same dtype; the in-process target then computes only the judge's features)."""
+@dataclass(frozen=True)
+class WorldSettings:
+    """How a world is loaded: the pair, its problem sets, where its stages are kept."""
+
+    pair: Path  # a directory with draft/ and target/
+    sets: list[ProblemSet]
+    out: Path  # the completion store and every stage's files
+    max_new_tokens: int
+    pack: bool = False  # pack the float32 linear layers for oneDNN (models/packed.py)
+    batch_size: int = 16  # paths completed per call
+    dtype: str = "float32"
+    target_url: str | None = None  # a vLLM server of the target; None: in-process
+
+
+def load_world(name: str, settings: WorldSettings) -> World:
+    """The pair in settings.dtype, its problem sets and the completion store out/completions.jsonl.
+    The target completes paths in-process, or on the vLLM server at settings.target_url (serving
+    the same target in the same dtype; the in-process target then computes the judge's features)."""
+    pair, out, max_new_tokens, dtype = settings.pair, settings.out, settings.max_new_tokens, settings.dtype
+    batch_size, target_url, sets = settings.batch_size, settings.target_url, settings.sets
     tokenizer = load_tokenizer(str(pair / "target"), True)
     draft = load_causal_lm(str(pair / "draft"), dtype, "cpu", "draft model", "--pair", None)
     target = load_causal_lm(str(pair / "target"), dtype, "cpu", "target model", "--pair", None)
-    for model in (draft, target) if pack else ():
+    for model in (draft, target) if settings.pack else ():
         pack_linears(model)
     if target_url:
         backend = VLLMTarget(url=target_url, model="target", max_new_tokens=max_new_tokens, timeout_s=3600.0)

@@ -13,6 +13,7 @@ from spd_lightning.tasks.generation_report import report
 from spd_lightning.tasks.generation_sweep import families, stage_sweep
 from spd_lightning.tasks.generations import (
     ROOT,
+    WorldSettings,
     fit_supervised_head,
     load_world,
     mine_labels,
@@ -23,7 +24,7 @@ from spd_lightning.tasks.generations import (
 
 @pytest.fixture
 def world(toy_world, tmp_path):
-    w = load_world("toy", toy_world, toy_sets(24, 16, 24), tmp_path, 24, False, 16)
+    w = load_world("toy", WorldSettings(toy_world, toy_sets(24, 16, 24), tmp_path, 24))
     stage_responses(w)
     return w
 
@@ -38,7 +39,8 @@ def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(worl
     accept_all = results[2]["accept_all"]["test"][0]
     assert accept_all.tokens_per_call > sd.tokens_per_call and accept_all.accuracy < sd.accuracy
     line = report(results, families({"supervised": head}), tmp_path, 0.01, "test sample")
-    assert line.startswith("sup_tpc=") and "sd_accuracy=" in line and line.endswith("n=24")
+    assert line.startswith("gen_rl_tpc=nan gen_rl_accuracy=nan block_rl_tpc=nan sup_tpc=")  # heads not given: nan
+    assert "sd_accuracy=" in line and line.endswith("n=24")
     assert (tmp_path / "generations.png").is_file() and "Machine:" in (tmp_path / "generations.md").read_text()
     again = stage_sweep(world, {"supervised": head}, [2], 2, 0.01)  # read back from disk
     assert again[2]["sd"]["test"][0].correct == sd.correct
