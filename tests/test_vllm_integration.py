@@ -16,10 +16,16 @@ import pytest
 from transformers import AutoTokenizer
 
 from spd_lightning.core.sampling import hybrid_prefix
+from spd_lightning.data.prompts import encode_prompts
 from spd_lightning.data.records import load_records
-from spd_lightning.targets.local import LocalTarget
+from spd_lightning.decoding.episodes import DecisionInputs, PathSource, PolicyDecider, run_episodes
+from spd_lightning.decoding.loop import LoopSettings, generate
+from spd_lightning.decoding.policies import accept_all, kl_policy, reject_all
+from spd_lightning.models.hf import pad_id_of, response_end_ids
+from spd_lightning.targets.local import LocalTarget, load_causal_lm
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import find_vllm_python, launch_vllm_server
+from spd_lightning.toy.raw import toy_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +140,22 @@ def test_prepare_with_a_vllm_target_equals_in_process(vllm_url: str, toy_world: 
     prepare(compose_train([*common, *served], tmp_path))
     expected = (tmp_path / "local" / "records.jsonl").read_text()
     assert expected and (tmp_path / "vllm" / "records.jsonl").read_text() == expected
+
+
+def test_episodes_over_a_vllm_target_write_the_decoding_loops_tokens(vllm_url: str, toy_world: Path, tokenizer):
+    """Whole-generation episodes whose forks a real vLLM server completes, against the in-process loop."""
+    draft = load_causal_lm(str(toy_world / "draft"), "float32", "cpu")
+    target = load_causal_lm(str(toy_world / "target"), "float32", "cpu")
+    prompts = encode_prompts(tokenizer, toy_prompts(30, 1000))
+    eos, pad = response_end_ids(target, tokenizer), pad_id_of(tokenizer)
+    remote = VLLMTarget(url=vllm_url, model=MODEL, max_new_tokens=24)
+    remote.check_tokenizer(tokenizer)
+    source = PathSource(remote.complete, draft, pad, eos, 24)
+    for policy in (reject_all, accept_all, kl_policy(0.5)):
+        loop = generate(draft, target, prompts, policy, LoopSettings(4, 24, eos, pad, 64))
+        episodes = run_episodes(
+            [tuple(p) for p in prompts], PolicyDecider(policy, DecisionInputs(draft, target, pad)), source, 4
+        )
+        assert [e.response for e in episodes] == [g.response_ids for g in loop], policy.name
+        assert [e.target_calls for e in episodes] == [g.target_calls for g in loop], policy.name
+    assert source.completions > len(prompts)  # forks went to the server
