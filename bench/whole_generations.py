@@ -61,7 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy below standard SD allowed")
     parser.add_argument("--steps", type=int, default=300, help="supervised head's optimiser steps")
     parser.add_argument("--train-steps", type=int, default=None, help="GRPO steps of run.py (default: its own)")
-    parser.add_argument("--block-rl", default=None, help="a saved per-block judge (pair: judges/qwen_coder_grpo.pt)")
+    parser.add_argument(
+        "--block-rl", default=None, help="a saved per-block judge (default, real pair: judges/qwen_coder_grpo.pt)"
+    )
     parser.add_argument("--batch", type=int, default=16, help="paths completed per call (vLLM: 64 suits)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every model's")
     parser.add_argument("--vllm", action="store_true", help="serve the target with vLLM (.venv-vllm) for completions")
@@ -70,21 +72,22 @@ def parse_args() -> argparse.Namespace:
 
 
 def training_overrides(args, toy: bool, out: Path, budget: int, url: str | None) -> dict[str, list[str]]:
-    """The run.py command lines of the two GRPO heads (model=judge: the zero-cost judge), with the
-    bench's dtype and, under --vllm, its server as the target."""
-    common = ["model=judge", "logger=csv", f"seed={args.seed}", f"model.dtype={args.dtype}"]
-    if url:
-        common += ["target=vllm", f"target.url={url}", "target.model=target", "target.timeout_s=3600"]
+    """The run.py command lines of the two GRPO heads (model=judge: the zero-cost judge): on the
+    real pair experiment=qwen_coder_generations, with the bench's server, dtype and store."""
+    common = [f"seed={args.seed}", "logger=csv"]
     if args.train_steps:
         common += [f"trainer.max_steps={args.train_steps}", f"trainer.val_check_interval={min(25, args.train_steps)}"]
-    gen = [*common, "rollout=generation", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
-           f"rollout.completions={out / 'completions.jsonl'}"]  # fmt: skip
+    store = f"rollout.completions={out / 'completions.jsonl'}"
     if toy:  # the bench's train prompts are rollout=generation's: 320 (or --train) of seed 2000
-        gen.append(f"data.num_prompts={args.train or 320}")
-    else:
-        data = Path(args.data) / "train.jsonl"
-        gen += ["pair=qwen_coder", "data=gsm8k", f"data.raw={data}", f"data.limit={args.train or 100}"]
-    return {"block_rl": common, "gen_rl": gen}
+        gen = ["rollout=generation", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
+               f"data.num_prompts={args.train or 320}"]  # fmt: skip
+        return {"block_rl": ["model=judge", *common], "gen_rl": ["model=judge", *gen, store, *common]}
+    gen = ["experiment=qwen_coder_generations", f"data.raw={Path(args.data) / 'train.jsonl'}",
+           f"data.limit={args.train or 100}", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
+           f"model.dtype={args.dtype}", store, *common]  # fmt: skip
+    if url is None:
+        raise SystemExit("error: the real pair's GRPO head trains against a vLLM server: add --vllm")
+    return {"block_rl": [], "gen_rl": [*gen, f"target.url={url}", "target.model=target"]}
 
 
 def main() -> None:
@@ -132,7 +135,7 @@ def run_stages(args, world, toy: bool, out: Path, budget: int, url: str | None) 
         elif stage == "heads" and args.no_heads:
             heads = {}
         elif stage == "heads":
-            block_rl = Path(args.block_rl) if args.block_rl else None
+            block_rl = Path(args.block_rl) if args.block_rl else None if toy else ROOT / "judges" / "qwen_coder_grpo.pt"
             overrides = training_overrides(args, toy, out, budget, url)
             heads = stage_heads(world, overrides, max(args.k), args.steps, args.seed, block_rl)
         else:

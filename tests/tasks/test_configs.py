@@ -63,6 +63,15 @@ EXTRA_OVERRIDES: dict[str, list[str]] = {
         "target.url={fake_vllm}",
         "target.model=toy-target",
     ],
+    "experiment/qwen_coder_generations.yaml": [
+        "toy=default",
+        "pair.draft={toy}/draft",
+        "pair.target={toy}/target",
+        "data.raw={raw}",
+        "target.url={fake_vllm}",
+        "target.model=toy-target",
+        "model.dtype=float32",
+    ],
     # Never online from a test (WandbLogger only starts a run when first used, but to be sure).
     "logger/wandb.yaml": ["logger.wandb.mode=offline"],
     # A raw prompt file of two lines, written by the test ("{raw}").
