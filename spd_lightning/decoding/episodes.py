@@ -111,7 +111,10 @@ class PathSource:
         proposals along it."""
         self.fill(prompts, responses)
         out = []
-        for prompt, response in zip(prompts, responses):
+        rows = zip(prompts, responses)
+        for prompt, response in tqdm(
+            rows, total=len(prompts), desc="draft proposals", leave=False, disable=len(prompts) < 8
+        ):
             tokens = list(response) + list(self.store.get(prompt + response))
             out.append(TargetPath(tokens, *self.proposals(prompt, tokens)))
         return out

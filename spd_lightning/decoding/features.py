@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from spd_lightning.core.episode import Ask, TargetPath
@@ -64,7 +65,8 @@ class FeatureCache:
     @torch.no_grad()
     def _compute(self, keys: list[Key]) -> None:
         keys = sorted(set(k for k in keys if k not in self._rows))  # branches of one trunk side by side
-        for start in range(0, len(keys), self.batch_size):
+        starts = range(0, len(keys), self.batch_size)
+        for start in tqdm(starts, desc="mismatch features", unit="batch", leave=False, disable=len(starts) < 4):
             chunk = keys[start : start + self.batch_size]
             contexts, drafts = [list(c) for c, _ in chunk], [[d] for _, d in chunk]
             t_logits, t_hidden = block_states_shared(self.target, contexts, drafts, self.pad_id)  # [B, 2, V], [B, 1, H]
