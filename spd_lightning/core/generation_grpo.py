@@ -64,7 +64,7 @@ class GenerationGRPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         if num_episodes < 2:
-            raise ValueError(f"rollout.num_episodes must be >= 2 for a group baseline, got {num_episodes}")
+            raise ValueError(f"loss.num_episodes must be >= 2 for a group baseline, got {num_episodes}")
         self.num_episodes, self.scale_std = num_episodes, scale_std
         self.clip_low, self.clip_high = clip_low, clip_high
         self.kl_coef, self.entropy_coef = kl_coef, entropy_coef

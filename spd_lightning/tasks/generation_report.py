@@ -113,10 +113,10 @@ def report(results: dict, families: list[Family], out: Path, tolerance: float, s
         "tok/call: generated tokens per target call; x SD: against standard SD's; +/- (p): test answers right "
         "here and wrong under standard SD, and the reverse (exact McNemar p); agree: the target's own final "
         "answer kept.",
-        f"curves: {png}",
+        f"curves: {png.name}, beside this table's file",
     )
     write_markdown(out / "generations.md", tables, notes, sample)
-    print_tables(*tables, notes=notes)
+    print_tables(*tables, notes=(*notes, f"written to {out}"))
     line = last_line(results)
     print(line)
     return line
