@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, fields
 
+from spd_lightning.data.answers import extract_final_number
+from spd_lightning.data.prompts import Prompt
 from spd_lightning.errors import SetupError
 from spd_lightning.models.hf import id_set
-from spd_lightning.data.prompts import Prompt
 from spd_lightning.targets.base import Target
-from spd_lightning.data.answers import extract_final_number
 
 REFERENCES = ("dataset", "target")
 

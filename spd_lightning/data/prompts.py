@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from spd_lightning.errors import RecordError, SetupError
 from spd_lightning.data.textfiles import utf8_lines
+from spd_lightning.errors import RecordError, SetupError
 
 log = logging.getLogger(__name__)
 

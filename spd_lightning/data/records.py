@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from spd_lightning.errors import RecordError
 from spd_lightning.data.textfiles import utf8_lines
+from spd_lightning.errors import RecordError
 
 REQUIRED_FIELDS = ("context_ids", "prompt_len", "draft_ids", "target_ids", "reference")
 
