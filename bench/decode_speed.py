@@ -64,6 +64,7 @@ from spd_lightning.models.packed import pack_linears
 from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.plots import plot_speed
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
+from spd_lightning.tasks.speed import CallCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("hf_greedy", "hf_assisted", "hf_assisted_packed")  # the anchors every method is divided by
@@ -71,17 +72,6 @@ BASES = ("hf_greedy", "hf_assisted", "hf_assisted_packed")  # the anchors every 
 OURS = {name: f"ours: {SPECS[name].short}" for name in DECODE_POLICIES if not SPECS[name].needs.scorer}
 NAMES = {"hf_greedy": "HF greedy", "hf_assisted": "HF assisted",
          "hf_assisted_packed": "HF assisted, packed", **OURS}  # fmt: skip
-
-
-class CallCounter:
-    """Counts a model's forward passes (a hook; generate() and our loop alike)."""
-
-    def __init__(self, model) -> None:
-        self.calls = 0
-        model.register_forward_pre_hook(self._count)
-
-    def _count(self, *_):
-        self.calls += 1
 
 
 def run_hf(target, draft, prompts, args, eos, pad, counter) -> dict:
@@ -198,7 +188,9 @@ def load_setup(args) -> DecodingSetup:
     ours = [m for m in args.methods if m in OURS]
     settings = PolicySettings(kl_threshold=args.kl_threshold, judge_threshold=args.judge_threshold)
     judge = args.judge if "judge" in ours or "kl_below" in ours else None
-    source = PairSettings(str(pair / "draft"), str(pair / "target"), args.dtype, "cpu", False, "--pair", "--pair")
+    source = PairSettings(
+        str(pair / "draft"), str(pair / "target"), args.dtype, "cpu", False, draft_key="--pair", target_key="--pair"
+    )
     setup = build_decoding(source, ours or ["greedy"], settings, judge, keys=("--methods", "--judge"))
     # generate() merges the model's generation_config.json into any config it is given: Qwen's
     # repetition penalty and sampling defaults would make it something other than greedy.

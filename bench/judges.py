@@ -78,7 +78,9 @@ def main() -> None:
         scorer_lr=args.scorer_lr or (3e-3 if toy else 3e-4),
         tolerance=args.tolerance,
     )
-    source = PairSettings(str(pair / "draft"), str(pair / "target"), args.dtype, "cpu", False, "--pair", "--pair")
+    source = PairSettings(
+        str(pair / "draft"), str(pair / "target"), args.dtype, "cpu", False, draft_key="--pair", target_key="--pair"
+    )
     out = Path(args.out or ROOT / "outputs" / "judges" / args.world)
     train_and_compare(settings, source, out, args.world, args.seed)
 

@@ -16,32 +16,16 @@ there: MKL re-lays-out the weights for every small product, which packing once a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from spd_lightning.models.packed import pack_linears
+from spd_lightning.models.packed import pack_linears, pass_seconds
 from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.targets.local import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@torch.no_grad()
-def pass_seconds(model, context: int, n: int, repeats: int) -> float:
-    prompt = torch.randint(100, 1000, (1, context))
-    cache = model(input_ids=prompt, use_cache=True).past_key_values
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        new = torch.randint(100, 1000, (1, n))
-        start = time.perf_counter()
-        model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=n)
-        times.append(time.perf_counter() - start)
-        cache.crop(-n)
-    return statistics.median(times[1:])
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from spd_lightning.models.hf import (
     pad_id_of,
     response_end_ids,
 )
-from spd_lightning.models.packed import pack_linears
+from spd_lightning.models.packed import can_pack, pack_if_faster, pack_linears
+from spd_lightning.models.vocab_head import corpus_token_rows, frequent_tokens, restrict_output_layer
 from spd_lightning.targets.local import load_causal_lm
 
 
@@ -37,8 +38,13 @@ class PairSettings:
     target: str
     dtype: str = "float32"  # float32, bfloat16 or float16, both models
     device: str = "cpu"
-    # On the CPU, every linear layer packed for oneDNN (models/packed.py); a GPU model is left as it is.
-    pack_linears: bool = True
+    # On the CPU, every linear layer packed for oneDNN (models/packed.py); a GPU model is left as it
+    # is. None: each model's probe pass timed both ways at load, the faster kept (pack_if_faster).
+    pack_linears: bool | None = None
+    # The draft's output layer restricted to this many tokens, the most frequent in
+    # draft_vocab_corpus (a JSONL file of the task's text; models/vocab_head.py); None: all.
+    draft_vocab: int | None = None
+    draft_vocab_corpus: str | None = None
     # How messages name the settings: the keys of the two paths, the section of dtype and device
     # (None: each path key's own), and the key that turned downloads off (None: downloads allowed).
     draft_key: str = "draft"
@@ -97,7 +103,7 @@ def check_tokenizer(tokenizer, parts: dict) -> None:
 
 def load_pair(source: PairSettings, tokenizer=None) -> tuple[PreTrainedModel, PreTrainedModel, object]:
     """(draft, target, tokenizer): both models in eval mode, checked against the tokenizer (the
-    target's own when none is given), packed when source.pack_linears."""
+    target's own when none is given), packed as source.pack_linears says."""
     models = [
         load_causal_lm(path, source.dtype, source.device, f"{role} model", key, source.offline_key, source.section)
         for role, path, key in (("draft", source.draft, source.draft_key), ("target", source.target, source.target_key))
@@ -106,9 +112,26 @@ def load_pair(source: PairSettings, tokenizer=None) -> tuple[PreTrainedModel, Pr
         tokenizer = load_pretrained(AutoTokenizer, source.target, "tokenizer", source.target_key, source.offline_key)
     names = (f"the draft ({source.draft_key})", f"the target ({source.target_key})")
     check_tokenizer(tokenizer, dict(zip(names, models)))
-    for model in models if source.pack_linears else ():
-        pack_linears(model)
+    if source.draft_vocab is not None:
+        restrict_draft_vocab(models[0], models[1], tokenizer, source)
+    for role, model in zip(("draft", "target"), models):
+        if source.pack_linears is None and can_pack(model):
+            print(f"{role}: {pack_if_faster(model)}", flush=True)
+        elif source.pack_linears:
+            pack_linears(model)
     return models[0], models[1], tokenizer
+
+
+def restrict_draft_vocab(draft: PreTrainedModel, target: PreTrainedModel, tokenizer, source: PairSettings) -> None:
+    """The draft's output layer cut to source.draft_vocab frequent tokens (and every end of
+    sequence): cheaper draft passes; standard SD stays lossless, the target verifies."""
+    prefix = f"{source.section}." if source.section else ""
+    if source.draft_vocab_corpus is None:
+        raise SetupError(f"{prefix}draft_vocab needs {prefix}draft_vocab_corpus=PATH: a JSONL file of the task's text")
+    rows = corpus_token_rows(source.draft_vocab_corpus, tokenizer, f"{prefix}draft_vocab_corpus")
+    keep = frequent_tokens(rows, source.draft_vocab, always=response_end_ids(target, tokenizer))
+    restrict_output_layer(draft, keep)
+    print(f"draft output layer: {len(keep)} tokens of {draft.config.vocab_size}, from {source.draft_vocab_corpus}")
 
 
 def build_decoding(

@@ -101,9 +101,13 @@ class SpeculativeDecoder:
         """Loads both models (transformers directories or hub ids) and the target's tokenizer
         (decoding.setup.build_decoding, as task=decode does). kwargs: dtype, device, pack_linears,
         block_size, kl_threshold, kl_confidence, judge_threshold, chat_template, system_prompt,
-        draft_confidence. pack_linears (default True): on the CPU, every linear layer's weight
-        packed for oneDNN (models.packed); a GPU model is left as it is."""
-        load = {k: kwargs.pop(k) for k in ("dtype", "device", "pack_linears") if k in kwargs}
+        draft_confidence. pack_linears (default None): on the CPU, every linear layer's weight
+        packed for oneDNN (models.packed) when True, kept as loaded when False, and when None
+        whichever a probe pass at load finds faster; a GPU model is left as it is.
+        draft_vocab=N with draft_vocab_corpus=JSONL: the draft scores only the corpus's N most
+        frequent tokens (models.vocab_head)."""
+        loading = ("dtype", "device", "pack_linears", "draft_vocab", "draft_vocab_corpus")
+        load = {k: kwargs.pop(k) for k in loading if k in kwargs}
         choice = {k: kwargs.pop(k) for k in ("kl_threshold", "kl_confidence", "judge_threshold") if k in kwargs}
         setup = build_decoding(PairSettings(draft, target, **load), [policy], PolicySettings(**choice), judge_path)
         models = (setup.draft, setup.target, setup.tokenizer)

@@ -142,6 +142,29 @@ def plot_speed(rows: list[dict], out_png: Path, title: str) -> Path:
     return _save(fig, ax, title, "best", out_png)
 
 
+def plot_batch_speed(series: dict[str, dict[int, float]], limits: dict[str, float], out_png: Path, title: str) -> Path:
+    """Aggregate tokens per second (y, log) against batch size (x, log) per method. series:
+    name -> {batch size: tokens/s}; limits: label -> tokens/s, drawn as horizontal lines (the
+    memory-bandwidth bound on single-stream greedy decoding)."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, points in series.items():
+        sizes = sorted(b for b, v in points.items() if math.isfinite(v))
+        if sizes:
+            style = "s--" if name.startswith(("HF", "vLLM")) else "o-"
+            ax.plot(sizes, [points[b] for b in sizes], style, label=name)
+    for (label, value), colour in zip(limits.items(), ("gray", "black")):
+        ax.axhline(value, color=colour, linestyle=":", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    sizes = sorted({b for points in series.values() for b in points})
+    if sizes:  # room on the right for the legend
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlim(sizes[0] / 1.3, sizes[-1] * 12)
+    ax.set_xlabel("batch size (prompts decoded together)")
+    ax.set_ylabel("generated tokens per second, all rows together")
+    return _save(fig, ax, title, "lower right", out_png)
+
+
 def plot_judge_watch(watched: list[float | None], marks: dict[str, float], out_png: Path) -> Path:
     """The share of generations a threshold policy would change (y) at each threshold (x, as
     -log10(1 - threshold): thresholds near 1 spread out), from one standard SD run it watched.

@@ -81,10 +81,14 @@ class DecodeConfig:
     dtype: str = "float32"
     # cpu, cuda, cuda:N, or auto (cuda when there is one).
     device: str = "cpu"
-    # On the CPU, pack every linear layer of draft and target for oneDNN (models/packed.py): a
-    # float32 pass over K+1 tokens then costs about 1.5 single-token passes instead of 2.2 (on a
-    # GPU, or false: the models as loaded).
-    pack_linears: bool = True
+    # On the CPU, pack every linear layer of draft and target for oneDNN (models/packed.py). null:
+    # time a probe pass both ways at load and keep the faster (it pays on an AMD EPYC, not on a
+    # Xeon with AMX); true / false: always / never. Ignored on a GPU.
+    pack_linears: bool | None = None
+    # The draft's output layer restricted to this many tokens, the most frequent in
+    # draft_vocab_corpus (models/vocab_head.py): cheaper draft passes, standard SD still lossless.
+    draft_vocab: int | None = None
+    draft_vocab_corpus: str | None = None
 
 
 def check_settings(settings: DictConfig) -> None:
@@ -113,7 +117,7 @@ def decoding_setup(cfg: DictConfig, tokenizer, device: str) -> DecodingSetup:
     offline_key = "model.local_files_only" if cfg.model.local_files_only else None  # as for the scorer
     source = PairSettings(
         pair_path(cfg, "draft"), pair_path(cfg, "target"), settings.dtype, device, settings.pack_linears,
-        "pair.draft", "pair.target", "decode", offline_key,
+        settings.draft_vocab, settings.draft_vocab_corpus, "pair.draft", "pair.target", "decode", offline_key,
     )  # fmt: skip
     keys = ("decode.policies", "decode.judge_path")
     setup = build_decoding(source, list(settings.policies), choice, settings.judge_path, tokenizer, keys)

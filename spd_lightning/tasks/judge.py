@@ -192,8 +192,8 @@ def judge(cfg: DictConfig) -> float | None:
     ensure_toy_world(cfg)
     settings = JudgeConfig(**OmegaConf.to_container(cfg.judge, resolve=True))
     source = PairSettings(
-        pair_path(cfg, "draft"), pair_path(cfg, "target"), settings.dtype, "cpu", False, "pair.draft", "pair.target",
-        section="judge",
+        pair_path(cfg, "draft"), pair_path(cfg, "target"), settings.dtype, "cpu", False,
+        draft_key="pair.draft", target_key="pair.target", section="judge",
     )  # fmt: skip
     name = "toy" if in_toy_world(cfg, "pair.target") else Path(source.target).parent.name
     parity = train_and_compare(settings, source, Path(cfg.paths.output_dir), name, cfg.seed)

@@ -47,3 +47,23 @@ def test_a_model_off_the_cpu_is_left_as_it_is():
         model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     assert not can_pack(model)
     assert pack_linears(model) == 0 and type(model[0]) is nn.Linear
+
+
+def test_pack_if_faster_keeps_whichever_probe_was_faster_and_the_same_tokens(toy_world, toy_tokenizer, monkeypatch):
+    import spd_lightning.models.packed as packed
+
+    target = load_causal_lm(str(toy_world / "target"))
+    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(8, seed=12)]
+    eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
+    tokens = greedy_responses(target, prompts, 24, eos, pad)
+    # The probe's clock, rigged: packed passes slower, so the model goes back to its own layers.
+    fake = iter([1.0, 1.0, 2.0, 2.0])
+    monkeypatch.setattr(packed, "pass_seconds", lambda *a: next(fake))
+    choice = packed.pack_if_faster(target)
+    assert not choice.packed and (choice.plain_s, choice.packed_s) == (2.0, 4.0)
+    assert not any(isinstance(m, PackedLinear) for m in target.modules())
+    monkeypatch.undo()
+    choice = packed.pack_if_faster(target)  # the real clock: either way, the same greedy tokens
+    assert choice.packed == any(isinstance(m, PackedLinear) for m in target.modules())
+    assert choice.plain_s > 0 and choice.packed_s > 0 and "ms" in str(choice)
+    assert greedy_responses(target, prompts, 24, eos, pad) == tokens

