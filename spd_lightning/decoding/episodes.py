@@ -16,6 +16,7 @@ Shapes: B mismatches decided together, V vocabulary, H hidden size.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -106,6 +107,17 @@ class PathSource:
                 self._proposals[key] = (logits.argmax(-1).tolist(), unsure)
         return self._proposals[key]
 
+    def save_proposals(self, path: Path) -> None:
+        """Every path's proposals computed so far, to one file (a later run's load skips their draft passes)."""
+        if self._proposals:
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(self._proposals, tmp)
+            tmp.replace(path)
+
+    def load_proposals(self, path: Path) -> None:
+        if path.is_file():
+            self._proposals.update(torch.load(path, weights_only=False))
+
     def paths(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> list[TargetPath]:
         """The path from each response prefix: prefix + the target's completion, with the draft's
         proposals along it."""
@@ -170,9 +182,11 @@ class SampledDecider:
 
 
 def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSource, block_size: int,
-                 desc: str | None = None, max_forks: int | None = None) -> list[Episode]:  # fmt: skip
+                 desc: str | None = None, max_forks: int | None = None,
+                 after_round: Callable[[], None] | None = None) -> list[Episode]:  # fmt: skip
     """One episode per prompt (a prompt may repeat: G episodes of one prompt), all in lockstep;
-    max_forks: accepted mismatches per episode at most (core/episode.walk)."""
+    max_forks: accepted mismatches per episode at most (core/episode.walk); after_round: called
+    after each round's forks (a long run saves what it computed there)."""
     n, limit = len(prompts), source.max_new_tokens
     prefetch = getattr(decide, "prefetch", None)  # a decider that computes a path's mismatches at once
     starts = source.paths(prompts, [()] * n)
@@ -206,6 +220,8 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
                     if prefetch is not None:
                         prefetch(prompts[i], path, len(fork.response))
                     advance(i, path)
+                if after_round is not None:
+                    after_round()
             bar.update(n - len(pending) - bar.n)
     return episodes
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,14 +114,38 @@ def decide_fixed(keep: bool):
     return lambda prompts, asks: [keep] * len(asks)
 
 
-def evaluate_point(world, run: SetRun, family: Family, threshold: float, k: int, cache: FeatureCache) -> Point:
+class Progress:
+    """Saves the feature cache and the draft's proposals to the sweep's folder at most every
+    `every_s` seconds: a point cut short keeps the model passes it made."""
+
+    def __init__(self, world, cache: FeatureCache, folder: Path, every_s: float = 300.0) -> None:
+        self.world, self.cache, self.folder, self.every_s = world, cache, folder, every_s
+        self.last = time.monotonic()
+
+    def load(self) -> None:
+        self.cache.load(self.folder / "features.pt")
+        self.world.source.load_proposals(self.folder / "proposals.pt")
+
+    def save(self) -> None:
+        self.cache.save(self.folder / "features.pt")
+        self.world.source.save_proposals(self.folder / "proposals.pt")
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.save()
+
+
+def evaluate_point(world, run: SetRun, family: Family, threshold: float, k: int, cache: FeatureCache,
+                   progress: Progress | None = None) -> Point:  # fmt: skip
     """The family's episodes at one threshold on a set (completions shared through the store)."""
     if family.score is None:
         decide = decide_fixed(threshold == ACCEPT_ALL)
     else:
         decide = FeatureDecider(cache, family.score, threshold)
     before = world.source.completions
-    episodes = run_episodes(run.prompts, decide, world.source, k, desc=f"{family.name} t={threshold:.4g} K={k}")
+    desc = f"{family.name} t={threshold:.4g} K={k}"
+    episodes = run_episodes(run.prompts, decide, world.source, k, desc, after_round=progress)
     texts = [world.decode(e.response) for e in episodes]
     correct = [gsm8k_final_number(t, a) for t, a in zip(texts, run.answers)]
     agree = [own is not None and gsm8k_final_number(t, own) for t, own in zip(texts, run.own)]
@@ -167,19 +192,20 @@ def _cached_points(path: Path, make) -> list[Point]:
     return points
 
 
-def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, cache: FeatureCache, points: int,
+def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progress: Progress, points: int,
                  folder: Path) -> dict[str, list[Point]]:  # fmt: skip
     """The family's grid (from the choosing set's scores) on the choosing and the test set."""
+    cache = progress.cache
     grid = thresholds_for(world, runs["choose"], family, cache, points)
-    cache.save(folder / "features.pt")
+    progress.save()
     out = {}
     for name in ("choose", "test"):
 
         def make(name=name) -> list[Point]:
             made = []
             for t in grid:
-                made.append(evaluate_point(world, runs[name], family, t, k, cache))
-                cache.save(folder / "features.pt")  # a run cut short keeps the model passes it made
+                made.append(evaluate_point(world, runs[name], family, t, k, cache, progress))
+                progress.save()
             return made
 
         out[name] = _cached_points(folder / f"K{k}_{name}_{family.name}.json", make)
@@ -193,8 +219,8 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, 
     [Point], "test": [Point], "chosen": Point}}}."""
     folder = world.out / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
-    cache = FeatureCache(world.draft, world.target, world.source.pad_id)
-    cache.load(folder / "features.pt")
+    progress = Progress(world, FeatureCache(world.draft, world.target, world.source.pad_id), folder)
+    progress.load()
     runs = {}
     for name in ("choose", "test"):
         runs[name] = SetRun(world.sets[name].prompts, world.sets[name].answers)
@@ -202,7 +228,7 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, 
     results: dict = {}
     for k in ks:
         chosen = [f for f in families(heads) if names is None or f.name in names or f.name == "sd"]
-        by_family = {f.name: sweep_family(world, runs, f, k, cache, points, folder) for f in chosen}
+        by_family = {f.name: sweep_family(world, runs, f, k, progress, points, folder) for f in chosen}
         sd_choose = by_family["sd"]["choose"][0]
         for sets in by_family.values():
             pick = choose(sets["choose"], sd_choose, tolerance)

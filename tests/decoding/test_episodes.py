@@ -126,3 +126,19 @@ def test_cached_features_survive_a_save_and_a_load(world, tmp_path):
     assert len(loaded) == len(cache)
     key = next(iter(cache._rows))
     assert torch.equal(loaded._rows[key].target_hidden, cache._rows[key].target_hidden)
+
+
+def test_the_drafts_proposals_survive_a_save_and_a_load_and_rounds_report_back(world, tmp_path):
+    draft, target, prompts, eos, pad = world
+    complete = LocalTarget.from_model(target, MAX_NEW).complete
+    source = PathSource(complete, draft, pad, eos, MAX_NEW)
+    tuples = [tuple(p) for p in prompts[:12]]
+    rounds = []
+    episodes = run_episodes(tuples, PolicyDecider(accept_all, DecisionInputs(draft, target, pad)), source, 4,
+                            after_round=lambda: rounds.append(1))  # fmt: skip
+    assert rounds  # accept-all forks at every mismatch: at least one round of forks
+    source.save_proposals(tmp_path / "proposals.pt")
+    again = PathSource(source.complete, None, pad, eos, MAX_NEW, store=source.store)  # no draft: all from disk
+    again.load_proposals(tmp_path / "proposals.pt")
+    replay = run_episodes(tuples, PolicyDecider(accept_all, DecisionInputs(draft, target, pad)), again, 4)
+    assert [e.response for e in replay] == [e.response for e in episodes] and again.completions == 0
