@@ -48,7 +48,6 @@ import time
 from pathlib import Path
 
 import torch
-from greedy_speed import hf_generate  # bench/: the script's own directory
 from transformers import GenerationConfig
 
 from spd_lightning.core.stats import wilson_interval
@@ -64,7 +63,7 @@ from spd_lightning.models.packed import pack_linears
 from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.plots import plot_speed
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
-from spd_lightning.tasks.speed import CallCounter
+from spd_lightning.tasks.speed import CallCounter, hf_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("hf_greedy", "hf_assisted", "hf_assisted_packed")  # the anchors every method is divided by

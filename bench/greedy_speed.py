@@ -24,9 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.models.hf import end_of_sequence_ids, pad_id_of
-from spd_lightning.models.lm import greedy_generate, left_pad
+from spd_lightning.models.lm import greedy_generate
 from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
+from spd_lightning.tasks.speed import hf_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,24 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def chat_prompts(tokenizer, path: Path, n: int) -> list[list[int]]:
     """The first n questions of a GSM8K file, each the user turn of the tokenizer's chat template."""
     return encode_prompts(tokenizer, PromptList.from_jsonl(str(path), limit=n, chat_template=True))
-
-
-@torch.no_grad()
-def hf_generate(
-    model, prompts: list[list[int]], max_new_tokens: int, pad: int, eos: set[int], assistant=None
-) -> list[list[int]]:
-    """transformers' greedy generate(), or its assisted generation with `assistant` as the draft
-    (batch size 1 then), each row cut after its first end of sequence."""
-    ids, mask, _ = left_pad(prompts, pad)
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos))
-    extra = {"assistant_model": assistant} if assistant is not None else {}
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
-    out = out[:, ids.shape[1] :].tolist()
-    rows = []
-    for row in out:  # cut after the first end of sequence (generate pads finished rows)
-        ends = [i for i, t in enumerate(row) if t in eos]
-        rows.append(row[: ends[0] + 1] if ends else row)
-    return rows
 
 
 def timed(fn, prompts: list[list[int]], batch_size: int) -> tuple[float, list[list[int]]]:
