@@ -39,11 +39,11 @@ from transformers import GenerationConfig
 
 from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.decoding.policies import PolicySettings
-from spd_lightning.decoding.setup import PairSettings, build_decoding
+from spd_lightning.decoding.setup import PairSettings, build_decoding, corpus_token_rows
 from spd_lightning.decoding.speculative import SpeculativeDecoder
 from spd_lightning.models.packed import pack_if_faster
 from spd_lightning.models.pairs import require_built
-from spd_lightning.models.vocab_head import corpus_token_rows, frequent_tokens, restrict_output_layer
+from spd_lightning.models.vocab_head import frequent_tokens, restrict_output_layer
 from spd_lightning.tasks.speed import CallCounter, RunStore, hf_generate, ours, timed_batches
 from spd_lightning.tasks.speed_report import report
 from spd_lightning.tasks.vllm_speed import Serving, serve_and_time

@@ -9,12 +9,14 @@ all build through here, so a pair is loaded, checked and packed one way.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedModel
 
+from spd_lightning.data.textfiles import utf8_lines
 from spd_lightning.decoding.policies import Policy, PolicySettings
 from spd_lightning.decoding.registry import DECODE_POLICIES, build_policy, check_policy_names
 from spd_lightning.errors import SetupError
@@ -26,7 +28,7 @@ from spd_lightning.models.hf import (
     response_end_ids,
 )
 from spd_lightning.models.packed import can_pack, pack_if_faster, pack_linears
-from spd_lightning.models.vocab_head import corpus_token_rows, frequent_tokens, restrict_output_layer
+from spd_lightning.models.vocab_head import frequent_tokens, restrict_output_layer
 from spd_lightning.targets.local import load_causal_lm
 
 
@@ -120,6 +122,25 @@ def load_pair(source: PairSettings, tokenizer=None) -> tuple[PreTrainedModel, Pr
         elif source.pack_linears:
             pack_linears(model)
     return models[0], models[1], tokenizer
+
+
+def corpus_token_rows(path: str | Path, tokenizer, key: str = "draft_vocab_corpus") -> list[list[int]]:
+    """Token ids of every string field of every line of a JSONL file (a task's prompts and
+    answers, e.g. GSM8K's train.jsonl): what frequent_tokens counts."""
+    path = Path(path)
+    if not path.is_file():
+        raise SetupError(f"{key}={path} is not a file: give a JSONL file of the task's text (e.g. GSM8K's train.jsonl)")
+    rows = []
+    for number, line in utf8_lines(path, "draft vocabulary corpus", key):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SetupError(f"{key}={path}, line {number}: not JSON ({err.msg})") from None
+        texts = [v for v in (record.values() if isinstance(record, dict) else []) if isinstance(v, str)]
+        rows.append(tokenizer("\n".join(texts)).input_ids)
+    return rows
 
 
 def restrict_draft_vocab(draft: PreTrainedModel, target: PreTrainedModel, tokenizer, source: PairSettings) -> None:

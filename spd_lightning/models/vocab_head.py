@@ -13,10 +13,8 @@ the draft never proposes them and the target's correction supplies them where th
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Collection, Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,25 +58,6 @@ def frequent_tokens(rows: Iterable[list[int]], n: int, always: Collection[int] =
         raise SetupError("no token ids to count: the draft's vocabulary would be empty")
     kept = {t for t, _ in counts.most_common(n)} | set(always)
     return torch.tensor(sorted(kept), dtype=torch.long)
-
-
-def corpus_token_rows(path: str | Path, tokenizer, key: str = "draft_vocab_corpus") -> list[list[int]]:
-    """Token ids of every string field of every line of a JSONL file (a task's prompts and
-    answers, e.g. GSM8K's train.jsonl): what frequent_tokens counts."""
-    path = Path(path)
-    if not path.is_file():
-        raise SetupError(f"{key}={path} is not a file: give a JSONL file of the task's text (e.g. GSM8K's train.jsonl)")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SetupError(f"{key}={path}, line {number}: not JSON ({err.msg})") from None
-        texts = [v for v in (record.values() if isinstance(record, dict) else []) if isinstance(v, str)]
-        rows.append(tokenizer("\n".join(texts)).input_ids)
-    return rows
 
 
 def restrict_output_layer(model, keep: torch.Tensor) -> RestrictedHead:
