@@ -14,10 +14,8 @@ Shapes: P prompts, G episodes per prompt (E = P * G), D decisions in all.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from spd_lightning.core.grpo import GRPOStats, bernoulli_entropy, bernoulli_kl, group_advantages
+from spd_lightning.core.grpo import DecisionLoss, GRPOStats, bernoulli_entropy, bernoulli_kl, clipped_surrogate
 from spd_lightning.core.reward import RewardWeights, compute_reward_tensor
 
 SPEEDS = ("calls_saved", "mismatches_kept")
@@ -50,7 +48,7 @@ def generation_rewards(
     return compute_reward_tensor(accepted, correct, speed, 1, weights)
 
 
-class GenerationGRPOLoss(nn.Module):
+class GenerationGRPOLoss(DecisionLoss):
     """The PPO-clipped surrogate over the decisions of whole-generation episodes."""
 
     def __init__(
@@ -62,16 +60,8 @@ class GenerationGRPOLoss(nn.Module):
         kl_coef: float = 0.0,
         entropy_coef: float = 0.0,
     ) -> None:
-        super().__init__()
-        if num_episodes < 2:
-            raise ValueError(f"loss.num_episodes must be >= 2 for a group baseline, got {num_episodes}")
-        self.num_episodes, self.scale_std = num_episodes, scale_std
-        self.clip_low, self.clip_high = clip_low, clip_high
-        self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
-
-    def advantages(self, rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[P, G] -> ([P, G] advantages, [P] zero-variance flags)."""
-        return group_advantages(rewards, valid, self.scale_std)
+        super().__init__(("num_episodes", num_episodes), scale_std, clip_low, clip_high, kl_coef, entropy_coef)
+        self.num_episodes = num_episodes
 
     def forward(
         self,
@@ -84,15 +74,9 @@ class GenerationGRPOLoss(nn.Module):
     ) -> GRPOStats:
         """logits [D] (with grad), old_logits [D] (what the decisions were drawn with), accepted [D]
         bool, episode [D] long (index into the flattened [E] advantages), advantages [E]."""
-        if self.kl_coef > 0 and ref_logits is None:
-            raise ValueError("GenerationGRPOLoss: kl_coef > 0 needs ref_logits from the frozen initial scorer")
-        sign = torch.where(accepted, 1.0, -1.0)  # [D]
-        logp = F.logsigmoid(sign * logits)  # [D]
-        old_logp = F.logsigmoid(sign * old_logits.detach())  # [D]
-        ratio = torch.exp(logp - old_logp)  # [D]
+        self.check_reference(ref_logits)
         adv = advantages.reshape(-1)[episode]  # [D]
-        clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high) * adv  # [D]
-        surrogate = torch.minimum(ratio * adv, clipped)  # [D]
+        surrogate, clip_active = clipped_surrogate(logits, old_logits, accepted, adv, self.clip_low, self.clip_high)
         n = max(len(logits), 1)
         policy_loss = -surrogate.sum() / n
         entropy = bernoulli_entropy(logits).sum() / n
@@ -100,6 +84,5 @@ class GenerationGRPOLoss(nn.Module):
         if ref_logits is not None:
             kl = bernoulli_kl(logits, ref_logits.detach()).sum() / n
         loss = policy_loss + self.kl_coef * kl - self.entropy_coef * entropy
-        clip_active = ((adv > 0) & (ratio > 1 + self.clip_high)) | ((adv < 0) & (ratio < 1 - self.clip_low))
         clip_fraction = clip_active.float().sum() / n
         return GRPOStats(loss, policy_loss, kl, entropy, clip_fraction.detach(), torch.tensor(len(logits)))

@@ -70,7 +70,45 @@ class GRPOStats(NamedTuple):
     num_decisions: torch.Tensor  # scalar, executed decisions that entered the loss
 
 
-class GRPOLoss(nn.Module):
+def clipped_surrogate(
+    logits: torch.Tensor, old_logits: torch.Tensor, accepted: torch.Tensor, adv: torch.Tensor,
+    clip_low: float, clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """PPO's clipped ratio objective of Bernoulli decisions, elementwise: logits (with grad),
+    old_logits (what the decisions were drawn with), accepted (bool) and adv broadcast to one
+    shape [...] -> (surrogate [...], clip_active [...] bool)."""
+    # The log-probability of the decision taken: log p to accept, log(1 - p) to reject.
+    sign = torch.where(accepted, 1.0, -1.0)
+    ratio = torch.exp(F.logsigmoid(sign * logits) - F.logsigmoid(sign * old_logits.detach()))
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    # The clip is active where min() took the clipped branch with a different value.
+    clip_active = ((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low))
+    return surrogate, clip_active
+
+
+class DecisionLoss(nn.Module):
+    """What both GRPO losses share: the group size check, the clip range, the KL and entropy
+    coefficients, and group-normalised advantages."""
+
+    def __init__(self, group: tuple[str, int], scale_std: bool, clip_low: float, clip_high: float, kl_coef: float,
+                 entropy_coef: float) -> None:  # fmt: skip
+        super().__init__()
+        name, size = group
+        if size < 2:
+            raise ValueError(f"loss.{name} must be >= 2 for a group baseline, got {size}")
+        self.scale_std, self.clip_low, self.clip_high = scale_std, clip_low, clip_high
+        self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
+
+    def advantages(self, rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N] rewards -> ([B, N] advantages, [B] zero-variance flags) for this loss's settings."""
+        return group_advantages(rewards, valid, self.scale_std)
+
+    def check_reference(self, ref_logits: torch.Tensor | None) -> None:
+        if self.kl_coef > 0 and ref_logits is None:
+            raise ValueError(f"{type(self).__name__}: kl_coef > 0 needs ref_logits from the frozen initial scorer")
+
+
+class GRPOLoss(DecisionLoss):
     """PPO-clipped ratio objective over executed decisions, with optional KL and entropy terms."""
 
     def __init__(
@@ -83,12 +121,8 @@ class GRPOLoss(nn.Module):
         kl_coef: float = 0.0,
         entropy_coef: float = 0.0,
     ) -> None:
-        super().__init__()
-        if num_samples < 2:
-            raise ValueError(f"loss.num_samples must be >= 2 for a group baseline, got {num_samples}")
-        self.num_samples, self.scale_std, self.ppo_epochs = num_samples, scale_std, ppo_epochs
-        self.clip_low, self.clip_high = clip_low, clip_high
-        self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
+        super().__init__(("num_samples", num_samples), scale_std, clip_low, clip_high, kl_coef, entropy_coef)
+        self.num_samples, self.ppo_epochs = num_samples, ppo_epochs
 
     def rollouts(self, logits: torch.Tensor, mismatch: torch.Tensor, generator: torch.Generator | None = None):
         """num_samples decision vectors per record, drawn from sigmoid(logits [B, K]): Rollouts with N samples."""
@@ -102,40 +136,28 @@ class GRPOLoss(nn.Module):
         """[B, N] samples that enter the loss: every verified one (a failed one is left out, never scored 0)."""
         return verified & reachable
 
-    def advantages(self, rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, N] rewards -> ([B, N] advantages, [B] zero-variance flags) for this loss's settings."""
-        return group_advantages(rewards, valid, self.scale_std)
-
     def forward(self, logits: torch.Tensor, rollouts: Rollouts, ref_logits: torch.Tensor | None = None) -> GRPOStats:
         """logits: [B, K] accept logits of the scorer being trained; rollouts: scored (rollout.score);
         ref_logits: [B, K] of the frozen initial scorer, needed when kl_coef > 0."""
-        if self.kl_coef > 0 and ref_logits is None:
-            raise ValueError("GRPOLoss: kl_coef > 0 needs ref_logits from the frozen initial scorer")
+        self.check_reference(ref_logits)
         accept_len, mismatch, valid = rollouts.accept_len, rollouts.mismatch, rollouts.valid  # [B, N], [B, K], [B, N]
         old_logits, advantages = rollouts.old_logits, rollouts.advantages  # [B, K], [B, N]
         accepted, rejected = executed_masks(accept_len, mismatch)  # [B, N, K] each
         executed = (accepted | rejected) & valid.unsqueeze(-1)  # [B, N, K]
-        # Log-probability of the decision taken at each position: log p to accept, log(1-p) to reject.
-        sign = torch.where(accepted, 1.0, -1.0)  # [B, N, K]
-        logp = F.logsigmoid(sign * logits.unsqueeze(1))  # [B, N, K]
-        old_logp = F.logsigmoid(sign * old_logits.detach().unsqueeze(1))  # [B, N, K]
-        ratio = torch.exp(logp - old_logp)  # [B, N, K]
-        adv = advantages.unsqueeze(-1)  # [B, N, 1]
-        unclipped = ratio * adv  # [B, N, K]
-        clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high) * adv  # [B, N, K]
-        surrogate = torch.minimum(unclipped, clipped)  # [B, N, K]
+        surrogate, clip_active = clipped_surrogate(
+            logits.unsqueeze(1), old_logits.unsqueeze(1), accepted, advantages.unsqueeze(-1), self.clip_low,
+            self.clip_high,
+        )  # [B, N, K] each  # fmt: skip
         n = executed.sum().clamp(min=1)  # scalar
 
         def mean(x: torch.Tensor) -> torch.Tensor:
             return (x * executed).sum() / n
 
         policy_loss = -mean(surrogate)
-        entropy = mean(bernoulli_entropy(logits).unsqueeze(1).expand_as(logp))
+        entropy = mean(bernoulli_entropy(logits).unsqueeze(1).expand_as(surrogate))
         kl = torch.zeros((), device=logits.device)
         if ref_logits is not None:
-            kl = mean(bernoulli_kl(logits, ref_logits.detach()).unsqueeze(1).expand_as(logp))
+            kl = mean(bernoulli_kl(logits, ref_logits.detach()).unsqueeze(1).expand_as(surrogate))
         loss = policy_loss + self.kl_coef * kl - self.entropy_coef * entropy
-        # The clip is active where min() took the clipped branch with a different value.
-        clip_active = ((adv > 0) & (ratio > 1 + self.clip_high)) | ((adv < 0) & (ratio < 1 - self.clip_low))
         clip_fraction = mean(clip_active.float())
         return GRPOStats(loss, policy_loss, kl, entropy, clip_fraction.detach(), executed.sum())

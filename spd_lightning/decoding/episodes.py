@@ -28,7 +28,8 @@ from spd_lightning.decoding.loop import Generation
 from spd_lightning.decoding.policies import Block, Needs, Policy
 from spd_lightning.errors import VerificationError
 from spd_lightning.models.hf import id_set
-from spd_lightning.models.lm import block_states_shared, teacher_forced_logits
+from spd_lightning.models.lm import block_states_shared
+from spd_lightning.models.prefix_states import PrefixStates
 from spd_lightning.verification.hybrid import CompletionCache
 
 # Target.complete: prefixes and one budget -> each prefix's greedy completion (None: failed).
@@ -50,6 +51,7 @@ class PathSource:
         self.eos, self.max_new_tokens, self.batch_size = id_set(eos_ids), max_new_tokens, batch_size
         self.store = store if store is not None else CompletionCache(10**9)
         self._proposals: dict[tuple[int, ...], list[int]] = {}
+        self.draft_states = PrefixStates(draft)  # the frozen draft's KV caches along paths, shared by forks
         self.completions = 0  # computed by the target (not read from the store)
 
     def _budget(self, response: tuple[int, ...]) -> int:
@@ -89,7 +91,6 @@ class PathSource:
                     self.store.put(key, completion)
             self.completions += len(batch)
 
-    @torch.no_grad()
     def proposals(self, prompt: tuple[int, ...], tokens: list[int]) -> tuple[list[int], list[bool]]:
         """([p] the draft's greedy token after prompt + tokens[:p], [p] whether it gives that token
         less than draft_confidence (empty without one)), for every p < len(tokens)."""
@@ -98,13 +99,11 @@ class PathSource:
             if not tokens:
                 self._proposals[key] = ([], [])
             else:
-                logits = teacher_forced_logits(self.draft, [list(prompt)], [list(tokens)], self.pad_id)[
-                    0, :-1
-                ]  # [L, V]
-                unsure = []
-                if self.draft_confidence is not None:
-                    unsure = (torch.softmax(logits, dim=-1).max(-1).values < self.draft_confidence).tolist()
-                self._proposals[key] = (logits.argmax(-1).tolist(), unsure)
+                # The draft runs only past the part this path shares with one it has seen (a fork's parent).
+                top, top_p = self.draft_states.greedy(key[:-1])  # [T - 1]: after key[: i + 1]
+                top, top_p = top[len(prompt) - 1 :], top_p[len(prompt) - 1 :]  # [len(tokens)]
+                unsure = [] if self.draft_confidence is None else (top_p < self.draft_confidence).tolist()
+                self._proposals[key] = (top.tolist(), unsure)
         return self._proposals[key]
 
     def save_proposals(self, path: Path) -> None:
@@ -183,10 +182,10 @@ class SampledDecider:
 
 def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSource, block_size: int,
                  desc: str | None = None, max_forks: int | None = None,
-                 after_round: Callable[[], None] | None = None) -> list[Episode]:  # fmt: skip
+                 on_progress: Callable[[], None] | None = None) -> list[Episode]:  # fmt: skip
     """One episode per prompt (a prompt may repeat: G episodes of one prompt), all in lockstep;
-    max_forks: accepted mismatches per episode at most (core/episode.walk); after_round: called
-    after each round's forks (a long run saves what it computed there)."""
+    max_forks: accepted mismatches per episode at most (core/episode.walk); on_progress: called
+    after each forked path's prefetch and each round (a long run saves what it computed there)."""
     n, limit = len(prompts), source.max_new_tokens
     prefetch = getattr(decide, "prefetch", None)  # a decider that computes a path's mismatches at once
     starts = source.paths(prompts, [()] * n)
@@ -219,9 +218,11 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
                 for (i, fork), path in zip(forks, paths):
                     if prefetch is not None:
                         prefetch(prompts[i], path, len(fork.response))
+                        if on_progress is not None:
+                            on_progress()
                     advance(i, path)
-                if after_round is not None:
-                    after_round()
+                if on_progress is not None:
+                    on_progress()
             bar.update(n - len(pending) - bar.n)
     return episodes
 

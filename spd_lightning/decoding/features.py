@@ -2,8 +2,9 @@
 (context, draft token) and shared by every policy, threshold and episode that meets it.
 
 A path's mismatches are computed together when the path appears (`prefetch`): their contexts
-extend one another, so one pass of each model over the path's trunk and one token per branch
-(lm.block_states_shared) give them all, instead of a pass over the whole context per mismatch.
+extend one another, so one pass of each model over the path's trunk and one target token per
+branch give them all, instead of a pass over the whole context per mismatch; and a forked path
+runs only past its fork, from its parent's KV cache (models/prefix_states.py).
 
 Shapes: B mismatches, F token features (judge.head.TOKEN_FEATURES), H the target's hidden size.
 """
@@ -21,7 +22,8 @@ from transformers import PreTrainedModel
 from spd_lightning.core.episode import Ask, TargetPath
 from spd_lightning.core.rules import token_features
 from spd_lightning.judge.head import JudgeHead, JudgeInputs, judge_token_features
-from spd_lightning.models.lm import block_states_shared
+from spd_lightning.models.lm import logits_at, trunk_groups
+from spd_lightning.models.prefix_states import PrefixStates, branch_hidden
 
 Key = tuple[tuple[int, ...], int]  # (prompt + response so far, the draft's token)
 
@@ -51,12 +53,18 @@ class MismatchFeatures:
 
 
 class FeatureCache:
-    """Features of every mismatch asked for or prefetched, from the frozen draft and target."""
+    """Features of every mismatch asked for or prefetched, from the frozen draft and target.
+
+    draft_states: the draft's PrefixStates to share (PathSource.draft_states: its proposals pass
+    already ran the draft over every path); capacity: paths whose target states are kept."""
 
     def __init__(self, draft: PreTrainedModel, target: PreTrainedModel, pad_id: int, batch_size: int = 16,
-                 hidden_dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+                 hidden_dtype: torch.dtype = torch.float32, draft_states: PrefixStates | None = None,
+                 capacity: int = 160) -> None:  # fmt: skip
         self.draft, self.target, self.pad_id, self.batch_size = draft, target, pad_id, batch_size
         self.hidden_dtype = hidden_dtype  # bfloat16 halves what a long sweep keeps in memory
+        self.draft_states = draft_states if draft_states is not None else PrefixStates(draft, capacity)
+        self.target_states = PrefixStates(target, capacity)
         self._rows: dict[Key, MismatchFeatures] = {}
 
     def __len__(self) -> int:
@@ -64,22 +72,34 @@ class FeatureCache:
 
     @torch.no_grad()
     def _compute(self, keys: list[Key]) -> None:
+        """One pass of each model per trunk (contexts that extend one another), past what an
+        earlier path shares with it, and one target token per mismatch for the hidden state."""
         keys = sorted(set(k for k in keys if k not in self._rows))  # branches of one trunk side by side
-        starts = range(0, len(keys), self.batch_size)
-        for start in tqdm(starts, desc="mismatch features", unit="batch", leave=False, disable=len(starts) < 4):
-            chunk = keys[start : start + self.batch_size]
-            contexts, drafts = [list(c) for c, _ in chunk], [[d] for _, d in chunk]
-            t_logits, t_hidden = block_states_shared(self.target, contexts, drafts, self.pad_id)  # [B, 2, V], [B, 1, H]
-            d_logits, _ = block_states_shared(self.draft, contexts, drafts, self.pad_id)  # [B, 2, V]
-            draft_ids = torch.tensor(drafts)  # [B, 1]
-            rules = token_features(t_logits, d_logits, draft_ids).cpu()  # [B, 1] each
-            tokens = judge_token_features(t_logits, d_logits, draft_ids).cpu()[:, 0]  # [B, F]
-            hidden = t_hidden[:, 0].cpu().to(self.hidden_dtype)  # [B, H]
-            for i, key in enumerate(chunk):
-                self._rows[key] = MismatchFeatures(
-                    tokens[i : i + 1], rules.rank[i, :1], rules.target_entropy[i, :1], rules.kl[i, :1],
-                    rules.target_top1[i, :1], hidden[i : i + 1],
-                )  # fmt: skip
+        trunks = trunk_groups([list(c) for c, _ in keys])
+        for trunk in tqdm(trunks, desc="mismatch features", unit="path", leave=False, disable=len(trunks) < 4):
+            t_states = self.target_states.hidden(trunk.ids)  # [T, H]
+            d_states = self.draft_states.hidden(trunk.ids)  # [T, H]
+            for start in range(0, len(trunk.members), self.batch_size):
+                chunk = [keys[i] for i in trunk.members[start : start + self.batch_size]]
+                ends = torch.tensor([len(c) - 1 for c, _ in chunk])  # [B] each context's last token
+                t_logits = logits_at(self.target, t_states[ends])[:, None]  # [B, 1, V]
+                d_logits = logits_at(self.draft, d_states[ends])[:, None]  # [B, 1, V]
+                draft_ids = torch.tensor([[d] for _, d in chunk])  # [B, 1]
+                hidden = branch_hidden(
+                    self.target, self.target_states.cache(trunk.ids), [len(c) for c, _ in chunk], [d for _, d in chunk]
+                )  # [B, H]
+                self._store(chunk, t_logits, d_logits, draft_ids, hidden)
+
+    def _store(self, chunk: list[Key], t_logits: torch.Tensor, d_logits: torch.Tensor, draft_ids: torch.Tensor,
+               hidden: torch.Tensor) -> None:  # fmt: skip
+        rules = token_features(t_logits, d_logits, draft_ids).cpu()  # [B, 1] each
+        tokens = judge_token_features(t_logits, d_logits, draft_ids).cpu()[:, 0]  # [B, F]
+        hidden = hidden.cpu().to(self.hidden_dtype)  # [B, H]
+        for i, key in enumerate(chunk):
+            self._rows[key] = MismatchFeatures(
+                tokens[i : i + 1], rules.rank[i, :1], rules.target_entropy[i, :1], rules.kl[i, :1],
+                rules.target_top1[i, :1], hidden[i : i + 1],
+            )  # fmt: skip
 
     def prefetch(self, prompt: tuple[int, ...], path: TargetPath, start: int) -> None:
         """Every mismatch of `path` at or after response position `start`, in one go."""

@@ -39,7 +39,7 @@ def _device(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def _logits_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+def logits_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits [..., V] from final hidden states [..., H], only where they are read."""
     return model.get_output_embeddings()(hidden).float()
 
@@ -126,7 +126,7 @@ def teacher_forced_states(
     ids, mask, positions = (t.to(device) for t in left_pad([c + d for c, d in zip(contexts, drafts)], pad_id))
     out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     hidden = out.last_hidden_state[:, -(k + 1) :]  # [B, K+1, H]: the context's last token, then the draft's
-    return _logits_at(model, hidden), hidden[:, 1:].float()
+    return logits_at(model, hidden), hidden[:, 1:].float()
 
 
 @dataclass
@@ -170,7 +170,7 @@ class _Branches:
         offset = width - torch.tensor([len(g.ids) for g in groups], device=device)[owner]  # [B] trunk start column
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         last = hidden.last_hidden_state[owner, offset + lengths - 1]  # [B, H]: after each context
-        self.first_logits = _logits_at(model, last)  # [B, V]
+        self.first_logits = logits_at(model, last)  # [B, V]
         self.cache = hidden.past_key_values
         self.cache.batch_select_indices(owner)
         cols = torch.arange(width, device=device)[None, :]
@@ -232,7 +232,7 @@ def block_states_shared(
     branches = _Branches(model, contexts, trunk_groups(contexts), pad_id)
     ordered = torch.tensor([drafts[i] for i in branches.order], device=branches.first_logits.device)  # [B, K]
     hidden = branches.step_hidden(ordered)  # [B, K, H]
-    logits = torch.cat([branches.first_logits[:, None], _logits_at(model, hidden)], dim=1)  # [B, K+1, V]
+    logits = torch.cat([branches.first_logits[:, None], logits_at(model, hidden)], dim=1)  # [B, K+1, V]
     back = torch.empty(len(branches.order), dtype=torch.long)
     back[torch.tensor(branches.order)] = torch.arange(len(branches.order))
     back = back.to(logits.device)

@@ -145,7 +145,7 @@ def evaluate_point(world, run: SetRun, family: Family, threshold: float, k: int,
         decide = FeatureDecider(cache, family.score, threshold)
     before = world.source.completions
     desc = f"{family.name} t={threshold:.4g} K={k}"
-    episodes = run_episodes(run.prompts, decide, world.source, k, desc, after_round=progress)
+    episodes = run_episodes(run.prompts, decide, world.source, k, desc, on_progress=progress)
     texts = [world.decode(e.response) for e in episodes]
     correct = [gsm8k_final_number(t, a) for t, a in zip(texts, run.answers)]
     agree = [own is not None and gsm8k_final_number(t, own) for t, own in zip(texts, run.own)]
@@ -219,7 +219,8 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, 
     [Point], "test": [Point], "chosen": Point}}}."""
     folder = world.out / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
-    progress = Progress(world, FeatureCache(world.draft, world.target, world.source.pad_id), folder)
+    features = FeatureCache(world.draft, world.target, world.source.pad_id, draft_states=world.source.draft_states)
+    progress = Progress(world, features, folder)
     progress.load()
     runs = {}
     for name in ("choose", "test"):
@@ -228,7 +229,10 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, 
     results: dict = {}
     for k in ks:
         chosen = [f for f in families(heads) if names is None or f.name in names or f.name == "sd"]
-        by_family = {f.name: sweep_family(world, runs, f, k, progress, points, folder) for f in chosen}
+        try:
+            by_family = {f.name: sweep_family(world, runs, f, k, progress, points, folder) for f in chosen}
+        finally:  # a stopped sweep (SIGTERM, Ctrl-C, an error) keeps every model pass it made
+            progress.save()
         sd_choose = by_family["sd"]["choose"][0]
         for sets in by_family.values():
             pick = choose(sets["choose"], sd_choose, tolerance)

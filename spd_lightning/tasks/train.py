@@ -66,22 +66,32 @@ def route_lightning_logs_through_hydra() -> None:
         logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
+def load_scorer(cfg: DictConfig):
+    """The scorer of cfg.model; one from outside the toy world loads before the world is built,
+    so a missing model stops the run in seconds."""
+    scorer = None if in_toy_world(cfg, "model.path") else build_scorer(cfg.model)
+    ensure_toy_world(cfg)
+    return scorer if scorer is not None else build_scorer(cfg.model)
+
+
+def build_verifier(cfg: DictConfig, tokenizer, scorer) -> HybridVerifier:
+    """The target of cfg.target behind the verifier, after checking it shares the scorer's vocabulary."""
+    target = instantiate(cfg.target)
+    check_shared_vocabulary(tokenizer, {SCORER: scorer.backbone, "target": target})
+    return HybridVerifier(
+        target, tokenizer, instantiate(cfg.answer), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
+    )
+
+
 def build_components(cfg: DictConfig) -> tuple[RecordDataModule | PromptDataModule, SPDModule]:
     if cfg.get("rollout") is not None and cfg.rollout.kind == "generation":
         return build_generation_components(cfg)
-    # A scorer from outside the toy world loads first: a missing model stops the run in seconds.
-    scorer = None if in_toy_world(cfg, "model.path") else build_scorer(cfg.model)
-    ensure_toy_world(cfg)
-    scorer = scorer if scorer is not None else build_scorer(cfg.model)
+    scorer = load_scorer(cfg)
     datamodule: RecordDataModule = instantiate(cfg.data)
     datamodule.setup("fit")
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
     check_vocab(datamodule.train_records + datamodule.val_records, len(tokenizer), cfg.data.path)
-    target = instantiate(cfg.target)
-    check_shared_vocabulary(tokenizer, {SCORER: scorer.backbone, "target": target})
-    verifier = HybridVerifier(
-        target, tokenizer, instantiate(cfg.answer), cfg.verify.cache_size, cfg.verify.max_invalid_fraction
-    )
+    verifier = build_verifier(cfg, tokenizer, scorer)
     module = SPDModule(
         scorer=scorer,
         verifier=verifier,
@@ -95,9 +105,7 @@ def build_components(cfg: DictConfig) -> tuple[RecordDataModule | PromptDataModu
 
 def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, GenerationModule]:
     """rollout=generation: prompts (data=toy_prompts, data=gsm8k, ...) and the episode module."""
-    scorer = None if in_toy_world(cfg, "model.path") else build_scorer(cfg.model)
-    ensure_toy_world(cfg)
-    scorer = scorer if scorer is not None else build_scorer(cfg.model)
+    scorer = load_scorer(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.local_files_only)
     rollout = cfg.rollout
     datamodule = PromptDataModule(
@@ -105,9 +113,7 @@ def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, Gene
         rollout.val_batch_size, cfg.seed,
     )  # fmt: skip
     datamodule.setup("fit")
-    target = instantiate(cfg.target)
-    check_shared_vocabulary(tokenizer, {SCORER: scorer.backbone, "target": target})
-    verifier = HybridVerifier(target, tokenizer, instantiate(cfg.answer), cfg.verify.cache_size)
+    verifier = build_verifier(cfg, tokenizer, scorer)
     module = GenerationModule(
         scorer=scorer,
         verifier=verifier,

@@ -99,7 +99,9 @@ class GenerationModule(SPDModule):
         # (a path's all at once); its head alone is trained.
         self.features = None
         if isinstance(scorer, ZeroCostJudge):
-            self.features = FeatureCache(scorer.models.draft, scorer.models.target, self.pad_id)
+            self.features = FeatureCache(
+                scorer.models.draft, scorer.models.target, self.pad_id, draft_states=self.source.draft_states
+            )
 
     def setup(self, stage: str) -> None:
         """model=judge: the head's input scaling, from the mismatches of the target's own
@@ -128,13 +130,12 @@ class GenerationModule(SPDModule):
     def _episodes(self, prompts: list[tuple[int, ...]], decide, max_forks=None) -> list[Episode]:
         return run_episodes(prompts, decide, self.source, self.hparams.block_size, max_forks=max_forks)
 
-    def _references(self, prompts: list[tuple[int, ...]], answers: list[str]) -> list[str]:
+    def _references(self, answers: list[str], sd: list[Episode]) -> list[str]:
         """What each prompt's episodes must keep: the dataset's answer, or the target's own final
-        answer (its greedy response, the standard-SD episode: no completion beyond it)."""
+        answer (its greedy response: the prompt's standard-SD episode in `sd`)."""
         if self.hparams.reference == "reference":
             return list(answers)
-        own = self._episodes(prompts, _reject_all)
-        return [extract_final_number(self._text(e.response)) or "" for e in own]
+        return [extract_final_number(self._text(e.response)) or "" for e in sd]
 
     def _text(self, ids: list[int]) -> str:
         end = next((i for i, t in enumerate(ids) if t in self.verifier.eos), len(ids))
@@ -162,7 +163,7 @@ class GenerationModule(SPDModule):
             decide.prefetch = self.features.prefetch
         episodes = self._episodes(rows, decide, self.hparams.max_forks)
         sd = self._episodes(prompts, _reject_all)
-        references = [r for r in self._references(prompts, answers) for _ in range(group)]
+        references = [r for r in self._references(answers, sd) for _ in range(group)]
         correct = self._correct(episodes, references).view(len(prompts), group)  # [P, G]
         accepted = torch.tensor([e.accepted_mismatches > 0 for e in episodes]).view_as(correct)  # [P, G]
         speed = self._speed(episodes, sd, group).view_as(correct)  # [P, G]
@@ -220,7 +221,6 @@ class GenerationModule(SPDModule):
         """Whole generations of the held-out prompts under the scorer at its threshold, standard
         SD and accept-all: accuracy, draft tokens kept per target call, target calls per token."""
         prompts, answers = [p for p, _ in batch], [a for _, a in batch]
-        references = self._references(prompts, answers)
         threshold = self.hparams.threshold
         deciders = {
             "scorer": lambda ps, asks: [p >= threshold for p in self._probabilities(ps, asks)],
@@ -228,6 +228,7 @@ class GenerationModule(SPDModule):
             "accept_all": lambda ps, asks: [True] * len(asks),
         }
         sd = self._episodes(prompts, _reject_all)
+        references = self._references(answers, sd)
         for name in VAL_POLICIES:
             episodes = sd if name == "standard_sd" else self._episodes(prompts, deciders[name])
             correct = self._correct(episodes, references)

@@ -135,7 +135,7 @@ def test_the_drafts_proposals_survive_a_save_and_a_load_and_rounds_report_back(w
     tuples = [tuple(p) for p in prompts[:12]]
     rounds = []
     episodes = run_episodes(tuples, PolicyDecider(accept_all, DecisionInputs(draft, target, pad)), source, 4,
-                            after_round=lambda: rounds.append(1))  # fmt: skip
+                            on_progress=lambda: rounds.append(1))  # fmt: skip
     assert rounds  # accept-all forks at every mismatch: at least one round of forks
     source.save_proposals(tmp_path / "proposals.pt")
     again = PathSource(source.complete, None, pad, eos, MAX_NEW, store=source.store)  # no draft: all from disk
