@@ -3,7 +3,8 @@
 core/episode.walk says what one episode does over the target's paths; here are its answers:
 - `PathSource`: the path from a response prefix (the target's greedy completion, cached by
   prefix, so episodes, policies, thresholds and values of K share completions) and the draft's
-  proposal at every position of it (one teacher-forced draft pass per path, cached too);
+  proposal at every position of it (one teacher-forced draft pass per path, run only past the
+  part it shares with a path seen before: models/prefix_states.py);
 - deciders: a Policy of the registry (`PolicyDecider`: what the decoding loop runs, so an
   episode writes exactly the loop's tokens), a score of cached features against a threshold
   (decoding/features.py: FeatureDecider), or Bernoulli draws for GRPO (`SampledDecider`);

@@ -10,6 +10,7 @@ sweep spans what the data shows. Shapes: N problems of a set.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from spd_lightning.decoding.features import (
 )
 from spd_lightning.judge.head import JudgeHead
 from spd_lightning.training.generation import mismatches_along
+
+log = logging.getLogger(__name__)
 
 ACCEPT_ALL, STANDARD_SD = math.inf, -math.inf  # score thresholds no score passes / every score passes
 
@@ -130,6 +133,9 @@ class Progress:
         self.cache.save(self.folder / "features.pt")
         self.world.source.save_proposals(self.folder / "proposals.pt")
         self.last = time.monotonic()
+        runs = {"draft": self.cache.draft_states, "target": self.cache.target_states}
+        shares = ", ".join(f"{name} {s.computed:,} run / {s.reused:,} reused" for name, s in runs.items())
+        log.info("saved %d mismatches' features; tokens since start: %s", len(self.cache), shares)
 
     def __call__(self) -> None:
         if time.monotonic() - self.last >= self.every_s:
@@ -183,33 +189,35 @@ def paired(point: Point, sd: Point) -> tuple[int, int, float]:
     return gained, lost, mcnemar_exact(gained, lost)
 
 
-def _cached_points(path: Path, make) -> list[Point]:
-    """Points read back from `path` (a JSON list), or made and written there."""
-    if path.is_file():
-        return [Point(**row) for row in json.loads(path.read_text())]
-    points = make()
-    path.write_text(json.dumps([vars(p) for p in points]))
-    return points
+def _points_on_disk(path: Path) -> list[Point]:
+    return [Point(**row) for row in json.loads(path.read_text())] if path.is_file() else []
 
 
 def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progress: Progress, points: int,
                  folder: Path) -> dict[str, list[Point]]:  # fmt: skip
-    """The family's grid (from the choosing set's scores) on the choosing and the test set."""
+    """The family's grid (from the choosing set's scores) on the choosing and the test set; each
+    point is written to its set's JSON as soon as it is measured, so a stopped sweep keeps it."""
     cache = progress.cache
     grid = thresholds_for(world, runs["choose"], family, cache, points)
     progress.save()
     out = {}
     for name in ("choose", "test"):
-
-        def make(name=name) -> list[Point]:
-            made = []
-            for t in grid:
-                made.append(evaluate_point(world, runs[name], family, t, k, cache, progress))
+        path = folder / f"K{k}_{name}_{family.name}.json"
+        done = {p.threshold: p for p in _points_on_disk(path)}
+        for t in grid:
+            if t not in done:
+                done[t] = evaluate_point(world, runs[name], family, t, k, cache, progress)
                 progress.save()
-            return made
-
-        out[name] = _cached_points(folder / f"K{k}_{name}_{family.name}.json", make)
+                log.info("%s", _point_line(name, done[t]))
+                path.write_text(json.dumps([vars(p) for p in done.values()]))  # other grids' points stay
+        out[name] = [done[t] for t in grid]
     return out
+
+
+def _point_line(name: str, point: Point) -> str:
+    return (f"{point.family} t={point.threshold:.6g} on {name}: accuracy {point.accuracy:.3f} "
+            f"({sum(point.correct)}/{len(point.correct)}), {point.tokens_per_call:.3f} tokens per target call, "
+            f"{point.kept}/{point.met} mismatches kept, {point.completions} new completions")  # fmt: skip
 
 
 def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, tolerance: float,

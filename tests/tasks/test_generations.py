@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,22 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
     for key in ("gen_rl_tpc=", "gen_rl_accuracy=", "block_rl_tpc=", "sup_tpc=", "kl_tpc=", "sd_tpc=", "n=16"):
         assert key in last, last
     assert (Path(tmp_path) / "heads" / "gen_rl" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_sweep_keeps_each_point_as_it_is_measured_and_resumes_from_it(world, monkeypatch):
+    import spd_lightning.tasks.generation_sweep as sweep
+
+    first = sweep.stage_sweep(world, {}, [2], 2, 0.01, ["kl"])
+    path = world.out / "sweep" / "K2_test_kl.json"
+    grid = [p.threshold for p in first[2]["kl"]["test"]]
+    assert len(grid) == 2 and len(json.loads(path.read_text())) == 2
+    # As if stopped after the first point: only that one on disk, marked so a recompute would show.
+    kept = json.loads(path.read_text())[:1]
+    kept[0]["tokens"] = -1
+    path.write_text(json.dumps(kept))
+    measured = []
+    real = sweep.evaluate_point
+    monkeypatch.setattr(sweep, "evaluate_point", lambda *a, **k: measured.append(a[3]) or real(*a, **k))
+    again = sweep.stage_sweep(world, {}, [2], 2, 0.01, ["kl"])
+    assert again[2]["kl"]["test"][0].tokens == -1  # read back, not measured again
+    assert measured == [grid[1]] and again[2]["kl"]["test"][1].tokens == first[2]["kl"]["test"][1].tokens
