@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from spd_lightning.data.textfiles import utf8_lines
+from spd_lightning.data.textfiles import json_lines
 from spd_lightning.errors import RecordError
 
 REQUIRED_FIELDS = ("context_ids", "prompt_len", "draft_ids", "target_ids", "reference")
@@ -64,14 +63,7 @@ def load_records(path: str | Path, key: str = "data.path") -> list[Record]:
     if not path.is_file():
         raise RecordError(f"record file {path} does not exist; build records first or set {key}")
     records: list[Record] = []
-    for lineno, line in utf8_lines(path, "records file", key):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    for where, obj in json_lines(path, "records file", key):
         record = parse_record(obj, where)
         if records and record.block_size != records[0].block_size:
             raise RecordError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,3 +25,16 @@ def utf8_lines(path: Path, what: str, key: str) -> Iterator[tuple[int, str]]:
                     f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
                     f"the {what} ({key}) must be JSONL, one JSON object per line"
                 ) from None
+
+
+def json_lines(path: Path, what: str, key: str) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed JSON) of each non-blank line; a line that is not JSON stops with its
+    file:line, so the user can open the file at the culprit."""
+    for lineno, line in utf8_lines(path, what, key):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None

@@ -56,12 +56,13 @@ class FeatureCache:
     """Features of every mismatch asked for or prefetched, from the frozen draft and target.
 
     draft_states: the draft's PrefixStates to share (PathSource.draft_states: its proposals pass
-    already ran the draft over every path); capacity: paths whose target states are kept."""
+    already ran the draft over every path); capacity: paths whose target states are kept;
+    batch_size: the branches of one trunk (one draft token each) run through a model together."""
 
-    def __init__(self, draft: PreTrainedModel, target: PreTrainedModel, pad_id: int, batch_size: int = 16,
+    def __init__(self, draft: PreTrainedModel, target: PreTrainedModel, batch_size: int = 16,
                  hidden_dtype: torch.dtype = torch.float32, draft_states: PrefixStates | None = None,
                  capacity: int = 160) -> None:  # fmt: skip
-        self.draft, self.target, self.pad_id, self.batch_size = draft, target, pad_id, batch_size
+        self.draft, self.target, self.batch_size = draft, target, batch_size
         self.hidden_dtype = hidden_dtype  # bfloat16 halves what a long sweep keeps in memory
         self.draft_states = draft_states if draft_states is not None else PrefixStates(draft, capacity)
         self.target_states = PrefixStates(target, capacity)

@@ -9,14 +9,13 @@ all build through here, so a pair is loaded, checked and packed one way.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedModel
 
-from spd_lightning.data.textfiles import utf8_lines
+from spd_lightning.data.textfiles import json_lines
 from spd_lightning.decoding.policies import Policy, PolicySettings
 from spd_lightning.decoding.registry import DECODE_POLICIES, build_policy, check_policy_names
 from spd_lightning.errors import SetupError
@@ -131,13 +130,7 @@ def corpus_token_rows(path: str | Path, tokenizer, key: str = "draft_vocab_corpu
     if not path.is_file():
         raise SetupError(f"{key}={path} is not a file: give a JSONL file of the task's text (e.g. GSM8K's train.jsonl)")
     rows = []
-    for number, line in utf8_lines(path, "draft vocabulary corpus", key):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SetupError(f"{key}={path}, line {number}: not JSON ({err.msg})") from None
+    for _, record in json_lines(path, "draft vocabulary corpus", key):
         texts = [v for v in (record.values() if isinstance(record, dict) else []) if isinstance(v, str)]
         rows.append(tokenizer("\n".join(texts)).input_ids)
     return rows

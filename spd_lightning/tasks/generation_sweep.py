@@ -227,7 +227,7 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, 
     [Point], "test": [Point], "chosen": Point}}}."""
     folder = world.out / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
-    features = FeatureCache(world.draft, world.target, world.source.pad_id, draft_states=world.source.draft_states)
+    features = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states)
     progress = Progress(world, features, folder)
     progress.load()
     runs = {}

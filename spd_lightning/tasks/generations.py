@@ -222,7 +222,7 @@ def stage_heads(world: World, overrides: dict[str, list[str]], block_size: int, 
     heads: dict[str, JudgeHead] = {}
     path = folder / "supervised.pt"
     if not path.is_file():
-        cache = FeatureCache(world.draft, world.target, world.source.pad_id, draft_states=world.source.draft_states)
+        cache = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states)
         prompts, asks, labels = mine_labels(world, world.sets["train"].prompts, block_size)
         head = fit_supervised_head(world, cache, prompts, asks, labels, steps, seed)
         notes = {"mismatches": len(labels), "harmless": int(labels.sum())}

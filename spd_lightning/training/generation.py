@@ -100,7 +100,7 @@ class GenerationModule(SPDModule):
         self.features = None
         if isinstance(scorer, ZeroCostJudge):
             self.features = FeatureCache(
-                scorer.models.draft, scorer.models.target, self.pad_id, draft_states=self.source.draft_states
+                scorer.models.draft, scorer.models.target, draft_states=self.source.draft_states
             )
 
     def setup(self, stage: str) -> None:

@@ -72,7 +72,7 @@ def test_standard_sd_needs_no_completion_and_thresholds_share_completions(world)
     draft, target, prompts, eos, pad = world
     source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
     tuples = [tuple(p) for p in prompts]
-    features, head = FeatureCache(draft, target, pad), _random_judge(target)
+    features, head = FeatureCache(draft, target), _random_judge(target)
     run_episodes(tuples, FeatureDecider(features, judge_score(head), 2.0), source, 4)  # standard SD
     assert source.completions == len(set(tuples))  # the target's own responses, nothing more
     low = run_episodes(tuples, FeatureDecider(features, judge_score(head), 0.3), source, 4)
@@ -88,7 +88,7 @@ def test_the_kl_rule_on_cached_features_decides_as_the_policy(world):
     draft, target, prompts, eos, pad = world
     source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
     tuples = [tuple(p) for p in prompts]
-    cached = run_episodes(tuples, FeatureDecider(FeatureCache(draft, target, pad), kl_score(0.9), -0.5), source, 4)
+    cached = run_episodes(tuples, FeatureDecider(FeatureCache(draft, target), kl_score(0.9), -0.5), source, 4)
     policy = run_episodes(tuples, PolicyDecider(kl_policy(0.5, 0.9), DecisionInputs(draft, target, pad)), source, 4)
     assert [e.response for e in cached] == [e.response for e in policy]
     assert sum(e.accepted_mismatches for e in cached) > 0
@@ -116,12 +116,12 @@ def test_an_early_stop_on_the_drafts_confidence_moves_the_walks_blocks_as_the_ca
 def test_cached_features_survive_a_save_and_a_load(world, tmp_path):
     draft, target, prompts, eos, pad = world
     source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
-    cache = FeatureCache(draft, target, pad)
+    cache = FeatureCache(draft, target)
     path = source.paths([tuple(prompts[0])], [()])[0]
     cache.prefetch(tuple(prompts[0]), path, 0)
     assert len(cache) > 0
     cache.save(tmp_path / "features.pt")
-    loaded = FeatureCache(None, None, pad)  # no model: every row must come from the file
+    loaded = FeatureCache(None, None)  # no model: every row must come from the file
     loaded.load(tmp_path / "features.pt")
     assert len(loaded) == len(cache)
     key = next(iter(cache._rows))

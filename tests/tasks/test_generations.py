@@ -33,7 +33,7 @@ def world(toy_world, tmp_path):
 def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(world, tmp_path):
     prompts, asks, labels = mine_labels(world, world.sets["train"].prompts, 4)
     assert len(asks) > 10 and 0 < int(labels.sum()) < len(labels)  # harmless and important mismatches both
-    head = fit_supervised_head(world, FeatureCache(world.draft, world.target, 0), prompts, asks, labels, 50, 0)
+    head = fit_supervised_head(world, FeatureCache(world.draft, world.target), prompts, asks, labels, 50, 0)
     results = stage_sweep(world, {"supervised": head}, [2], 2, 0.01)
     sd = results[2]["sd"]["test"][0]
     assert sd.agreement == 1.0  # standard SD writes the target's own responses

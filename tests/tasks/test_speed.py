@@ -169,7 +169,7 @@ def test_the_draft_vocab_knob_restricts_the_loaded_draft_and_names_a_missing_cor
     import pytest
 
     from spd_lightning.decoding.setup import PairSettings, load_pair
-    from spd_lightning.errors import SetupError
+    from spd_lightning.errors import RecordError, SetupError
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"question": p.text}) for p in toy_prompts(10, seed=4)) + "\n")
@@ -181,3 +181,6 @@ def test_the_draft_vocab_knob_restricts_the_loaded_draft_and_names_a_missing_cor
         load_pair(PairSettings(*pair, draft_vocab=6, section="decode"))
     with pytest.raises(SetupError, match="not a file"):
         load_pair(PairSettings(*pair, draft_vocab=6, draft_vocab_corpus=str(tmp_path / "no.jsonl"), section="decode"))
+    corpus.write_text('{"question": "1 + 1"}\n{"question": \n')
+    with pytest.raises(RecordError, match=rf"{corpus}:2: not valid JSON"):
+        load_pair(PairSettings(*pair, draft_vocab=6, draft_vocab_corpus=str(corpus), section="decode"))
