@@ -16,7 +16,7 @@ Shapes: B mismatches decided together, V vocabulary, H hidden size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -45,13 +45,14 @@ class PathSource:
 
     def __init__(self, complete: Complete, draft: PreTrainedModel, pad_id: int, eos_ids: Collection[int],
                  max_new_tokens: int, store: CompletionCache | None = None, batch_size: int = 32,
-                 draft_confidence: float | None = None) -> None:  # fmt: skip
+                 draft_confidence: float | None = None, chunk: int = 32) -> None:  # fmt: skip
         self.complete, self.draft, self.pad_id = complete, draft, pad_id
         # The cached loop's early stop: drafting ends after a token the draft gives less than this.
         self.draft_confidence = draft_confidence
         self.eos, self.max_new_tokens, self.batch_size = id_set(eos_ids), max_new_tokens, batch_size
         self.store = store if store is not None else CompletionCache(10**9)
-        self._proposals: dict[tuple[int, ...], list[int]] = {}
+        self._proposals: dict[tuple[int, ...], tuple[list[int], list[bool]]] = {}  # the first ones of each path
+        self.chunk = chunk  # proposals computed at least this many at a time
         self.draft_states = PrefixStates(draft)  # the frozen draft's KV caches along paths, shared by forks
         self.completions = 0  # computed by the target (not read from the store)
 
@@ -92,20 +93,27 @@ class PathSource:
                     self.store.put(key, completion)
             self.completions += len(batch)
 
-    def proposals(self, prompt: tuple[int, ...], tokens: list[int]) -> tuple[list[int], list[bool]]:
+    def proposals(self, prompt: tuple[int, ...], tokens: list[int]) -> tuple[Proposals, Sequence[bool]]:
         """([p] the draft's greedy token after prompt + tokens[:p], [p] whether it gives that token
-        less than draft_confidence (empty without one)), for every p < len(tokens)."""
-        key = prompt + tuple(tokens)
-        if key not in self._proposals:
-            if not tokens:
-                self._proposals[key] = ([], [])
-            else:
-                # The draft runs only past the part this path shares with one it has seen (a fork's parent).
-                top, top_p = self.draft_states.greedy(key[:-1])  # [T - 1]: after key[: i + 1]
-                top, top_p = top[len(prompt) - 1 :], top_p[len(prompt) - 1 :]  # [len(tokens)]
-                unsure = [] if self.draft_confidence is None else (top_p < self.draft_confidence).tolist()
-                self._proposals[key] = (top.tolist(), unsure)
-        return self._proposals[key]
+        less than draft_confidence (empty without one)), for every p < len(tokens); computed as
+        they are read (`Proposals`)."""
+        proposals = Proposals(self, prompt, tokens)
+        return proposals, (() if self.draft_confidence is None else proposals.unsure)
+
+    def propose(self, key: tuple[int, ...], start: int, upto: int) -> tuple[list[int], list[bool]]:
+        """The proposals and unsure flags of the path `key` (prompt + its tokens; the response
+        starts at `start`) computed so far, at least its first `upto`: at least `chunk` more at a
+        time, doubling with what is done (few passes for a path walked to its end, little run
+        past a fork that leaves it)."""
+        top, unsure = self._proposals.setdefault(key, ([], []))
+        if len(top) < upto:
+            end = min(len(key) - start, max(upto, 2 * len(top), self.chunk))
+            # The draft runs only past the part this path shares with one it has seen (a fork's parent).
+            new, new_p = self.draft_states.greedy(key[: start + end - 1])  # [start + end - 1]
+            top.extend(new[start - 1 + len(top) :].tolist())  # new[i]: the argmax after key[: i + 1]
+            if self.draft_confidence is not None:
+                unsure.extend((new_p[start - 1 + len(unsure) :] < self.draft_confidence).tolist())
+        return top, unsure
 
     def save_proposals(self, path: Path) -> None:
         """Every path's proposals computed so far, to one file (a later run's load skips their draft passes)."""
@@ -120,16 +128,51 @@ class PathSource:
 
     def paths(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> list[TargetPath]:
         """The path from each response prefix: prefix + the target's completion, with the draft's
-        proposals along it."""
+        proposals along it (computed as a walk reads them)."""
         self.fill(prompts, responses)
         out = []
-        rows = zip(prompts, responses)
-        for prompt, response in tqdm(
-            rows, total=len(prompts), desc="draft proposals", leave=False, disable=len(prompts) < 8
-        ):
+        for prompt, response in zip(prompts, responses):
             tokens = list(response) + list(self.store.get(prompt + response))
             out.append(TargetPath(tokens, *self.proposals(prompt, tokens)))
         return out
+
+
+class Proposals(Sequence[int]):
+    """One path's draft proposals, computed a chunk at a time as a walk reads them: most forked
+    paths are left at their next accepted mismatch, and the draft never runs past it there."""
+
+    def __init__(self, source: PathSource, prompt: tuple[int, ...], tokens: list[int]) -> None:
+        self.source, self.start, self.size = source, len(prompt), len(tokens)
+        self.key = prompt + tuple(tokens)
+        self.top: list[int] = []
+        self.flags: list[bool] = []
+        self.unsure = _Unsure(self)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _computed(self, p: int) -> tuple[list[int], list[bool]]:
+        if not 0 <= p < self.size:
+            raise IndexError(f"proposal {p} of a path of {self.size} tokens")
+        if p >= len(self.top):
+            self.top, self.flags = self.source.propose(self.key, self.start, p + 1)
+        return self.top, self.flags
+
+    def __getitem__(self, p: int) -> int:  # type: ignore[override]  # no slices: walks read one at a time
+        return self._computed(p)[0][p]
+
+
+class _Unsure(Sequence[bool]):
+    """[p] the draft gives its proposal at p less than the source's draft_confidence."""
+
+    def __init__(self, proposals: Proposals) -> None:
+        self.proposals = proposals
+
+    def __len__(self) -> int:
+        return len(self.proposals)
+
+    def __getitem__(self, p: int) -> bool:  # type: ignore[override]
+        return self.proposals._computed(p)[1][p]
 
 
 class Decider(Protocol):
@@ -186,13 +229,9 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
                  on_progress: Callable[[], None] | None = None) -> list[Episode]:  # fmt: skip
     """One episode per prompt (a prompt may repeat: G episodes of one prompt), all in lockstep;
     max_forks: accepted mismatches per episode at most (core/episode.walk); on_progress: called
-    after each forked path's prefetch and each round (a long run saves what it computed there)."""
+    after each round (a long run saves what it computed there)."""
     n, limit = len(prompts), source.max_new_tokens
-    prefetch = getattr(decide, "prefetch", None)  # a decider that computes a path's mismatches at once
     starts = source.paths(prompts, [()] * n)
-    if prefetch is not None:
-        for prompt, path in zip(prompts, starts):
-            prefetch(prompt, path, 0)
     walkers = [walk(path, block_size, source.eos, limit, max_forks) for path in starts]
     episodes: list[Episode | None] = [None] * n
     pending: dict[int, Ask | Fork] = {}
@@ -216,14 +255,10 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
                     advance(i, bool(verdict))
             if forks:
                 paths = source.paths([prompts[i] for i, _ in forks], [r.response for _, r in forks])
-                for (i, fork), path in zip(forks, paths):
-                    if prefetch is not None:
-                        prefetch(prompts[i], path, len(fork.response))
-                        if on_progress is not None:
-                            on_progress()
+                for (i, _), path in zip(forks, paths):
                     advance(i, path)
-                if on_progress is not None:
-                    on_progress()
+            if on_progress is not None:
+                on_progress()
             bar.update(n - len(pending) - bar.n)
     return episodes
 

@@ -1,10 +1,11 @@
 """What the zero-cost judge and the training-free rules read at a mismatch, computed once per
 (context, draft token) and shared by every policy, threshold and episode that meets it.
 
-A path's mismatches are computed together when the path appears (`prefetch`): their contexts
-extend one another, so one pass of each model over the path's trunk and one target token per
-branch give them all, instead of a pass over the whole context per mismatch; and a forked path
-runs only past its fork, from its parent's KV cache (models/prefix_states.py).
+A mismatch is computed when a walk asks about it: the mismatches of one path have contexts
+that extend one another, and each model keeps its KV cache along the path
+(models/prefix_states.py), so a mismatch costs the model passes over the tokens since the last
+one asked plus one target token for the draft's token; mismatches asked together on one path
+(G episodes of a prompt) share one pass. A path a fork leaves is never run past the fork.
 
 Shapes: B mismatches, F token features (judge.head.TOKEN_FEATURES), H the target's hidden size.
 """
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from spd_lightning.core.episode import Ask, TargetPath
+from spd_lightning.core.episode import Ask
 from spd_lightning.core.rules import token_features
 from spd_lightning.judge.head import JudgeHead, JudgeInputs, judge_token_features
 from spd_lightning.models.lm import logits_at, trunk_groups
@@ -53,7 +54,7 @@ class MismatchFeatures:
 
 
 class FeatureCache:
-    """Features of every mismatch asked for or prefetched, from the frozen draft and target.
+    """Features of every mismatch asked for, from the frozen draft and target.
 
     draft_states: the draft's PrefixStates to share (PathSource.draft_states: its proposals pass
     already ran the draft over every path); capacity: paths whose target states are kept;
@@ -101,14 +102,6 @@ class FeatureCache:
                 tokens[i : i + 1], rules.rank[i, :1], rules.target_entropy[i, :1], rules.kl[i, :1],
                 rules.target_top1[i, :1], hidden[i : i + 1],
             )  # fmt: skip
-
-    def prefetch(self, prompt: tuple[int, ...], path: TargetPath, start: int) -> None:
-        """Every mismatch of `path` at or after response position `start`, in one go."""
-        tokens, proposals = path.tokens, path.proposals
-        keys = [
-            (prompt + tuple(tokens[:p]), proposals[p]) for p in range(start, len(tokens)) if proposals[p] != tokens[p]
-        ]
-        self._compute(keys)
 
     def save(self, path: Path) -> None:
         """Every row computed so far, to one file (a later run's `load` skips their model passes)."""
@@ -172,9 +165,6 @@ class FeatureDecider:
 
     def __init__(self, cache: FeatureCache, score: FeatureScore, threshold: float) -> None:
         self.cache, self.score, self.threshold = cache, score, threshold
-
-    def prefetch(self, prompt, path, start: int) -> None:
-        self.cache.prefetch(prompt, path, start)
 
     def __call__(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> list[bool]:
         return (self.score(self.cache.get(prompts, asks)) >= self.threshold).tolist()

@@ -5,8 +5,9 @@ Whole-generation episodes fork: a new path shares its prompt and its response up
 with the path it came from, and the mismatches of one path have contexts that are prefixes of
 it. `PrefixStates` keeps the KV cache, final hidden states and greedy tokens of the last
 `capacity` sequences the model ran over; a new sequence runs only past its longest common
-prefix with one of them (one copy of that cache, cropped), and a prefix of a kept sequence
-costs nothing. The weights must stay frozen while an instance lives.
+prefix with one of them (one copy of that cache, cropped; none when the kept sequence is all
+prefix: it grows in place), and a prefix of a kept sequence costs nothing. The weights must
+stay frozen while an instance lives.
 
 Memory: a kept sequence of T tokens holds its KV cache (layers x 2 x kv heads x head size x T
 values) and T x H hidden values in the model's dtype; about 19 MB for a 600-token path of a 1.5B
@@ -87,7 +88,11 @@ class PrefixStates:
             self.reused += shared
             return parent, shared
         past = None
-        if parent is not None and shared:
+        if parent is not None and shared == len(parent.ids):
+            # A path read a chunk at a time: its entry grows in place (no copy); it leaves the
+            # dict first, so a pass that fails leaves no half-extended cache behind.
+            past = self._entries.pop(parent.ids).cache
+        elif parent is not None and shared:
             past = copy.deepcopy(parent.cache)
             past.crop(-(len(parent.ids) - shared))  # a negative count drops that many columns
         device = next(self.model.parameters()).device

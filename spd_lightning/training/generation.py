@@ -159,8 +159,6 @@ class GenerationModule(SPDModule):
         group = self.loss_fn.num_episodes
         rows = [p for p in prompts for _ in range(group)]  # [E]
         decide = SampledDecider(self._probabilities)
-        if self.features is not None:
-            decide.prefetch = self.features.prefetch
         episodes = self._episodes(rows, decide, self.hparams.max_forks)
         sd = self._episodes(prompts, _reject_all)
         references = [r for r in self._references(answers, sd) for _ in range(group)]

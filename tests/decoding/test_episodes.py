@@ -13,9 +13,11 @@ from spd_lightning.decoding.loop import LoopSettings, generate, generate_cached
 from spd_lightning.decoding.policies import accept_all, judge_policy, kl_policy, reject_all, scorer_policy
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
 from spd_lightning.models.hf import pad_id_of, response_end_ids
+from spd_lightning.models.prefix_states import PrefixStates
 from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.targets.local import LocalTarget, load_causal_lm
 from spd_lightning.toy.raw import toy_prompts
+from spd_lightning.training.generation import mismatches_along
 
 MAX_NEW = 24
 
@@ -56,7 +58,8 @@ def _policies(world, toy_world):
 @pytest.mark.parametrize("k", [2, 4])
 def test_every_policys_episode_writes_the_loops_tokens_in_the_loops_calls(world, toy_world, k):
     draft, target, prompts, eos, pad = world
-    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
+    # chunk=4: proposals are computed a few at a time as the walks read them (PathSource.propose).
+    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW, chunk=4)
     inputs = DecisionInputs(draft, target, pad)
     for name, policy in _policies(world, toy_world).items():
         loop = generate(draft, target, prompts, policy, LoopSettings(k, MAX_NEW, eos, pad, 64))
@@ -98,7 +101,7 @@ def test_an_early_stop_on_the_drafts_confidence_moves_the_walks_blocks_as_the_ca
     draft, target, prompts, eos, pad = world
     confidence = 0.9
     source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW,
-                        draft_confidence=confidence)  # fmt: skip
+                        draft_confidence=confidence, chunk=4)  # fmt: skip
     inputs = DecisionInputs(draft, target, pad)
     settings = LoopSettings(4, MAX_NEW, eos, pad, batch_size=1, draft_confidence=confidence)
     calls = {}
@@ -118,8 +121,9 @@ def test_cached_features_survive_a_save_and_a_load(world, tmp_path):
     source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
     cache = FeatureCache(draft, target)
     path = source.paths([tuple(prompts[0])], [()])[0]
-    cache.prefetch(tuple(prompts[0]), path, 0)
-    assert len(cache) > 0
+    mismatches = mismatches_along([tuple(prompts[0])], [path])
+    cache.get([p for p, _ in mismatches], [a for _, a in mismatches])
+    assert len(cache) == len(mismatches) > 0
     cache.save(tmp_path / "features.pt")
     loaded = FeatureCache(None, None)  # no model: every row must come from the file
     loaded.load(tmp_path / "features.pt")
@@ -142,3 +146,18 @@ def test_the_drafts_proposals_survive_a_save_and_a_load_and_rounds_report_back(w
     again.load_proposals(tmp_path / "proposals.pt")
     replay = run_episodes(tuples, PolicyDecider(accept_all, DecisionInputs(draft, target, pad)), again, 4)
     assert [e.response for e in replay] == [e.response for e in episodes] and again.completions == 0
+
+
+def test_proposals_are_computed_as_walks_read_them_and_equal_one_pass_over_the_path(world):
+    draft, target, prompts, eos, pad = world
+    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW, chunk=2)
+    tuples = [tuple(p) for p in prompts[:16]]
+    run_episodes(tuples, PolicyDecider(accept_all, DecisionInputs(draft, target, pad)), source, 4)
+    fresh = PrefixStates(draft)  # one pass over each whole path, nothing reused
+    cut_short = 0
+    for key, (top, _) in source._proposals.items():
+        start = next(len(p) for p in tuples if key[: len(p)] == p)  # where the response begins
+        whole = fresh.greedy(key[:-1])[0].tolist()  # [T - 1]: the argmax after key[: i + 1]
+        assert top == whole[start - 1 : start - 1 + len(top)]
+        cut_short += len(top) < len(key) - start
+    assert cut_short > 0  # accept-all leaves paths at their next mismatch: the draft stopped there

@@ -45,6 +45,25 @@ def test_a_fork_runs_only_past_its_parent_and_matches_a_full_pass(model):
     assert states.computed == 52
 
 
+def test_a_sequence_read_a_chunk_at_a_time_grows_in_place(model):
+    vocab = model.config.vocab_size
+    states, copied = PrefixStates(model), PrefixStates(model)
+    ids = _ids(36, 4, vocab)
+    kept = states.hidden(ids[:10]).clone()
+    copied.hidden(ids[:10] + [5])  # the same chunks, each from a copy of a longer kept sequence
+    for end in (20, 36):  # each chunk runs only its new tokens, from the same cache
+        grown = states.hidden(ids[:end])
+        assert torch.equal(grown, copied.hidden(ids[:end]))
+        # float32 sums in another order than one pass over the whole (hidden values up to 8)
+        torch.testing.assert_close(grown, full_hidden(model, ids[:end]), atol=5e-4, rtol=1e-4)
+    assert states.computed == 36 and len(states._entries) == 1
+    assert torch.equal(states.hidden(ids[:10]), kept)
+    # A fork inside the grown sequence copies its cache: the grown one stays whole.
+    fork = ids[:15] + _ids(5, 5, vocab)
+    torch.testing.assert_close(states.hidden(fork), full_hidden(model, fork), atol=5e-4, rtol=1e-4)
+    assert torch.equal(states.hidden(ids), copied.hidden(ids)) and states.computed == 36 + 5
+
+
 def test_greedy_tokens_match_a_full_pass_and_reuse_the_parents(model):
     vocab = model.config.vocab_size
     states = PrefixStates(model, vocab_chunk=7)  # several output-layer chunks
