@@ -17,6 +17,7 @@ Shapes: N records, K draft tokens per block, V vocabulary, H hidden size.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -29,9 +30,12 @@ from transformers import PreTrainedModel
 from spd_lightning.core.rules import TokenFeatures, token_features
 from spd_lightning.core.sampling import all_outcomes, hybrid_prefix
 from spd_lightning.data.records import Record
+from spd_lightning.errors import RecordError
 from spd_lightning.judge.head import JudgeInputs, judge_token_features
 from spd_lightning.models.lm import block_states_shared, greedy_generate
 from spd_lightning.verification.hybrid import CompletionCache
+
+log = logging.getLogger(__name__)
 
 
 def _batches(n: int, size: int, desc: str):
@@ -75,10 +79,29 @@ class DiskCompletions(CompletionCache):
         super().__init__(max_entries=10**9)
         self.path = Path(path)
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    super().put(tuple(row["prefix"]), row["completion"])
+            self._read()
+
+    def _read(self) -> None:
+        """Loads the file; a last line cut short (the run was killed while appending) is dropped
+        from the file, with a warning: only that batch is completed again."""
+        text = self.path.read_text()
+        lines = text.split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if number < len(lines):  # a complete line that is not JSON: not ours to drop
+                    raise RecordError(f"{self.path}:{number}: not a stored completion (not JSON)") from None
+                log.warning("%s: dropped a last line cut short (%d characters)", self.path, len(line))
+                with self.path.open("r+") as f:
+                    f.truncate(len(text.encode()) - len(line.encode()))
+                return
+            super().put(tuple(row["prefix"]), row["completion"])
+        if text and not text.endswith("\n"):  # cut right before its newline: the next append starts a line
+            with self.path.open("a") as f:
+                f.write("\n")
 
     def add(self, items: list[tuple[tuple[int, ...], list[int]]]) -> None:
         """Stores completions and appends them to the file (flushed and fsynced)."""

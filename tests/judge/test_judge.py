@@ -3,6 +3,7 @@ equal a fresh forward pass, its labels equal the outcome table's verdicts, every
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -10,6 +11,7 @@ from spd_lightning.core.reward import RewardWeights
 from spd_lightning.core.rules import token_features
 from spd_lightning.core.sampling import hybrid_prefix
 from spd_lightning.data.records import Record, load_records, split_by_prompt
+from spd_lightning.errors import RecordError
 from spd_lightning.judge.compare import JUDGES, CompareSettings, Split, compare, train_judges
 from spd_lightning.judge.fit import FitSettings
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, JudgeInputs, autojudge_labels, judge_token_features
@@ -89,6 +91,23 @@ def test_disk_completions_resume(tmp_path):
     store.add([((1, 2), [3, 4]), ((5,), [])])
     again = DiskCompletions(tmp_path / "c.jsonl")
     assert again.get((1, 2)) == [3, 4] and again.get((5,)) == [] and again.get((9,)) is None
+
+
+def test_disk_completions_drop_a_last_line_cut_short_and_name_a_broken_one(tmp_path):
+    path = tmp_path / "c.jsonl"
+    DiskCompletions(path).add([((1, 2), [3, 4])])
+    with path.open("a") as f:
+        f.write('{"prefix": [7], "compl')  # killed while appending
+    again = DiskCompletions(path)
+    assert again.get((1, 2)) == [3, 4] and again.get((7,)) is None
+    again.add([((7,), [8])])  # appends after the last whole line
+    assert DiskCompletions(path).get((7,)) == [8] and len(path.read_text().splitlines()) == 2
+    path.write_text('{"prefix": [1], "completion": []}')  # cut right before its newline
+    DiskCompletions(path).add([((2,), [])])
+    assert DiskCompletions(path).get((1,)) == [] and DiskCompletions(path).get((2,)) == []
+    path.write_text('not json\n{"prefix": [1], "completion": []}\n')
+    with pytest.raises(RecordError, match=rf"{path}:1: not a stored completion"):
+        DiskCompletions(path)
 
 
 def test_outcomes_reuse_the_targets_response_exactly(toy_world, tmp_path):
