@@ -127,6 +127,7 @@ def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, Gene
         speed=rollout.speed,
         max_forks=rollout.max_forks,
         completions_path=rollout.completions,
+        val_accept_all=rollout.val_accept_all,
         draft_dtype=cfg.model.dtype,  # the draft proposes in the scorer's dtype
         **cfg.module,
     )

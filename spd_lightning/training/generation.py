@@ -55,6 +55,7 @@ class RolloutConfig:
     val_fraction: float = 0.2
     batch_size: int = 8
     val_batch_size: int = 64
+    val_accept_all: bool = True
 
 
 class GenerationModule(SPDModule):
@@ -72,6 +73,7 @@ class GenerationModule(SPDModule):
         speed: str = "calls_saved",
         max_forks: int | None = None,
         completions_path: str | None = None,
+        val_accept_all: bool = True,
         draft_dtype: str = "float32",
         threshold: float = 0.5,
         backbone_lr_scale: float = 0.1,
@@ -217,7 +219,8 @@ class GenerationModule(SPDModule):
 
     def validation_step(self, batch: list[tuple[tuple[int, ...], str]], batch_idx: int) -> None:
         """Whole generations of the held-out prompts under the scorer at its threshold, standard
-        SD and accept-all: accuracy, draft tokens kept per target call, target calls per token."""
+        SD and accept-all (unless rollout.val_accept_all=false): accuracy, draft tokens kept per
+        target call, target calls per token."""
         prompts, answers = [p for p, _ in batch], [a for _, a in batch]
         threshold = self.hparams.threshold
         deciders = {
@@ -228,6 +231,8 @@ class GenerationModule(SPDModule):
         sd = self._episodes(prompts, _reject_all)
         references = self._references(answers, sd)
         for name in VAL_POLICIES:
+            if name == "accept_all" and not self.hparams.val_accept_all:
+                continue
             episodes = sd if name == "standard_sd" else self._episodes(prompts, deciders[name])
             correct = self._correct(episodes, references)
             accepted = torch.tensor([e.accepted_mismatches > 0 for e in episodes])

@@ -61,10 +61,12 @@ def test_episodes_complete_their_forks_over_a_vllm_server(toy_world: Path, tmp_p
     overrides = [f"toy.out={toy_world}", "rollout=generation", "~logger", "target=vllm",
                  f"target.url={fake_vllm.url}", "target.model=toy-target", "trainer.max_steps=3",
                  "trainer.val_check_interval=3", "validate_before_fit=false",
-                 f"rollout.completions={tmp_path / 'completions.jsonl'}"]  # fmt: skip
+                 f"rollout.completions={tmp_path / 'completions.jsonl'}", "rollout.val_accept_all=false"]  # fmt: skip
     train(compose_train(overrides, tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["train/steps"] == 3
+    # rollout.val_accept_all=false: the costly accept-all validation is skipped, the others run.
+    assert val_key("scorer", "accuracy") in summary and val_key("accept_all", "accuracy") not in summary
     assert len(fake_vllm.prompts) > 8  # the target's responses and the forks, as token ids
     stored = (tmp_path / "completions.jsonl").read_text().splitlines()
     assert len(stored) >= len(fake_vllm.prompts) - 1  # every completion kept on disk for the next run
