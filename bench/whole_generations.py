@@ -28,7 +28,7 @@ from pathlib import Path
 from spd_lightning.models.pairs import require_built
 from spd_lightning.targets.vllm_server import launch_vllm_server
 from spd_lightning.tasks.generation_report import report
-from spd_lightning.tasks.generation_sweep import families, stage_sweep
+from spd_lightning.tasks.generation_sweep import SweepSettings, families, stage_sweep
 from spd_lightning.tasks.generations import (
     ROOT,
     TOY_PAIR,
@@ -58,6 +58,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--points", type=int, default=8, help="thresholds per swept policy")
     parser.add_argument("--families", nargs="+", default=None, help="sweep only these (sd kl entropy topk ...)")
     parser.add_argument("--no-heads", action="store_true", help="sweep the rules only (no judge trained)")
+    parser.add_argument(
+        "--test-points", choices=["all", "chosen"], default="all",
+        help="on the test set: every threshold of the grid, or only the one chosen on the choosing set",
+    )  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy below standard SD allowed")
     parser.add_argument("--steps", type=int, default=300, help="supervised head's optimiser steps")
     parser.add_argument("--train-steps", type=int, default=None, help="GRPO steps of run.py (default: its own)")
@@ -139,7 +143,10 @@ def run_stages(args, world, toy: bool, out: Path, budget: int, url: str | None) 
             overrides = training_overrides(args, toy, out, budget, url)
             heads = stage_heads(world, overrides, max(args.k), args.steps, args.seed, block_rl)
         else:
-            results = stage_sweep(world, heads, args.k, args.points, args.tolerance, args.families)
+            settings = SweepSettings(
+                args.points, args.tolerance, args.test_points, args.families and tuple(args.families)
+            )
+            results = stage_sweep(world, heads, args.k, settings)
             sample = ", ".join(f"{name}: {len(p.prompts)} problems" for name, p in world.sets.items())
             report(
                 results, families(heads), out, args.tolerance, f"{sample}; {budget} new tokens at most, {args.dtype}"

@@ -42,6 +42,8 @@ def table_for(k: int, by_family: dict, families: list[Family], tolerance: float)
     for family in (f for f in families if f.name in by_family):
         point: Point = by_family[family.name]["chosen"]
         if family.name == "accept_all":  # one point, whatever it costs
+            if not by_family[family.name]["test"]:  # test_points=chosen: measured on the choosing set only
+                continue
             point = by_family[family.name]["test"][0]
         row = point.as_row()
         gained, lost, p = paired(point, sd)
@@ -66,13 +68,17 @@ def plot_curves(results: dict, families: list[Family], out_png: Path) -> Path:
     for ax, k in zip(axes[0], ks):
         for family in (f for f in families if f.name in results[k]):
             points = sorted(results[k][family.name]["test"], key=lambda p: p.tokens_per_call)
+            choosing = sorted(results[k][family.name]["choose"], key=lambda p: p.tokens_per_call)
             x, y = [p.tokens_per_call for p in points], [p.accuracy for p in points]
             line = ax.plot(x, y, marker="o", ms=3, label=family.label, alpha=0.85)[0]
+            if len(points) < len(choosing):  # the test set holds only the chosen threshold: show the grid
+                ax.plot([p.tokens_per_call for p in choosing], [p.accuracy for p in choosing], ls=":", marker=".",
+                        color=line.get_color(), alpha=0.6)  # fmt: skip
             chosen = results[k][family.name]["chosen"]
             if chosen.family == family.name:
                 ax.scatter([chosen.tokens_per_call], [chosen.accuracy], s=90, marker="*", color=line.get_color(),
                            edgecolor="black", zorder=4)  # fmt: skip
-        ax.set_title(f"K = {k} (stars: thresholds chosen on the choosing set)")
+        ax.set_title(f"K = {k} (stars: thresholds chosen on the choosing set; dotted: that set's grid)")
         ax.set_xlabel("tokens per target call (test set)")
         ax.set_ylabel("accuracy (test set)")
         ax.grid(alpha=0.3)

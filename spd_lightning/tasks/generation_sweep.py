@@ -193,25 +193,35 @@ def _points_on_disk(path: Path) -> list[Point]:
     return [Point(**row) for row in json.loads(path.read_text())] if path.is_file() else []
 
 
-def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progress: Progress, points: int,
-                 folder: Path) -> dict[str, list[Point]]:  # fmt: skip
-    """The family's grid (from the choosing set's scores) on the choosing and the test set; each
-    point is written to its set's JSON as soon as it is measured, so a stopped sweep keeps it."""
-    cache = progress.cache
-    grid = thresholds_for(world, runs["choose"], family, cache, points)
+def measure(world, run: SetRun, family: Family, thresholds: list[float], k: int, progress: Progress,
+            path: Path) -> list[Point]:  # fmt: skip
+    """The family's points at `thresholds` on one set: read from `path` where measured before,
+    else measured and written there at once (other thresholds' points stay), so a stopped sweep
+    keeps each point it finished."""
+    done = {p.threshold: p for p in _points_on_disk(path)}
+    for t in thresholds:
+        if t not in done:
+            done[t] = evaluate_point(world, run, family, t, k, progress.cache, progress)
+            progress.save()
+            log.info("%s", _point_line(path.stem.split("_")[1], done[t]))
+            path.write_text(json.dumps([vars(p) for p in done.values()]))
+    return [done[t] for t in thresholds]
+
+
+def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progress: Progress, folder: Path,
+                 settings: SweepSettings, sd_choose: Point | None) -> dict[str, list[Point]]:  # fmt: skip
+    """The family's grid (from the choosing set's scores) on the choosing set, then on the test set
+    the whole grid (settings.test_points="all") or only the threshold chosen on the choosing set
+    ("chosen": what a user deploys, at a fraction of the cost on a real pair)."""
+    grid = thresholds_for(world, runs["choose"], family, progress.cache, settings.points)
     progress.save()
-    out = {}
-    for name in ("choose", "test"):
-        path = folder / f"K{k}_{name}_{family.name}.json"
-        done = {p.threshold: p for p in _points_on_disk(path)}
-        for t in grid:
-            if t not in done:
-                done[t] = evaluate_point(world, runs[name], family, t, k, cache, progress)
-                progress.save()
-                log.info("%s", _point_line(name, done[t]))
-                path.write_text(json.dumps([vars(p) for p in done.values()]))  # other grids' points stay
-        out[name] = [done[t] for t in grid]
-    return out
+    on_choose = measure(world, runs["choose"], family, grid, k, progress, folder / f"K{k}_choose_{family.name}.json")
+    on_test = grid
+    if settings.test_points == "chosen" and sd_choose is not None:
+        pick = choose(on_choose, sd_choose, settings.tolerance)
+        on_test = [pick.threshold] if pick.family == family.name else []
+    tested = measure(world, runs["test"], family, on_test, k, progress, folder / f"K{k}_test_{family.name}.json")
+    return {"choose": on_choose, "test": tested}
 
 
 def _point_line(name: str, point: Point) -> str:
@@ -220,11 +230,20 @@ def _point_line(name: str, point: Point) -> str:
             f"{point.kept}/{point.met} mismatches kept, {point.completions} new completions")  # fmt: skip
 
 
-def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, tolerance: float,
-                names: list[str] | None = None) -> dict:  # fmt: skip
-    """For every K and family: the sweep on both sets, the threshold chosen on `choose`, and its
-    point on `test`; `names`: only these families (standard SD always). -> {K: {family: {"choose":
-    [Point], "test": [Point], "chosen": Point}}}."""
+@dataclass(frozen=True)
+class SweepSettings:
+    points: int = 8  # thresholds per swept family
+    tolerance: float = 0.01  # accuracy below standard SD's allowed to a chosen threshold
+    test_points: str = "all"  # all: the grid on the test set too; chosen: its chosen threshold only
+    names: tuple[str, ...] | None = None  # only these families (standard SD always)
+
+
+def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: SweepSettings) -> dict:
+    """For every K and family: the sweep on the choosing set, the threshold chosen there, and the
+    test set's points (settings.test_points). -> {K: {family: {"choose": [Point], "test":
+    [Point], "chosen": Point}}}; "chosen" is standard SD's test point where no threshold passes."""
+    if settings.test_points not in ("all", "chosen"):
+        raise ValueError(f"test_points={settings.test_points!r}: choose all or chosen")
     folder = world.out / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
     features = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states)
@@ -235,17 +254,19 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], points: int, 
         runs[name] = SetRun(world.sets[name].prompts, world.sets[name].answers)
         own_answers(world, runs[name])
     results: dict = {}
+    names = settings.names
     for k in ks:
         chosen = [f for f in families(heads) if names is None or f.name in names or f.name == "sd"]
+        by_family: dict = {}
         try:
-            by_family = {f.name: sweep_family(world, runs, f, k, progress, points, folder) for f in chosen}
+            for f in chosen:  # standard SD first: the others' thresholds are chosen against it
+                sd_choose = by_family["sd"]["choose"][0] if "sd" in by_family else None
+                by_family[f.name] = sweep_family(world, runs, f, k, progress, folder, settings, sd_choose)
         finally:  # a stopped sweep (SIGTERM, Ctrl-C, an error) keeps every model pass it made
             progress.save()
-        sd_choose = by_family["sd"]["choose"][0]
+        sd_choose, sd_test = by_family["sd"]["choose"][0], by_family["sd"]["test"][0]
         for sets in by_family.values():
-            pick = choose(sets["choose"], sd_choose, tolerance)
-            sets["chosen"] = next(
-                (p for p in sets["test"] if p.threshold == pick.threshold), by_family["sd"]["test"][0]
-            )
+            pick = choose(sets["choose"], sd_choose, settings.tolerance)
+            sets["chosen"] = next((p for p in sets["test"] if p.threshold == pick.threshold), sd_test)
         results[k] = by_family
     return results

@@ -11,7 +11,7 @@ import pytest
 
 from spd_lightning.decoding.features import FeatureCache
 from spd_lightning.tasks.generation_report import report
-from spd_lightning.tasks.generation_sweep import families, stage_sweep
+from spd_lightning.tasks.generation_sweep import SweepSettings, choose, families, stage_sweep
 from spd_lightning.tasks.generations import (
     ROOT,
     WorldSettings,
@@ -34,7 +34,7 @@ def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(worl
     prompts, asks, labels = mine_labels(world, world.sets["train"].prompts, 4)
     assert len(asks) > 10 and 0 < int(labels.sum()) < len(labels)  # harmless and important mismatches both
     head = fit_supervised_head(world, FeatureCache(world.draft, world.target), prompts, asks, labels, 50, 0)
-    results = stage_sweep(world, {"supervised": head}, [2], 2, 0.01)
+    results = stage_sweep(world, {"supervised": head}, [2], SweepSettings(2))
     sd = results[2]["sd"]["test"][0]
     assert sd.agreement == 1.0  # standard SD writes the target's own responses
     accept_all = results[2]["accept_all"]["test"][0]
@@ -43,7 +43,7 @@ def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(worl
     assert line.startswith("gen_rl_tpc=nan gen_rl_accuracy=nan block_rl_tpc=nan sup_tpc=")  # heads not given: nan
     assert "sd_accuracy=" in line and line.endswith("n=24")
     assert (tmp_path / "generations.png").is_file() and "Machine:" in (tmp_path / "generations.md").read_text()
-    again = stage_sweep(world, {"supervised": head}, [2], 2, 0.01)  # read back from disk
+    again = stage_sweep(world, {"supervised": head}, [2], SweepSettings(2))  # read back from disk
     assert again[2]["sd"]["test"][0].correct == sd.correct
 
 
@@ -62,7 +62,7 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
 def test_a_sweep_keeps_each_point_as_it_is_measured_and_resumes_from_it(world, monkeypatch):
     import spd_lightning.tasks.generation_sweep as sweep
 
-    first = sweep.stage_sweep(world, {}, [2], 2, 0.01, ["kl"])
+    first = sweep.stage_sweep(world, {}, [2], SweepSettings(2, names=("kl",)))
     path = world.out / "sweep" / "K2_test_kl.json"
     grid = [p.threshold for p in first[2]["kl"]["test"]]
     assert len(grid) == 2 and len(json.loads(path.read_text())) == 2
@@ -73,6 +73,18 @@ def test_a_sweep_keeps_each_point_as_it_is_measured_and_resumes_from_it(world, m
     measured = []
     real = sweep.evaluate_point
     monkeypatch.setattr(sweep, "evaluate_point", lambda *a, **k: measured.append(a[3]) or real(*a, **k))
-    again = sweep.stage_sweep(world, {}, [2], 2, 0.01, ["kl"])
+    again = sweep.stage_sweep(world, {}, [2], SweepSettings(2, names=("kl",)))
     assert again[2]["kl"]["test"][0].tokens == -1  # read back, not measured again
     assert measured == [grid[1]] and again[2]["kl"]["test"][1].tokens == first[2]["kl"]["test"][1].tokens
+
+
+def test_the_test_set_can_hold_only_the_threshold_chosen_on_the_choosing_set(world, tmp_path):
+    settings = SweepSettings(3, tolerance=0.05, test_points="chosen", names=("kl", "accept_all"))
+    results = stage_sweep(world, {}, [2], settings)[2]
+    kl, sd = results["kl"], results["sd"]
+    assert len(kl["choose"]) == 3 and len(sd["test"]) == 1
+    pick = choose(kl["choose"], sd["choose"][0], 0.05)
+    assert [p.threshold for p in kl["test"]] == ([pick.threshold] if pick.family == "kl" else [])
+    assert results["accept_all"]["test"] == []  # it never passes the tolerance on this world
+    report({2: results}, families({}), tmp_path, 0.05, "test sample")  # a family without test points draws
+    assert (tmp_path / "generations.png").is_file()
