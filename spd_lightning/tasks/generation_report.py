@@ -78,7 +78,9 @@ def plot_curves(results: dict, families: list[Family], out_png: Path) -> Path:
             if chosen.family == family.name:
                 ax.scatter([chosen.tokens_per_call], [chosen.accuracy], s=90, marker="*", color=line.get_color(),
                            edgecolor="black", zorder=4)  # fmt: skip
-        ax.set_title(f"K = {k} (stars: thresholds chosen on the choosing set; dotted: that set's grid)")
+        dotted = any(len(v["test"]) < len(v["choose"]) for v in results[k].values())
+        grid = "; dotted: the grid on the choosing set" if dotted else ""
+        ax.set_title(f"K = {k} (stars: thresholds chosen on the choosing set{grid})")
         ax.set_xlabel("tokens per target call (test set)")
         ax.set_ylabel("accuracy (test set)")
         ax.grid(alpha=0.3)
