@@ -208,11 +208,13 @@ def measure(world, run: SetRun, family: Family, thresholds: list[float], k: int,
     return [done[t] for t in thresholds]
 
 
-def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progress: Progress, folder: Path,
+def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progress: Progress,
                  settings: SweepSettings, sd_choose: Point | None) -> dict[str, list[Point]]:  # fmt: skip
     """The family's grid (from the choosing set's scores) on the choosing set, then on the test set
     the whole grid (settings.test_points="all") or only the threshold chosen on the choosing set
-    ("chosen": what a user deploys, at a fraction of the cost on a real pair)."""
+    ("chosen": what a user deploys, at a fraction of the cost on a real pair). Points are kept in
+    the sweep's folder (progress.folder), one JSON per family, set and K."""
+    folder = progress.folder
     grid = thresholds_for(world, runs["choose"], family, progress.cache, settings.points)
     progress.save()
     on_choose = measure(world, runs["choose"], family, grid, k, progress, folder / f"K{k}_choose_{family.name}.json")
@@ -261,7 +263,7 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: Swe
         try:
             for f in chosen:  # standard SD first: the others' thresholds are chosen against it
                 sd_choose = by_family["sd"]["choose"][0] if "sd" in by_family else None
-                by_family[f.name] = sweep_family(world, runs, f, k, progress, folder, settings, sd_choose)
+                by_family[f.name] = sweep_family(world, runs, f, k, progress, settings, sd_choose)
         finally:  # a stopped sweep (SIGTERM, Ctrl-C, an error) keeps every model pass it made
             progress.save()
         sd_choose, sd_test = by_family["sd"]["choose"][0], by_family["sd"]["test"][0]
