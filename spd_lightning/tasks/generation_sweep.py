@@ -193,17 +193,18 @@ def _points_on_disk(path: Path) -> list[Point]:
     return [Point(**row) for row in json.loads(path.read_text())] if path.is_file() else []
 
 
-def measure(world, run: SetRun, family: Family, thresholds: list[float], k: int, progress: Progress,
-            path: Path) -> list[Point]:  # fmt: skip
-    """The family's points at `thresholds` on one set: read from `path` where measured before,
-    else measured and written there at once (other thresholds' points stay), so a stopped sweep
-    keeps each point it finished."""
+def measure(world, run: SetRun, name: str, family: Family, thresholds: list[float], k: int,
+            progress: Progress) -> list[Point]:  # fmt: skip
+    """The family's points at `thresholds` on the set `name`: read from its JSON in the sweep's
+    folder where measured before, else measured and written there at once (other thresholds'
+    points stay), so a stopped sweep keeps each point it finished."""
+    path = progress.folder / f"K{k}_{name}_{family.name}.json"
     done = {p.threshold: p for p in _points_on_disk(path)}
     for t in thresholds:
         if t not in done:
             done[t] = evaluate_point(world, run, family, t, k, progress.cache, progress)
             progress.save()
-            log.info("%s", _point_line(path.stem.split("_")[1], done[t]))
+            log.info("%s", _point_line(name, done[t]))
             path.write_text(json.dumps([vars(p) for p in done.values()]))
     return [done[t] for t in thresholds]
 
@@ -214,15 +215,14 @@ def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progres
     the whole grid (settings.test_points="all") or only the threshold chosen on the choosing set
     ("chosen": what a user deploys, at a fraction of the cost on a real pair). Points are kept in
     the sweep's folder (progress.folder), one JSON per family, set and K."""
-    folder = progress.folder
     grid = thresholds_for(world, runs["choose"], family, progress.cache, settings.points)
     progress.save()
-    on_choose = measure(world, runs["choose"], family, grid, k, progress, folder / f"K{k}_choose_{family.name}.json")
+    on_choose = measure(world, runs["choose"], "choose", family, grid, k, progress)
     on_test = grid
     if settings.test_points == "chosen" and sd_choose is not None:
         pick = choose(on_choose, sd_choose, settings.tolerance)
         on_test = [pick.threshold] if pick.family == family.name else []
-    tested = measure(world, runs["test"], family, on_test, k, progress, folder / f"K{k}_test_{family.name}.json")
+    tested = measure(world, runs["test"], "test", family, on_test, k, progress)
     return {"choose": on_choose, "test": tested}
 
 
