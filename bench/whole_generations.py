@@ -69,6 +69,10 @@ def parse_args() -> argparse.Namespace:
         "--block-rl", default=None, help="a saved per-block judge (default, real pair: judges/qwen_coder_grpo.pt)"
     )
     parser.add_argument("--batch", type=int, default=16, help="paths completed per call (vLLM: 64 suits)")
+    parser.add_argument(
+        "--overlap", type=int, default=16,
+        help="with --vllm: completion requests in flight while the models decide (0: lockstep rounds)",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every model's")
     parser.add_argument("--vllm", action="store_true", help="serve the target with vLLM (.venv-vllm) for completions")
     parser.add_argument("--seed", type=int, default=0)
@@ -114,7 +118,7 @@ def main() -> None:
     budget = args.max_new_tokens or (24 if toy else 384)
     with serving(args, pair) as url:
         pack = not toy and args.dtype == "float32"  # oneDNN-packed float32 linears (models/packed.py)
-        world = load_world(args.world, WorldSettings(pair, sets, out, budget, pack, args.batch, args.dtype, url))
+        world = load_world(args.world, WorldSettings(pair, sets, out, budget, pack, args.batch, args.dtype, url, args.overlap))
         run_stages(args, world, toy, out, budget, url)
 
 

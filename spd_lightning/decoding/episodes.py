@@ -9,7 +9,7 @@ core/episode.walk says what one episode does over the target's paths; here are i
   episode writes exactly the loop's tokens), a score of cached features against a threshold
   (decoding/features.py: FeatureDecider), or Bernoulli draws for GRPO (`SampledDecider`);
 - `run_episodes`: drives every walk at once, answering their mismatches in one batched decision
-  and their forks in one batched completion.
+  and their forks in one batched completion (or, for a server, as each completes: overlap.py).
 
 Shapes: B mismatches decided together, V vocabulary, H hidden size.
 """
@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from spd_lightning.core.episode import Ask, Episode, Fork, TargetPath, walk
 from spd_lightning.decoding.loop import Generation
+from spd_lightning.decoding.overlap import BackgroundForks
 from spd_lightning.decoding.policies import Block, Needs, Policy
 from spd_lightning.errors import VerificationError
 from spd_lightning.models.hf import id_set
@@ -67,9 +68,9 @@ class PathSource:
         stop = next((i for i, t in enumerate(completion) if t in self.eos), None)
         return completion if stop is None else completion[: stop + 1]
 
-    def fill(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]], desc: str | None = None) -> None:
-        """Completes every prompt + response not stored yet, longest budget first, in batches; a
-        batch is generated to its longest budget and each row cut to its own (greedy is causal)."""
+    def missing(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], int]]:
+        """(prompt + response, budget) of every path not stored yet, longest budget first, each once;
+        a response with no budget left gets the empty completion at once."""
         todo: dict[tuple[int, ...], int] = {}
         for prompt, response in zip(prompts, responses):
             key, budget = prompt + response, self._budget(response)
@@ -77,21 +78,33 @@ class PathSource:
                 self.store.put(key, [])
             elif self.store.get(key) is None:
                 todo[key] = budget
-        rows = sorted(todo.items(), key=lambda kv: -kv[1])
+        return sorted(todo.items(), key=lambda kv: -kv[1])
+
+    def request(self, rows: list[tuple[tuple[int, ...], int]]) -> list[list[int] | None]:
+        """The target's completions of `rows` (from `missing`), generated to their longest budget;
+        no store is touched (a background thread may run it: run_episodes' overlap)."""
+        return self.complete([list(key) for key, _ in rows], max(b for _, b in rows))
+
+    def keep(self, rows: list[tuple[tuple[int, ...], int]], outs: list[list[int] | None]) -> None:
+        """Stores `request`'s answers, each row cut to its own budget (greedy is causal)."""
+        failed = sum(out is None for out in outs)
+        if failed:
+            raise VerificationError(f"the target failed to complete {failed} of {len(rows)} episode paths")
+        items = [(key, self._cut(out, budget)) for (key, budget), out in zip(rows, outs)]
+        if hasattr(self.store, "add"):  # a store on disk writes the batch at once
+            self.store.add(items)
+        else:
+            for key, completion in items:
+                self.store.put(key, completion)
+        self.completions += len(rows)
+
+    def fill(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]], desc: str | None = None) -> None:
+        """Completes every prompt + response not stored yet, in batches of `batch_size`."""
+        rows = self.missing(prompts, responses)
         cuts = range(0, len(rows), self.batch_size)
         for start in tqdm(cuts, desc=desc, unit="batch", leave=False, disable=desc is None or len(cuts) < 2):
             batch = rows[start : start + self.batch_size]
-            outs = self.complete([list(key) for key, _ in batch], max(b for _, b in batch))
-            failed = sum(out is None for out in outs)
-            if failed:
-                raise VerificationError(f"the target failed to complete {failed} of {len(batch)} episode paths")
-            items = [(key, self._cut(out, budget)) for (key, budget), out in zip(batch, outs)]
-            if hasattr(self.store, "add"):  # a store on disk writes the batch at once
-                self.store.add(items)
-            else:
-                for key, completion in items:
-                    self.store.put(key, completion)
-            self.completions += len(batch)
+            self.keep(batch, self.request(batch))
 
     def proposals(self, prompt: tuple[int, ...], tokens: list[int]) -> tuple[Proposals, Sequence[bool]]:
         """([p] the draft's greedy token after prompt + tokens[:p], [p] whether it gives that token
@@ -226,10 +239,12 @@ class SampledDecider:
 
 def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSource, block_size: int,
                  desc: str | None = None, max_forks: int | None = None,
-                 on_progress: Callable[[], None] | None = None) -> list[Episode]:  # fmt: skip
-    """One episode per prompt (a prompt may repeat: G episodes of one prompt), all in lockstep;
-    max_forks: accepted mismatches per episode at most (core/episode.walk); on_progress: called
-    after each round (a long run saves what it computed there)."""
+                 on_progress: Callable[[], None] | None = None, overlap: int = 0) -> list[Episode]:  # fmt: skip
+    """One episode per prompt (a prompt may repeat: G episodes of one prompt); max_forks: accepted
+    mismatches per episode at most (core/episode.walk); on_progress: called after each round (a
+    long run saves what it computed there). overlap: 0, lockstep rounds (every decision, then
+    every fork's completion); n > 0, forks' completions requested in the background, n requests
+    in flight at most, while the main thread decides (decoding/overlap.py: for a server)."""
     n, limit = len(prompts), source.max_new_tokens
     starts = source.paths(prompts, [()] * n)
     walkers = [walk(path, block_size, source.eos, limit, max_forks) for path in starts]
@@ -243,23 +258,33 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
             episodes[i] = stop.value
             pending.pop(i, None)
 
+    background = BackgroundForks(source, overlap) if overlap > 0 else None
     with tqdm(total=n, desc=desc, leave=False, disable=desc is None) as bar:
         for i in range(n):
             advance(i, None)
-        while pending:
-            asks = [(i, r) for i, r in pending.items() if isinstance(r, Ask)]
-            forks = [(i, r) for i, r in pending.items() if isinstance(r, Fork)]
-            if asks:
-                verdicts = decide([prompts[i] for i, _ in asks], [r for _, r in asks])
-                for (i, _), verdict in zip(asks, verdicts):
-                    advance(i, bool(verdict))
-            if forks:
-                paths = source.paths([prompts[i] for i, _ in forks], [r.response for _, r in forks])
-                for (i, _), path in zip(forks, paths):
-                    advance(i, path)
-            if on_progress is not None:
-                on_progress()
-            bar.update(n - len(pending) - bar.n)
+        try:
+            while pending:
+                asks = [(i, r) for i, r in pending.items() if isinstance(r, Ask)]
+                if asks:
+                    verdicts = decide([prompts[i] for i, _ in asks], [r for _, r in asks])
+                    for (i, _), verdict in zip(asks, verdicts):
+                        advance(i, bool(verdict))
+                forks = [(i, r) for i, r in pending.items() if isinstance(r, Fork)]
+                if background is None and forks:
+                    paths = source.paths([prompts[i] for i, _ in forks], [r.response for _, r in forks])
+                    for (i, _), path in zip(forks, paths):
+                        advance(i, path)
+                elif background is not None:
+                    background.request([(i, prompts[i], r.response) for i, r in forks if i not in background])
+                    idle = not any(isinstance(r, Ask) for r in pending.values())
+                    for i, path in background.ready(block=idle and bool(forks)):
+                        advance(i, path)
+                if on_progress is not None:
+                    on_progress()
+                bar.update(n - len(pending) - bar.n)
+        finally:
+            if background is not None:
+                background.close()
     return episodes
 
 

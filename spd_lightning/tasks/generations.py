@@ -66,6 +66,7 @@ class World:
     sets: dict[str, Problems]
     source: PathSource
     out: Path
+    overlap: int = 0  # fork completions in flight while episodes decide (run_episodes); 0: lockstep
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -110,6 +111,9 @@ class WorldSettings:
     batch_size: int = 16  # paths completed per call
     dtype: str = "float32"
     target_url: str | None = None  # a vLLM server of the target; None: in-process
+    # With a server: requests of fork completions in flight while the in-process models decide
+    # (decoding/overlap.py); 0: lockstep rounds. In-process completions are always lockstep.
+    overlap: int = 16
 
 
 def load_world(name: str, settings: WorldSettings) -> World:
@@ -124,7 +128,8 @@ def load_world(name: str, settings: WorldSettings) -> World:
     for model in (draft, target) if settings.pack else ():
         pack_linears(model)
     if target_url:
-        backend = VLLMTarget(url=target_url, model="target", max_new_tokens=max_new_tokens, timeout_s=3600.0)
+        backend = VLLMTarget(url=target_url, model="target", max_new_tokens=max_new_tokens, timeout_s=3600.0,
+                             concurrency=max(settings.overlap, 1))  # fmt: skip
         backend.check_tokenizer(tokenizer)
     else:
         backend = LocalTarget.from_model(target, max_new_tokens, batch_size)
@@ -133,7 +138,8 @@ def load_world(name: str, settings: WorldSettings) -> World:
     store = DiskCompletions(out / "completions.jsonl")
     source = PathSource(backend.complete, draft, pad, eos, max_new_tokens, store, batch_size)
     problems = {s.name: load_problems(s, tokenizer) for s in sets}
-    return World(name, draft, target, tokenizer, problems, source, out)
+    overlap = settings.overlap if target_url else 0
+    return World(name, draft, target, tokenizer, problems, source, out, overlap)
 
 
 def stage_responses(world: World) -> None:

@@ -3,6 +3,10 @@ target's paths writes the decoding loop's tokens with the loop's target calls.""
 
 from __future__ import annotations
 
+import random
+import threading
+import time
+
 import pytest
 import torch
 
@@ -161,3 +165,30 @@ def test_proposals_are_computed_as_walks_read_them_and_equal_one_pass_over_the_p
         assert top == whole[start - 1 : start - 1 + len(top)]
         cut_short += len(top) < len(key) - start
     assert cut_short > 0  # accept-all leaves paths at their next mismatch: the draft stopped there
+
+
+def test_forks_completed_in_the_background_give_the_lockstep_episodes_in_another_order(world):
+    draft, target, prompts, eos, pad = world
+    local = LocalTarget.from_model(target, MAX_NEW).complete
+    lock, finished = threading.Lock(), []
+    shuffle = random.Random(0)
+
+    def slow_complete(prefixes, budget):  # a server: requests end in another order than sent
+        time.sleep(shuffle.random() * 0.02)
+        with lock:
+            out = local(prefixes, budget)
+            finished.append(tuple(map(tuple, prefixes)))
+        return out
+
+    tuples = [tuple(p) for p in prompts]
+    inputs = DecisionInputs(draft, target, pad)
+    for policy in (accept_all, kl_policy(0.5)):
+        lockstep = run_episodes(tuples, PolicyDecider(policy, inputs), PathSource(local, draft, pad, eos, MAX_NEW), 4)
+        source = PathSource(slow_complete, draft, pad, eos, MAX_NEW, batch_size=4)
+        overlapped = run_episodes(tuples, PolicyDecider(policy, inputs), source, 4, overlap=3)
+        assert [e.response for e in overlapped] == [e.response for e in lockstep], policy.name
+        assert [e.target_calls for e in overlapped] == [e.target_calls for e in lockstep], policy.name
+        assert sum(e.accepted_mismatches for e in overlapped) > 0
+        keys = [k for batch in finished for k in batch]
+        assert len(keys) == len(set(keys)) == source.completions  # no prefix asked twice
+        finished.clear()
