@@ -118,7 +118,9 @@ def main() -> None:
     budget = args.max_new_tokens or (24 if toy else 384)
     with serving(args, pair) as url:
         pack = not toy and args.dtype == "float32"  # oneDNN-packed float32 linears (models/packed.py)
-        world = load_world(args.world, WorldSettings(pair, sets, out, budget, pack, args.batch, args.dtype, url, args.overlap))
+        world = load_world(
+            args.world, WorldSettings(pair, sets, out, budget, pack, args.batch, args.dtype, url, args.overlap)
+        )
         run_stages(args, world, toy, out, budget, url)
 
 

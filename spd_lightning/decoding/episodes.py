@@ -34,6 +34,8 @@ from spd_lightning.models.lm import block_states_shared
 from spd_lightning.models.prefix_states import PrefixStates
 from spd_lightning.verification.hybrid import CompletionCache
 
+# Paths to complete: (prompt + response prefix, tokens left in the budget).
+Rows = list[tuple[tuple[int, ...], int]]
 # Target.complete: prefixes and one budget -> each prefix's greedy completion (None: failed).
 Complete = Callable[[list[list[int]], int], list[list[int] | None]]
 
@@ -68,7 +70,7 @@ class PathSource:
         stop = next((i for i, t in enumerate(completion) if t in self.eos), None)
         return completion if stop is None else completion[: stop + 1]
 
-    def missing(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], int]]:
+    def missing(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> Rows:
         """(prompt + response, budget) of every path not stored yet, longest budget first, each once;
         a response with no budget left gets the empty completion at once."""
         todo: dict[tuple[int, ...], int] = {}
@@ -80,12 +82,12 @@ class PathSource:
                 todo[key] = budget
         return sorted(todo.items(), key=lambda kv: -kv[1])
 
-    def request(self, rows: list[tuple[tuple[int, ...], int]]) -> list[list[int] | None]:
+    def request(self, rows: Rows) -> list[list[int] | None]:
         """The target's completions of `rows` (from `missing`), generated to their longest budget;
         no store is touched (a background thread may run it: run_episodes' overlap)."""
         return self.complete([list(key) for key, _ in rows], max(b for _, b in rows))
 
-    def keep(self, rows: list[tuple[tuple[int, ...], int]], outs: list[list[int] | None]) -> None:
+    def keep(self, rows: Rows, outs: list[list[int] | None]) -> None:
         """Stores `request`'s answers, each row cut to its own budget (greedy is causal)."""
         failed = sum(out is None for out in outs)
         if failed:
