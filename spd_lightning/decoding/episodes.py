@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from spd_lightning.core.episode import Ask, Episode, Fork, TargetPath, walk
 from spd_lightning.decoding.loop import Generation
-from spd_lightning.decoding.overlap import BackgroundForks
+from spd_lightning.decoding.overlap import ASKS_PER_DECISION, BackgroundForks
 from spd_lightning.decoding.policies import Block, Needs, Policy
 from spd_lightning.errors import VerificationError
 from spd_lightning.models.hf import id_set
@@ -267,6 +267,8 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
         try:
             while pending:
                 asks = [(i, r) for i, r in pending.items() if isinstance(r, Ask)]
+                if background is not None:  # forks met in a long decision would wait for all of it
+                    asks = asks[:ASKS_PER_DECISION]
                 if asks:
                     verdicts = decide([prompts[i] for i, _ in asks], [r for _, r in asks])
                     for (i, _), verdict in zip(asks, verdicts):

@@ -17,6 +17,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 Key = tuple[int, ...]  # prompt + response prefix
 
+# Mismatches decided in one call while forks complete in the background: a decision runs the
+# models over each asking path (about a second a path for the real pair), and the forks it meets
+# are sent only after it, so a long one leaves the server idle. Small calls lose little:
+# decoding/features.py runs the models one path at a time anyway.
+ASKS_PER_DECISION = 8
+
 
 class BackgroundForks:
     """Forks waiting for their path: `request` them, read back those `ready`.

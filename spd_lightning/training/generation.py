@@ -20,6 +20,7 @@ from functools import partial
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from spd_lightning.core.episode import Ask, Episode
 from spd_lightning.core.generation_grpo import GenerationGRPOLoss, generation_rewards, speed_term
@@ -112,7 +113,7 @@ class GenerationModule(SPDModule):
         if self.features is None or datamodule is None or self.scorer.head.fitted:
             return
         prompts = [p for p, _ in datamodule.train_records]
-        met = mismatches_along(prompts, self.source.paths(prompts, [()] * len(prompts)))
+        met = mismatches_along(prompts, self.source.paths(prompts, [()] * len(prompts)), "judge scaling: draft")
         if met:
             features = self.features.get([p for p, _ in met], [a for _, a in met])
             self.scorer.head.fit_scaling(features.judge_inputs())
@@ -250,11 +251,15 @@ class GenerationModule(SPDModule):
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True, prog_bar=name == "scorer")
 
 
-def mismatches_along(prompts: list[tuple[int, ...]], paths) -> list[tuple[tuple[int, ...], Ask]]:
-    """(prompt, Ask) at every position of each path where the draft's proposal differs."""
+def mismatches_along(
+    prompts: list[tuple[int, ...]], paths, desc: str | None = None
+) -> list[tuple[tuple[int, ...], Ask]]:
+    """(prompt, Ask) at every position of each path where the draft's proposal differs; desc: a
+    progress bar over the paths (reading a path's proposals runs the draft over it)."""
+    bar = tqdm(zip(prompts, paths), total=len(prompts), desc=desc, unit="path", leave=False, disable=desc is None)
     return [
         (prompt, Ask(tuple(tokens[:p]), proposals[p], tokens[p]))
-        for prompt, (tokens, proposals, _) in zip(prompts, paths)
+        for prompt, (tokens, proposals, _) in bar
         for p in range(len(tokens))
         if proposals[p] != tokens[p]
     ]
