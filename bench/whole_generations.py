@@ -70,8 +70,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batch", type=int, default=16, help="paths completed per call (vLLM: 64 suits)")
     parser.add_argument(
-        "--overlap", type=int, default=16,
-        help="with --vllm: completion requests in flight while the models decide (0: lockstep rounds)",
+        "--overlap", type=int, default=0,
+        help="with --vllm: completion requests in flight while the models decide (0: lockstep rounds; "
+        "meant for a server on its own hardware; slower where it shares the CPU)",
     )  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every model's")
     parser.add_argument("--vllm", action="store_true", help="serve the target with vLLM (.venv-vllm) for completions")

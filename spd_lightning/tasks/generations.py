@@ -112,8 +112,10 @@ class WorldSettings:
     dtype: str = "float32"
     target_url: str | None = None  # a vLLM server of the target; None: in-process
     # With a server: requests of fork completions in flight while the in-process models decide
-    # (decoding/overlap.py); 0: lockstep rounds. In-process completions are always lockstep.
-    overlap: int = 16
+    # (decoding/overlap.py); 0: lockstep rounds. Off by default: where the server shares the
+    # CPU with the models (2 cores) it ran at 1-2 rows and cut completions per minute about 3x
+    # (docs/whole_generations.md). In-process completions are always lockstep.
+    overlap: int = 0
 
 
 def load_world(name: str, settings: WorldSettings) -> World:
@@ -129,7 +131,7 @@ def load_world(name: str, settings: WorldSettings) -> World:
         pack_linears(model)
     if target_url:
         backend = VLLMTarget(url=target_url, model="target", max_new_tokens=max_new_tokens, timeout_s=3600.0,
-                             concurrency=max(settings.overlap, 1))  # fmt: skip
+                             concurrency=max(settings.overlap, 8))  # fmt: skip
         backend.check_tokenizer(tokenizer)
     else:
         backend = LocalTarget.from_model(target, max_new_tokens, batch_size)
@@ -222,10 +224,17 @@ def train_with_run_py(out: Path, overrides: list[str]) -> Path:
 def stage_heads(world: World, overrides: dict[str, list[str]], block_size: int, steps: int, seed: int,
                 block_rl_path: Path | None) -> dict[str, JudgeHead]:  # fmt: skip
     """supervised (mined here), block_rl (run.py model=judge, or a saved judge) and gen_rl (run.py
-    rollout=generation model=judge), each saved under out/heads/ and read back on a rerun."""
+    rollout=generation model=judge), each saved under out/heads/ and read back on a rerun. gen_rl
+    trains first: the issue's head comes first when a session ends mid-stage, and run.py loads
+    its own pair while this process's model caches are still empty."""
     folder = world.out / "heads"
     folder.mkdir(parents=True, exist_ok=True)
-    heads: dict[str, JudgeHead] = {}
+    gen_rl = head_from_checkpoint(train_with_run_py(folder / "gen_rl", overrides["gen_rl"]))
+    if block_rl_path is not None:
+        block_rl, _ = load_judge(block_rl_path)
+    else:
+        block_rl = head_from_checkpoint(train_with_run_py(folder / "block_rl", overrides["block_rl"]))
+    world.source.store = DiskCompletions(world.out / "completions.jsonl")  # with what training added
     path = folder / "supervised.pt"
     if not path.is_file():
         cache = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states)
@@ -233,11 +242,5 @@ def stage_heads(world: World, overrides: dict[str, list[str]], block_size: int, 
         head = fit_supervised_head(world, cache, prompts, asks, labels, steps, seed)
         notes = {"mismatches": len(labels), "harmless": int(labels.sum())}
         save_judge(head, path, 0.5, notes)
-    heads["supervised"], _ = load_judge(path)
-    if block_rl_path is not None:
-        heads["block_rl"], _ = load_judge(block_rl_path)
-    else:
-        heads["block_rl"] = head_from_checkpoint(train_with_run_py(folder / "block_rl", overrides["block_rl"]))
-    heads["gen_rl"] = head_from_checkpoint(train_with_run_py(folder / "gen_rl", overrides["gen_rl"]))
-    world.source.store = DiskCompletions(world.out / "completions.jsonl")  # with what training added
-    return heads
+    supervised, _ = load_judge(path)
+    return {"supervised": supervised, "block_rl": block_rl, "gen_rl": gen_rl}
