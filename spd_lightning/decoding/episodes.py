@@ -48,7 +48,7 @@ class PathSource:
 
     def __init__(self, complete: Complete, draft: PreTrainedModel, pad_id: int, eos_ids: Collection[int],
                  max_new_tokens: int, store: CompletionCache | None = None, batch_size: int = 32,
-                 draft_confidence: float | None = None, chunk: int = 32) -> None:  # fmt: skip
+                 draft_confidence: float | None = None, chunk: int = 32, capacity: int = 160) -> None:  # fmt: skip
         self.complete, self.draft, self.pad_id = complete, draft, pad_id
         # The cached loop's early stop: drafting ends after a token the draft gives less than this.
         self.draft_confidence = draft_confidence
@@ -56,7 +56,8 @@ class PathSource:
         self.store = store if store is not None else CompletionCache(10**9)
         self._proposals: dict[tuple[int, ...], tuple[list[int], list[bool]]] = {}  # the first ones of each path
         self.chunk = chunk  # proposals computed at least this many at a time
-        self.draft_states = PrefixStates(draft)  # the frozen draft's KV caches along paths, shared by forks
+        # The frozen draft's KV caches along the last `capacity` paths, shared by forks.
+        self.draft_states = PrefixStates(draft, capacity)
         self.completions = 0  # computed by the target (not read from the store)
 
     def _budget(self, response: tuple[int, ...]) -> int:

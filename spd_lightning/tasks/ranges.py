@@ -72,6 +72,7 @@ RANGES: dict[str, Range] = {
     "rollout.val_fraction": PROBABILITY,
     "rollout.batch_size": COUNT,
     "rollout.val_batch_size": COUNT,
+    "rollout.cached_paths": COUNT,
     "loss.ppo_epochs": COUNT,
     "loss.clip_low": NON_NEGATIVE,
     "loss.clip_high": NON_NEGATIVE,

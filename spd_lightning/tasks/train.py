@@ -128,6 +128,7 @@ def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, Gene
         max_forks=rollout.max_forks,
         completions_path=rollout.completions,
         val_accept_all=rollout.val_accept_all,
+        cached_paths=rollout.cached_paths,
         draft_dtype=cfg.model.dtype,  # the draft proposes in the scorer's dtype
         **cfg.module,
     )

@@ -57,6 +57,7 @@ class RolloutConfig:
     batch_size: int = 8
     val_batch_size: int = 64
     val_accept_all: bool = True
+    cached_paths: int = 160
 
 
 class GenerationModule(SPDModule):
@@ -75,6 +76,7 @@ class GenerationModule(SPDModule):
         max_forks: int | None = None,
         completions_path: str | None = None,
         val_accept_all: bool = True,
+        cached_paths: int = 160,
         draft_dtype: str = "float32",
         threshold: float = 0.5,
         backbone_lr_scale: float = 0.1,
@@ -96,14 +98,16 @@ class GenerationModule(SPDModule):
         # Completions kept on disk (rollout.completions) outlive the run: a rerun, task=decode's
         # bench and other runs on the same prompts read them instead of generating again.
         store = DiskCompletions(completions_path) if completions_path else None
-        self.source = PathSource(verifier.target.complete, self._draft[0], self.pad_id, eos, max_new_tokens, store)
+        self.source = PathSource(
+            verifier.target.complete, self._draft[0], self.pad_id, eos, max_new_tokens, store, capacity=cached_paths
+        )
         self.inputs = DecisionInputs(None, None, self.pad_id)
         # The zero-cost judge reads features of the frozen models, computed once per mismatch
         # (a path's all at once); its head alone is trained.
         self.features = None
         if isinstance(scorer, ZeroCostJudge):
             self.features = FeatureCache(
-                scorer.models.draft, scorer.models.target, draft_states=self.source.draft_states
+                scorer.models.draft, scorer.models.target, draft_states=self.source.draft_states, capacity=cached_paths
             )
 
     def setup(self, stage: str) -> None:
