@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -202,6 +203,9 @@ def _save(fig, ax, title: str, legend_at: str, out_png: Path) -> Path:
 
 
 def sign_figure(fig) -> None:
-    """Lays the figure out above a grey footer naming the command, the machine and the date."""
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.text(0.005, 0.005, provenance(), fontsize=6, color="gray", ha="left", va="bottom")
+    """Lays the figure out above a grey footer naming the command, the machine and the date,
+    wrapped to the figure's width (a long command line stays on the page)."""
+    width_in, height_in = fig.get_size_inches()
+    lines = textwrap.wrap(provenance(), width=max(40, int(width_in * 19)))  # 6 pt: about 19 characters an inch
+    fig.tight_layout(rect=(0, (0.1 * len(lines) + 0.06) / height_in, 1, 1))
+    fig.text(0.005, 0.005, "\n".join(lines), fontsize=6, color="gray", ha="left", va="bottom")

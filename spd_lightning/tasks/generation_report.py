@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from spd_lightning.core.stats import wilson_interval  # noqa: E402
 from spd_lightning.reporting.plots import sign_figure  # noqa: E402
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown  # noqa: E402
 from spd_lightning.tasks.generation_sweep import Family, Point, paired  # noqa: E402
@@ -62,33 +63,43 @@ def table_for(k: int, by_family: dict, families: list[Family], tolerance: float)
 
 
 def plot_curves(results: dict, families: list[Family], out_png: Path) -> Path:
-    """Accuracy against tokens per target call on the test set, one panel per K."""
+    """Accuracy against tokens per target call: per K, the choosing set (every threshold swept)
+    beside the test set (what was measured there), the chosen thresholds starred in both."""
     ks = sorted(results)
-    fig, axes = plt.subplots(1, len(ks), figsize=(6.5 * len(ks), 5.2), squeeze=False)
-    for ax, k in zip(axes[0], ks):
-        for family in (f for f in families if f.name in results[k]):
-            points = sorted(results[k][family.name]["test"], key=lambda p: p.tokens_per_call)
-            choosing = sorted(results[k][family.name]["choose"], key=lambda p: p.tokens_per_call)
-            x, y = [p.tokens_per_call for p in points], [p.accuracy for p in points]
-            line = ax.plot(x, y, marker="o", ms=3, label=family.label, alpha=0.85)[0]
-            if len(points) < len(choosing):  # the test set holds only the chosen threshold: show the grid
-                ax.plot([p.tokens_per_call for p in choosing], [p.accuracy for p in choosing], ls=":", marker=".",
-                        color=line.get_color(), alpha=0.6)  # fmt: skip
-            chosen = results[k][family.name]["chosen"]
-            if chosen.family == family.name:
-                ax.scatter([chosen.tokens_per_call], [chosen.accuracy], s=90, marker="*", color=line.get_color(),
-                           edgecolor="black", zorder=4)  # fmt: skip
-        dotted = any(len(v["test"]) < len(v["choose"]) for v in results[k].values())
-        grid = "; dotted: the grid on the choosing set" if dotted else ""
-        ax.set_title(f"K = {k} (stars: thresholds chosen on the choosing set{grid})")
-        ax.set_xlabel("tokens per target call (test set)")
-        ax.set_ylabel("accuracy (test set)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+    fig, axes = plt.subplots(len(ks), 2, figsize=(11, 4.6 * len(ks)), squeeze=False)
+    for row, k in zip(axes, ks):
+        for ax, name in zip(row, ("choose", "test")):
+            _panel(ax, results[k], families, name)
+            size = len(next(iter(results[k].values()))[name][0].correct)
+            ax.set_title(f"K = {k}, {'choosing' if name == 'choose' else 'test'} set ({size} problems)")
+            ax.set_xlabel(f"tokens per target call ({name} set)")
+            ax.set_ylabel(f"accuracy ({name} set)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle("stars: the threshold chosen on the choosing set (most tokens per call within the accuracy "
+                 "budget); bars: 95% Wilson intervals", fontsize=9)  # fmt: skip
     sign_figure(fig)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def _panel(ax, by_family: dict, families: list[Family], name: str) -> None:
+    for family in (f for f in families if f.name in by_family):
+        points = sorted(by_family[family.name][name], key=lambda p: p.tokens_per_call)
+        if not points:
+            continue
+        x, y = [p.tokens_per_call for p in points], [p.accuracy for p in points]
+        line = ax.plot(x, y, marker="o", ms=4, label=family.label, alpha=0.85)[0]
+        intervals = [wilson_interval(sum(p.correct), len(p.correct)) for p in points]  # 95%: the y scale is honest
+        below, above = [a - lo for a, (lo, _) in zip(y, intervals)], [hi - a for a, (_, hi) in zip(y, intervals)]
+        ax.errorbar(x, y, yerr=[below, above], fmt="none", ecolor=line.get_color(), alpha=0.35, capsize=3)
+        chosen = by_family[family.name]["chosen"]
+        if chosen.family == family.name:
+            # the chosen threshold's point on this set
+            mine = [p for p in points if p.threshold == chosen.threshold]
+            ax.scatter([p.tokens_per_call for p in mine], [p.accuracy for p in mine], s=110, marker="*",
+                       color=line.get_color(), edgecolor="black", zorder=4)  # fmt: skip
 
 
 def last_line(results: dict) -> str:

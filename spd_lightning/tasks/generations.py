@@ -238,8 +238,10 @@ def stage_heads(world: World, overrides: dict[str, list[str]], block_size: int, 
     path = folder / "supervised.pt"
     if not path.is_file():
         cache = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states)
+        cache.load(folder / "features.pt")  # what gen_rl's training computed on the same prompts
         prompts, asks, labels = mine_labels(world, world.sets["train"].prompts, block_size)
         head = fit_supervised_head(world, cache, prompts, asks, labels, steps, seed)
+        cache.save(folder / "features.pt")
         notes = {"mismatches": len(labels), "harmless": int(labels.sum())}
         save_judge(head, path, 0.5, notes)
     supervised, _ = load_judge(path)

@@ -15,8 +15,10 @@ The per-block rollout (training/module.py) stays the default; both train the sam
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -58,6 +60,7 @@ class RolloutConfig:
     val_batch_size: int = 64
     val_accept_all: bool = True
     cached_paths: int = 160
+    features: Optional[str] = None  # noqa: UP045
 
 
 class GenerationModule(SPDModule):
@@ -77,6 +80,7 @@ class GenerationModule(SPDModule):
         completions_path: str | None = None,
         val_accept_all: bool = True,
         cached_paths: int = 160,
+        features_path: str | None = None,
         draft_dtype: str = "float32",
         threshold: float = 0.5,
         backbone_lr_scale: float = 0.1,
@@ -105,6 +109,10 @@ class GenerationModule(SPDModule):
         # The zero-cost judge reads features of the frozen models, computed once per mismatch
         # (a path's all at once); its head alone is trained.
         self.features = None
+        # model=judge: its features kept on disk (rollout.features) are read at the start and
+        # written as they grow, so a resumed run (or another on the same prompts) skips their passes.
+        self.features_path = Path(features_path) if features_path else None
+        self._features_saved = time.monotonic()
         if isinstance(scorer, ZeroCostJudge):
             self.features = FeatureCache(
                 scorer.models.draft, scorer.models.target, draft_states=self.source.draft_states, capacity=cached_paths
@@ -114,6 +122,8 @@ class GenerationModule(SPDModule):
         """model=judge: the head's input scaling, from the mismatches of the target's own
         responses to the training prompts (before any validation fixes it)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.features is not None and self.features_path is not None:
+            self.features.load(self.features_path)
         if self.features is None or datamodule is None or self.scorer.head.fitted:
             return
         prompts = [p for p, _ in datamodule.train_records]
@@ -121,6 +131,22 @@ class GenerationModule(SPDModule):
         if met:
             features = self.features.get([p for p, _ in met], [a for _, a in met])
             self.scorer.head.fit_scaling(features.judge_inputs())
+            self._save_features(every_s=0.0)
+
+    def on_train_batch_end(self, *args) -> None:
+        self._save_features(every_s=300.0)
+
+    def on_fit_end(self) -> None:
+        self._save_features(every_s=0.0)
+
+    def _save_features(self, every_s: float) -> None:
+        """rollout.features: the judge's feature cache to disk, at most every `every_s` seconds."""
+        if self.features is None or self.features_path is None or time.monotonic() - self._features_saved < every_s:
+            return
+        if self.trainer.is_global_zero:  # one writer; the frozen models give every rank the same rows
+            self.features_path.parent.mkdir(parents=True, exist_ok=True)
+            self.features.save(self.features_path)
+        self._features_saved = time.monotonic()
 
     def _logits(self, prompts: list[tuple[int, ...]], asks: list[Ask], scorer=None) -> torch.Tensor:
         """[D] accept logits at the mismatches (with gradients when enabled)."""

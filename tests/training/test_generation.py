@@ -56,6 +56,28 @@ def test_whole_generation_grpo_beats_standard_sd_at_its_accuracy_on_the_default_
     assert s[val_key("scorer", "target_calls_per_token")] < s[val_key("standard_sd", "target_calls_per_token")]
 
 
+def test_the_judges_features_kept_on_disk_spare_a_second_run_every_model_pass(
+    toy_world: Path, tmp_path: Path, compose_train, monkeypatch
+):
+    from spd_lightning.decoding import features as features_module
+
+    missing = []
+    compute = features_module.FeatureCache._compute
+    monkeypatch.setattr(
+        features_module.FeatureCache, "_compute",
+        lambda self, keys: missing.append(sum(k not in self._rows for k in set(keys))) or compute(self, keys),
+    )  # fmt: skip
+    store = tmp_path / "features.pt"
+    for run in ("first", "again"):
+        overrides = [f"toy.out={toy_world}", "rollout=generation", "model=judge", "~logger", "trainer.max_steps=2",
+                     "trainer.val_check_interval=2", f"rollout.features={store}"]  # fmt: skip
+        train(compose_train(overrides, tmp_path / run))
+        if run == "first":
+            assert store.is_file() and sum(missing) > 0
+            missing.clear()
+    assert sum(missing) == 0  # the same seed meets the same mismatches: every row came from the file
+
+
 @pytest.mark.slow
 def test_episodes_complete_their_forks_over_a_vllm_server(toy_world: Path, tmp_path: Path, compose_train, fake_vllm):
     overrides = [f"toy.out={toy_world}", "rollout=generation", "~logger", "target=vllm",
