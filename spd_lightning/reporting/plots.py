@@ -16,12 +16,34 @@ from spd_lightning.reporting.names import POLICIES, VAL_POLICIES, val_key  # noq
 from spd_lightning.reporting.tables import provenance  # noqa: E402
 
 
+def set_aside(metrics_csv: Path) -> Path | None:
+    """Renames a run's metrics.csv to the next free metrics.N.csv beside it (a run resumed in the
+    same folder would have the CSV logger delete it); None when there is none."""
+    if not metrics_csv.is_file():
+        return None
+    n = len(_kept(metrics_csv))
+    return metrics_csv.rename(metrics_csv.with_name(f"metrics.{n}.csv"))
+
+
+def _kept(metrics_csv: Path) -> list[Path]:
+    """The metrics.N.csv beside metrics_csv, oldest first."""
+    kept = [p for p in metrics_csv.parent.glob("metrics.*.csv") if p.suffixes[0][1:].isdigit()]
+    return sorted(kept, key=lambda p: int(p.suffixes[0][1:]))
+
+
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """metrics.csv -> {metric: [(step, value), ...]}, skipping empty cells."""
+    """metrics.csv -> {metric: [(step, value), ...]}, skipping empty cells; the metrics.N.csv that
+    resumed runs set aside beside it come first, each later file replacing the steps from its
+    first one on (a resumed run repeats what followed its checkpoint)."""
     series: dict[str, list[tuple[int, float]]] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
+    for file in [*_kept(path), path]:
+        with file.open() as f:
+            rows = [(int(row["step"]), row) for row in csv.DictReader(f)]
+        if not rows:
+            continue
+        first = min(step for step, _ in rows)
+        series = {key: [(s, v) for s, v in points if s < first] for key, points in series.items()}
+        for step, row in rows:
             for key, value in row.items():
                 if key not in ("step", "epoch") and value not in ("", None):
                     series.setdefault(key, []).append((step, float(value)))

@@ -28,7 +28,7 @@ from spd_lightning.data.records import check_vocab
 from spd_lightning.errors import VerificationError
 from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer
 from spd_lightning.reporting.names import INITIAL, PARITY_METRIC
-from spd_lightning.reporting.plots import plot_training_curves
+from spd_lightning.reporting.plots import plot_training_curves, set_aside
 from spd_lightning.reporting.summary import accept_len_at_parity, print_summary
 from spd_lightning.tasks.builders import (
     SCORER,
@@ -197,12 +197,14 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     check_resume_checkpoint(cfg.get("ckpt_path"))
+    out = Path(cfg.paths.output_dir)
+    if cfg.get("ckpt_path") and int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        set_aside(out / "csv" / "metrics.csv")  # resumed in its own folder: the curves keep the steps before
     datamodule, module = build_components(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger"))
     )
     undo_launch = children_run_this_job(trainer)
-    out = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         log.info(
             "%s: %d train, %d val, K=%d; output: %s",

@@ -86,3 +86,16 @@ def test_resume_from_last_checkpoint(tmp_path: Path, toy_world: Path):
     # The running count of target completions goes on from the checkpoint's.
     totals = [read_metrics(d / "csv" / "metrics.csv")["verify/total_completions"] for d in (first, second)]
     assert totals[1][0][1] > totals[0][-1][1]
+
+
+def test_a_run_resumed_in_its_own_folder_keeps_the_curves_of_the_steps_before(tmp_path: Path, toy_world: Path):
+    budget = ["trainer.val_check_interval=5", "data.max_val_records=64", "validate_before_fit=false"]
+    proc = run(["trainer.max_steps=10", *budget], tmp_path, toy_world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run(
+        ["trainer.max_steps=15", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", *budget], tmp_path, toy_world
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "csv" / "metrics.0.csv").is_file()  # the first run's, set aside
+    steps = [s for s, _ in read_metrics(tmp_path / "csv" / "metrics.csv")["train/reward"]]
+    assert min(steps) < 10 <= max(steps) and steps == sorted(steps)  # both runs' steps, once each
