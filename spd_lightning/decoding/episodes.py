@@ -48,7 +48,8 @@ class PathSource:
 
     def __init__(self, complete: Complete, draft: PreTrainedModel, pad_id: int, eos_ids: Collection[int],
                  max_new_tokens: int, store: CompletionCache | None = None, batch_size: int = 32,
-                 draft_confidence: float | None = None, chunk: int = 32, capacity: int = 160) -> None:  # fmt: skip
+                 draft_confidence: float | None = None, chunk: int = 32, capacity: int = 160,
+                 overlap: int = 0) -> None:  # fmt: skip
         self.complete, self.draft, self.pad_id = complete, draft, pad_id
         # The cached loop's early stop: drafting ends after a token the draft gives less than this.
         self.draft_confidence = draft_confidence
@@ -59,6 +60,9 @@ class PathSource:
         # The frozen draft's KV caches along the last `capacity` paths, shared by forks.
         self.draft_states = PrefixStates(draft, capacity)
         self.completions = 0  # computed by the target (not read from the store)
+        # Requests of fork completions in flight while episodes decide (overlap.py; for a server
+        # on its own hardware, and order-dependent for Bernoulli draws); 0: lockstep rounds.
+        self.overlap = overlap
 
     def _budget(self, response: tuple[int, ...]) -> int:
         ended = bool(response) and response[-1] in self.eos
@@ -85,7 +89,7 @@ class PathSource:
 
     def request(self, rows: Rows) -> list[list[int] | None]:
         """The target's completions of `rows` (from `missing`), generated to their longest budget;
-        no store is touched (a background thread may run it: run_episodes' overlap)."""
+        no store is touched (a background thread may run it: `overlap`)."""
         return self.complete([list(key) for key, _ in rows], max(b for _, b in rows))
 
     def keep(self, rows: Rows, outs: list[list[int] | None]) -> None:
@@ -242,12 +246,12 @@ class SampledDecider:
 
 def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSource, block_size: int,
                  desc: str | None = None, max_forks: int | None = None,
-                 on_progress: Callable[[], None] | None = None, overlap: int = 0) -> list[Episode]:  # fmt: skip
+                 on_progress: Callable[[], None] | None = None) -> list[Episode]:  # fmt: skip
     """One episode per prompt (a prompt may repeat: G episodes of one prompt); max_forks: accepted
     mismatches per episode at most (core/episode.walk); on_progress: called after each round (a
-    long run saves what it computed there). overlap: 0, lockstep rounds (every decision, then
-    every fork's completion); n > 0, forks' completions requested in the background, n requests
-    in flight at most, while the main thread decides (decoding/overlap.py: for a server)."""
+    long run saves what it computed there). Rounds in lockstep (every decision, then every fork's
+    completion), or with source.overlap > 0 forks completed in the background while the main
+    thread decides (decoding/overlap.py)."""
     n, limit = len(prompts), source.max_new_tokens
     starts = source.paths(prompts, [()] * n)
     walkers = [walk(path, block_size, source.eos, limit, max_forks) for path in starts]
@@ -261,7 +265,7 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
             episodes[i] = stop.value
             pending.pop(i, None)
 
-    background = BackgroundForks(source, overlap) if overlap > 0 else None
+    background = BackgroundForks(source, source.overlap) if source.overlap > 0 else None
     with tqdm(total=n, desc=desc, leave=False, disable=desc is None) as bar:
         for i in range(n):
             advance(i, None)

@@ -151,7 +151,7 @@ def evaluate_point(world, run: SetRun, family: Family, threshold: float, k: int,
         decide = FeatureDecider(cache, family.score, threshold)
     before = world.source.completions
     desc = f"{family.name} t={threshold:.4g} K={k}"
-    episodes = run_episodes(run.prompts, decide, world.source, k, desc, on_progress=progress, overlap=world.overlap)
+    episodes = run_episodes(run.prompts, decide, world.source, k, desc, on_progress=progress)
     texts = [world.decode(e.response) for e in episodes]
     correct = [gsm8k_final_number(t, a) for t, a in zip(texts, run.answers)]
     agree = [own is not None and gsm8k_final_number(t, own) for t, own in zip(texts, run.own)]

@@ -66,7 +66,6 @@ class World:
     sets: dict[str, Problems]
     source: PathSource
     out: Path
-    overlap: int = 0  # fork completions in flight while episodes decide (run_episodes); 0: lockstep
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -138,10 +137,10 @@ def load_world(name: str, settings: WorldSettings) -> World:
     eos, pad = response_end_ids(target, tokenizer), pad_id_of(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     store = DiskCompletions(out / "completions.jsonl")
-    source = PathSource(backend.complete, draft, pad, eos, max_new_tokens, store, batch_size)
-    problems = {s.name: load_problems(s, tokenizer) for s in sets}
     overlap = settings.overlap if target_url else 0
-    return World(name, draft, target, tokenizer, problems, source, out, overlap)
+    source = PathSource(backend.complete, draft, pad, eos, max_new_tokens, store, batch_size, overlap=overlap)
+    problems = {s.name: load_problems(s, tokenizer) for s in sets}
+    return World(name, draft, target, tokenizer, problems, source, out)
 
 
 def stage_responses(world: World) -> None:

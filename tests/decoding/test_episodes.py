@@ -184,8 +184,8 @@ def test_forks_completed_in_the_background_give_the_lockstep_episodes_in_another
     inputs = DecisionInputs(draft, target, pad)
     for policy in (accept_all, kl_policy(0.5)):
         lockstep = run_episodes(tuples, PolicyDecider(policy, inputs), PathSource(local, draft, pad, eos, MAX_NEW), 4)
-        source = PathSource(slow_complete, draft, pad, eos, MAX_NEW, batch_size=4)
-        overlapped = run_episodes(tuples, PolicyDecider(policy, inputs), source, 4, overlap=3)
+        source = PathSource(slow_complete, draft, pad, eos, MAX_NEW, batch_size=4, overlap=3)
+        overlapped = run_episodes(tuples, PolicyDecider(policy, inputs), source, 4)
         assert [e.response for e in overlapped] == [e.response for e in lockstep], policy.name
         assert [e.target_calls for e in overlapped] == [e.target_calls for e in lockstep], policy.name
         assert sum(e.accepted_mismatches for e in overlapped) > 0
