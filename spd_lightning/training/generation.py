@@ -117,13 +117,13 @@ class GenerationModule(SPDModule):
             self.features = FeatureCache(
                 scorer.models.draft, scorer.models.target, draft_states=self.source.draft_states, capacity=cached_paths
             )
+            if self.features_path is not None:
+                self.features.load(self.features_path)
 
     def setup(self, stage: str) -> None:
         """model=judge: the head's input scaling, from the mismatches of the target's own
         responses to the training prompts (before any validation fixes it)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.features is not None and self.features_path is not None:
-            self.features.load(self.features_path)
         if self.features is None or datamodule is None or self.scorer.head.fitted:
             return
         prompts = [p for p, _ in datamodule.train_records]
