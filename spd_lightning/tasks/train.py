@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 # Lightning internals that warn about things this project does on purpose.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen reference scorer
+# The training loaders resume mid-epoch by their own means (training/shuffle.py), not state_dict.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 
 
 def route_lightning_logs_through_hydra() -> None:

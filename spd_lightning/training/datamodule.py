@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from spd_lightning.data.records import Record, RecordError, collate_records, load_records, split_by_prompt
+from spd_lightning.training.shuffle import resumable_shuffle
 
 
 class RecordDataModule(L.LightningDataModule):
@@ -58,12 +58,11 @@ class RecordDataModule(L.LightningDataModule):
         return self.train_records[0].block_size
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
+        shuffle = resumable_shuffle(len(self.train_records), self.seed, self.batch_size, self.trainer)
         return DataLoader(
             self.train_records,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=gen,
+            sampler=shuffle,
             collate_fn=collate_records,
             num_workers=self.num_workers,
             drop_last=True,

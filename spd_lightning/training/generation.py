@@ -121,6 +121,21 @@ class GenerationModule(SPDModule):
                 self.features.load(self.features_path)
 
     def setup(self, stage: str) -> None:
+        """Nothing to precompute per record: the judge's features come with the mismatches met."""
+
+    # The judge's input scaling is fitted after a checkpoint is restored (setup runs before that):
+    # a resumed run reads the scaling from its checkpoint instead of redoing the draft's passes.
+    def on_train_start(self) -> None:
+        self._fit_judge_scaling()
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._fit_judge_scaling()
+
+    def on_test_start(self) -> None:
+        self._fit_judge_scaling()
+
+    def _fit_judge_scaling(self) -> None:
         """model=judge: the head's input scaling, from the mismatches of the target's own
         responses to the training prompts (before any validation fixes it)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from spd_lightning.data.prompts import Prompt, encode_prompts
 from spd_lightning.errors import RecordError
+from spd_lightning.training.shuffle import resumable_shuffle
 
 PromptRow = tuple[tuple[int, ...], str]  # (prompt ids, reference answer)
 
@@ -49,11 +50,9 @@ class PromptDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        import torch
-
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_records, batch_size=self.batch_size, shuffle=True, generator=gen,
-                          collate_fn=_as_list, drop_last=True)  # fmt: skip
+        shuffle = resumable_shuffle(len(self.train_records), self.seed, self.batch_size, self.trainer)
+        return DataLoader(self.train_records, batch_size=self.batch_size, sampler=shuffle, collate_fn=_as_list,
+                          drop_last=True)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_records, batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_list)

@@ -92,3 +92,19 @@ def test_episodes_complete_their_forks_over_a_vllm_server(toy_world: Path, tmp_p
     assert len(fake_vllm.prompts) > 8  # the target's responses and the forks, as token ids
     stored = (tmp_path / "completions.jsonl").read_text().splitlines()
     assert len(stored) >= len(fake_vllm.prompts) - 1  # every completion kept on disk for the next run
+
+
+def test_a_resumed_run_reads_the_judges_scaling_from_its_checkpoint(
+    toy_world: Path, tmp_path: Path, compose_train, monkeypatch
+):
+    from spd_lightning.judge.head import JudgeHead
+
+    fits = []
+    fit_scaling = JudgeHead.fit_scaling
+    monkeypatch.setattr(JudgeHead, "fit_scaling", lambda self, data: fits.append(1) or fit_scaling(self, data))
+    common = [f"toy.out={toy_world}", "rollout=generation", "model=judge", "~logger", "trainer.val_check_interval=2"]
+    train(compose_train([*common, "trainer.max_steps=2"], tmp_path))
+    assert len(fits) == 1
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    train(compose_train([*common, "trainer.max_steps=3", f"ckpt_path={ckpt}"], tmp_path / "resumed"))
+    assert len(fits) == 1  # the draft's passes over the training prompts are not redone
