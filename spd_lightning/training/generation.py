@@ -148,6 +148,15 @@ class GenerationModule(SPDModule):
             self.scorer.head.fit_scaling(features.judge_inputs())
             self._save_features(every_s=0.0)
 
+    # The completions count is the source's; the checkpoint carries it so a resumed run's goes on.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.verify_totals["completions"] = self.source.completions
+        super().on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.source.completions = self.verify_totals["completions"]
+
     def on_train_batch_end(self, *args) -> None:
         self._save_features(every_s=300.0)
 

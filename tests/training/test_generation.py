@@ -94,7 +94,7 @@ def test_episodes_complete_their_forks_over_a_vllm_server(toy_world: Path, tmp_p
     assert len(stored) >= len(fake_vllm.prompts) - 1  # every completion kept on disk for the next run
 
 
-def test_a_resumed_run_reads_the_judges_scaling_from_its_checkpoint(
+def test_a_resumed_run_reads_the_judges_scaling_and_completions_count_from_its_checkpoint(
     toy_world: Path, tmp_path: Path, compose_train, monkeypatch
 ):
     from spd_lightning.judge.head import JudgeHead
@@ -108,3 +108,6 @@ def test_a_resumed_run_reads_the_judges_scaling_from_its_checkpoint(
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     train(compose_train([*common, "trainer.max_steps=3", f"ckpt_path={ckpt}"], tmp_path / "resumed"))
     assert len(fits) == 1  # the draft's passes over the training prompts are not redone
+    totals = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["verify_totals"]["completions"]
+              for d in (tmp_path, tmp_path / "resumed")]  # fmt: skip
+    assert totals[1] > totals[0] > 0  # the count of target completions goes on from the checkpoint's
