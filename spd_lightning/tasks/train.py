@@ -227,6 +227,12 @@ def train(cfg: DictConfig) -> float | None:
         undo_launch()
 
 
+def draw_curves(trainer: L.Trainer, out: Path) -> None:
+    metrics_csv = out / "csv" / "metrics.csv"
+    if trainer.is_global_zero and metrics_csv.is_file():
+        plot_training_curves(metrics_csv, out / "training_curves.png")
+
+
 def fit_and_summarise(
     cfg: DictConfig, trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, out: Path
 ) -> float | None:
@@ -238,10 +244,13 @@ def fit_and_summarise(
         learn_csv_columns(trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except VerificationError as err:
+    except BaseException as err:  # a run stopped (Ctrl+C, SIGTERM, a dead server) still shows its curves
+        draw_curves(trainer, out)
         ckpt = out / "checkpoints" / "last.ckpt"  # a folder under trainer=fsdp2
-        hint = f"The last checkpoint is intact: resume with ckpt_path={ckpt}" if ckpt.exists() else ""
-        raise VerificationError(f"{err}\n{hint}".strip()) from None
+        if isinstance(err, VerificationError):
+            hint = f"The last checkpoint is intact: resume with ckpt_path={ckpt}" if ckpt.exists() else ""
+            raise VerificationError(f"{err}\n{hint}".strip()) from None
+        raise
     steps = trainer.global_step
     if spawned:
         learn_csv_columns(trainer)
@@ -260,9 +269,7 @@ def fit_and_summarise(
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-        metrics_csv = out / "csv" / "metrics.csv"
-        if metrics_csv.is_file():
-            plot_training_curves(metrics_csv, out / "training_curves.png")
+        draw_curves(trainer, out)
         log_images(trainer.loggers, sorted(out.glob("*.png")), step=steps)
         print_summary(summary, out / "summary.json")
     return summary.get(cfg.optimized_metric)

@@ -32,6 +32,21 @@ def test_fast_dev_run_in_process_writes_the_summary(toy_world: Path, tmp_path: P
     assert summary["train/steps"] == 1
 
 
+def test_a_run_stopped_mid_training_still_draws_its_curves(toy_world: Path, tmp_path: Path, compose_train, monkeypatch):
+    step = SPDModule.training_step
+
+    def stopped_at_the_fourth(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise KeyboardInterrupt  # what Ctrl+C raises; Lightning turns it into SystemExit
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SPDModule, "training_step", stopped_at_the_fourth)
+    cfg = compose_train([f"toy.out={toy_world}", "logger=csv", "trainer.max_steps=10"], tmp_path)
+    with pytest.raises(SystemExit):
+        train(cfg)
+    assert (tmp_path / "training_curves.png").is_file() and not (tmp_path / "summary.json").exists()
+
+
 class MetricsOf(L.Callback):
     """What the module logged at each training step."""
 
