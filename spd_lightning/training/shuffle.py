@@ -18,12 +18,17 @@ from torch.utils.data import Sampler
 
 
 class StreamShuffle(Sampler[int]):
-    """Item indices 0..n-1, permutation after permutation; a pass yields whole batches of the
-    stream from batch `trained_batches()` on."""
+    """Item indices 0..n-1, permutation after permutation; a pass yields whole steps of the
+    stream from step `trained_batches()` on (each rank's batch count is the step count)."""
 
-    def __init__(self, n: int, seed: int, batch_size: int, trained_batches: Callable[[], int] = lambda: 0) -> None:
-        self.n, self.seed, self.batch_size = n, seed, batch_size
-        self.per_pass = (n // batch_size) * batch_size
+    def __init__(
+        self, n: int, seed: int, batch_size: int, trained_batches: Callable[[], int] = lambda: 0, world_size: int = 1
+    ) -> None:
+        self.n, self.seed = n, seed
+        # Under DDP Lightning deals each pass out to the ranks (DistributedSamplerWrapper, rank r
+        # takes items r, r + world, ...): a step trains world_size batches of the stream.
+        self.items_per_step = batch_size * world_size
+        self.per_pass = (n // self.items_per_step) * self.items_per_step
         self.trained_batches = trained_batches
 
     def permutation(self, index: int) -> list[int]:
@@ -39,7 +44,7 @@ class StreamShuffle(Sampler[int]):
         return out
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.items(self.trained_batches() * self.batch_size, self.per_pass))
+        return iter(self.items(self.trained_batches() * self.items_per_step, self.per_pass))
 
     def __len__(self) -> int:
         return self.per_pass
@@ -52,4 +57,4 @@ def resumable_shuffle(n: int, seed: int, batch_size: int, trainer) -> StreamShuf
     # `processed` also counts a batch whose checkpoint was written in on_train_batch_end, before
     # Lightning moved `completed`.
     progress = trainer.fit_loop.epoch_loop.batch_progress
-    return StreamShuffle(n, seed, batch_size, trained_batches=lambda: progress.total.processed)
+    return StreamShuffle(n, seed, batch_size, lambda: progress.total.processed, trainer.world_size)

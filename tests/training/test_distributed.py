@@ -62,11 +62,12 @@ def probes(run_dir: Path) -> list[dict]:
 def assert_ranks_verified_own_shards(ranks: list[dict]) -> None:
     steps0, steps1 = ranks[0]["verified"], ranks[1]["verified"]
     assert len(steps0) == len(steps1) >= 3
-    # The sampler split the epoch's records between the ranks, half each, all of them together;
-    # only its padding (an odd count: one record twice) may fall to both.
+    # The sampler split a pass of the shuffle (as many records as fill whole steps of both ranks'
+    # batches, training/shuffle.py) between the ranks, half each, none to both.
     shard0, shard1, n = set(ranks[0]["shard"]), set(ranks[1]["shard"]), ranks[0]["num_train"]
-    assert len(ranks[0]["shard"]) == len(ranks[1]["shard"]) == (n + 1) // 2
-    assert len(shard0 | shard1) == n and len(shard0 & shard1) == n % 2
+    per_pass = n // (2 * BATCH) * 2 * BATCH
+    assert len(ranks[0]["shard"]) == len(ranks[1]["shard"]) == per_pass // 2
+    assert len(shard0 | shard1) == per_pass and not shard0 & shard1
     for s0, s1 in zip(steps0, steps1):
         # Every step each rank verified the next full batch of its own shard, and only that.
         assert s0["records"] is not None and s1["records"] is not None

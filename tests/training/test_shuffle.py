@@ -57,3 +57,6 @@ def test_the_stream_is_one_permutation_after_another_whatever_the_batch():
     assert sorted(shuffle.items(0, 10)) == list(range(10)) and shuffle.items(0, 10) != shuffle.items(10, 10)
     assert shuffle.items(0, 24) == shuffle.items(0, 7) + shuffle.items(7, 17)
     assert list(StreamShuffle(10, seed=1, batch_size=4, trained_batches=lambda: 3)) == shuffle.items(12, 8)
+    # Two ranks: a step trains a batch on each, and a pass is whole steps (8 of 10 items).
+    two_ranks = StreamShuffle(10, seed=1, batch_size=2, trained_batches=lambda: 3, world_size=2)
+    assert list(two_ranks) == shuffle.items(12, 8)
