@@ -246,8 +246,8 @@ def fit_and_summarise(
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except BaseException as err:  # a run stopped (Ctrl+C, SIGTERM, a dead server) still shows its curves
         draw_curves(trainer, out)
-        ckpt = out / "checkpoints" / "last.ckpt"  # a folder under trainer=fsdp2
         if isinstance(err, VerificationError):
+            ckpt = out / "checkpoints" / "last.ckpt"  # a folder under trainer=fsdp2
             hint = f"The last checkpoint is intact: resume with ckpt_path={ckpt}" if ckpt.exists() else ""
             raise VerificationError(f"{err}\n{hint}".strip()) from None
         raise
