@@ -13,6 +13,7 @@ from the store.
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -216,8 +217,30 @@ def train_with_run_py(out: Path, overrides: list[str]) -> Path:
         resume = [f"ckpt_path={ckpt}"] if ckpt.is_file() else []
         command = [sys.executable, str(ROOT / "run.py"), *overrides, *resume, f"hydra.run.dir={out}"]
         log.info("training: %s", " ".join(command[1:]))
-        subprocess.run(command, check=True, cwd=ROOT)
+        run_to_its_end(command, ROOT)
     return ckpt
+
+
+def run_to_its_end(command: list[str], cwd: Path) -> None:
+    """Runs `command` and waits for it. A stop that reaches this process (SIGTERM raised as
+    SystemExit) is passed on as SIGTERM, and the child is waited for: Lightning ends a run after
+    the step in flight, with its checkpoint and curves, where a kill loses the step (minutes on
+    the real pair). Ctrl+C reaches the child by itself; a second stop kills it."""
+    proc = subprocess.Popen(command, cwd=cwd)
+    try:
+        code = proc.wait()
+    except BaseException as stop:
+        if not isinstance(stop, KeyboardInterrupt):
+            proc.send_signal(signal.SIGTERM)
+        log.warning("stopping: the run ends after its step in flight (stop again to kill it)")
+        try:
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+        raise
+    if code != 0:
+        raise subprocess.CalledProcessError(code, command)
 
 
 def stage_heads(world: World, overrides: dict[str, list[str]], block_size: int, steps: int, seed: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from spd_lightning.tasks.generations import (
     fit_supervised_head,
     load_world,
     mine_labels,
+    run_to_its_end,
     stage_responses,
     toy_sets,
 )
@@ -88,3 +90,37 @@ def test_the_test_set_can_hold_only_the_threshold_chosen_on_the_choosing_set(wor
     assert results["accept_all"]["test"] == []  # it never passes the tolerance on this world
     report({2: results}, families({}), tmp_path, 0.05, "test sample")  # a family without test points draws
     assert (tmp_path / "generations.png").is_file()
+
+
+CHILD = """
+import signal, sys, time
+def finish(*_):
+    time.sleep(0.3)  # a step ending
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, finish)
+open(sys.argv[2], "w").write("ready")
+time.sleep(30)
+"""
+
+
+def test_a_stopped_bench_lets_its_training_run_end_its_step(tmp_path):
+    saved, ready = tmp_path / "saved", tmp_path / "ready"
+
+    def stop(*_):  # the bench's own SIGTERM handler raises SystemExit
+        raise SystemExit(143)
+
+    def stop_once_ready(*_):
+        if ready.is_file():
+            stop()
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+
+    previous = signal.signal(signal.SIGALRM, stop_once_ready)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        with pytest.raises(SystemExit):
+            run_to_its_end([sys.executable, "-c", CHILD, str(saved), str(ready)], tmp_path)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert saved.read_text() == "saved"  # the child was told to stop and was waited for, not killed
