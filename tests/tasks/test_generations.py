@@ -15,6 +15,7 @@ from spd_lightning.tasks.generation_report import report
 from spd_lightning.tasks.generation_sweep import SweepSettings, choose, families, stage_sweep
 from spd_lightning.tasks.generations import (
     ROOT,
+    TOY_PAIR,
     WorldSettings,
     fit_supervised_head,
     load_world,
@@ -59,6 +60,14 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
     for key in ("gen_rl_tpc=", "gen_rl_accuracy=", "block_rl_tpc=", "sup_tpc=", "kl_tpc=", "sd_tpc=", "n=16"):
         assert key in last, last
     assert (Path(tmp_path) / "heads" / "gen_rl" / "checkpoints" / "last.ckpt").is_file()
+    inspect = [sys.executable, str(ROOT / "bench" / "head_inspect.py"), "--noise-heads", "3",
+               "--ckpt", str(tmp_path / "heads" / "gen_rl" / "checkpoints" / "last.ckpt"),
+               "--features", str(tmp_path / "heads" / "features.pt"), "--store", str(tmp_path / "completions.jsonl"),
+               "--tokenizer", str(TOY_PAIR / "target")]  # fmt: skip
+    done = subprocess.run(inspect, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("gen_rl_step_4: digits=")
+    assert "3 linear heads trained the same way" in (tmp_path / "heads" / "gen_rl" / "head_inspect.md").read_text()
 
 
 def test_a_sweep_keeps_each_point_as_it_is_measured_and_resumes_from_it(world, monkeypatch):

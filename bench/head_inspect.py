@@ -1,0 +1,195 @@
+"""What a trained zero-cost judge keeps: its accept probability over the mismatches it was trained
+on, by what is at stake (a number or wording), beside the KL rule's choices on the same mismatches.
+
+    python bench/head_inspect.py            # the real pair's whole-generation GRPO judge
+    python bench/head_inspect.py --ckpt A.ckpt --ckpt B.ckpt --threshold 0.5
+
+The head starts at accept probability 0.5 on every mismatch (zero weights): whatever spread it
+shows after training, and whatever way it leans between numbers and wording, it learned from
+GRPO's rewards. No model pass: the mismatches' features are the ones training cached
+(`rollout.features`), the target's token at each comes from the completion store. Writes
+head_inspect.md and head_inspect.png beside the first checkpoint's run folder; last line
+`<name>: digits=<mean p> words=<mean p> spread=<std p> ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from spd_lightning.decoding.features import MismatchFeatures, judge_score, kl_score
+from spd_lightning.judge.inputs import DiskCompletions
+from spd_lightning.models.hf import load_tokenizer
+from spd_lightning.reporting.plots import sign_figure
+from spd_lightning.reporting.tables import command_line, machine
+from spd_lightning.tasks.generations import head_from_checkpoint
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EPISODES = ROOT / "data" / "episodes_qwen_coder_bfloat16"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, action="append", help="run.py model=judge checkpoints (repeatable)")
+    parser.add_argument("--features", type=Path, default=EPISODES / "heads" / "features.pt")
+    parser.add_argument("--store", type=Path, default=EPISODES / "completions.jsonl")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "pairs" / "qwen_coder" / "target")
+    parser.add_argument("--kl", type=float, default=0.447, help="the KL rule's threshold (nats) to set beside")
+    parser.add_argument("--threshold", type=float, default=0.5, help="the head keeps a mismatch at p >= this")
+    parser.add_argument("--noise-heads", type=int, default=200, help="heads trained on noise, for the chance gap")
+    parser.add_argument("--lr", type=float, default=3e-3, help="the trained head's learning rate (AdamW)")
+    return parser.parse_args()
+
+
+def target_tokens(keys: list, store: DiskCompletions) -> list[int | None]:
+    """The target's greedy token after each key's context: every context is a stored prefix
+    followed by part of its stored completion (a response, or a fork's completion)."""
+    out = []
+    for context, _ in keys:
+        context, found = tuple(context), None
+        for cut in range(len(context), 0, -1):
+            completion = store.get(context[:cut])
+            if completion is not None and len(completion) > len(context) - cut:
+                found = completion[len(context) - cut]
+                break
+        out.append(found)
+    return out
+
+
+def holds_digit(tokenizer, token: int | None) -> bool:
+    return token is not None and any(c.isdigit() for c in tokenizer.decode([token]))
+
+
+def classes(keys: list, store: DiskCompletions, tokenizer) -> torch.Tensor:
+    """[N] bool: the draft's or the target's token holds a digit (a number is at stake)."""
+    targets = target_tokens(keys, store)
+    return torch.tensor([holds_digit(tokenizer, d) or holds_digit(tokenizer, t) for (_, d), t in zip(keys, targets)])
+
+
+def summary(name: str, p: torch.Tensor, digits: torch.Tensor, threshold: float) -> dict:
+    """p: [N] accept probabilities; digits: [N] bool."""
+    kept = p >= threshold
+    return {
+        "name": name, "mean": p.mean().item(), "std": p.std().item(),
+        "digits": p[digits].mean().item(), "words": p[~digits].mean().item(),
+        "kept_digits": kept[digits].float().mean().item(), "kept_words": kept[~digits].float().mean().item(),
+    }  # fmt: skip
+
+
+def noise_gaps(x: torch.Tensor, digits: torch.Tensor, steps: int, lr: float, trials: int) -> torch.Tensor:
+    """[trials] mean p on wording minus on numbers, for linear heads trained as GRPO trains one
+    (zero start, AdamW at lr, `steps` steps of 16 episodes x 4 decisions drawn from the head) on
+    pure-noise advantages (N(0, 1), normalised in groups of 4): the gap chance alone gives.
+    x: [N, D] standardised inputs."""
+    gaps = []
+    for seed in range(trials):
+        g = torch.Generator().manual_seed(seed)
+        head = torch.nn.Linear(x.shape[1], 1)
+        torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            rows = torch.randint(len(x), (16, 4), generator=g)  # [E, decisions]
+            logits = head(x[rows]).squeeze(-1)  # [E, 4]
+            accepted = torch.rand(logits.shape, generator=g) < torch.sigmoid(logits.detach())
+            adv = torch.randn(4, 4, generator=g)  # [prompts, episodes]
+            adv = ((adv - adv.mean(1, keepdim=True)) / adv.std(1, keepdim=True)).reshape(16, 1)  # [E, 1]
+            logp = -torch.nn.functional.binary_cross_entropy_with_logits(logits, accepted.float(), reduction="none")
+            opt.zero_grad()
+            (-(adv * logp).mean()).backward()
+            opt.step()
+        with torch.no_grad():
+            p = torch.sigmoid(head(x).squeeze(-1))  # [N]
+        gaps.append(p[~digits].mean() - p[digits].mean())
+    return torch.stack(gaps)
+
+
+def table(rows: list[dict], n: int, n_digits: int) -> str:
+    head = (
+        f"| policy | mean p | std p | p, a number at stake ({n_digits}) | p, wording ({n - n_digits}) "
+        "| kept: numbers | kept: wording |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+    cell = lambda v: "-" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    return head + "".join(
+        f"| {r['name']} | {cell(r['mean'])} | {cell(r['std'])} | {cell(r['digits'])} | {cell(r['words'])} "
+        f"| {r['kept_digits']:.1%} | {r['kept_words']:.1%} |\n"
+        for r in rows
+    )
+
+
+def chance_line(rows: list[dict], gaps: torch.Tensor, steps: int, lr: float) -> str:
+    """How the trained heads' gap (wording - numbers) compares with heads trained on noise."""
+    lo, hi = torch.quantile(gaps, torch.tensor([0.025, 0.975])).tolist()
+    gap = {r["name"]: r["words"] - r["digits"] for r in rows[:-1]}
+    trained = "; ".join(f"{n}: {g:+.3f}, reached by {(gaps >= g).float().mean():.1%} of the noise heads"
+                        for n, g in gap.items())  # fmt: skip
+    return (
+        f"Gap (mean p on wording - on numbers), trained: {trained}. {len(gaps)} linear heads trained the same way "
+        f"({steps} AdamW steps at lr {lr}, 16 episodes x 4 decisions a step) on pure-noise advantages: "
+        f"95% of their gaps within [{lo:+.3f}, {hi:+.3f}], largest {gaps.max():+.3f}."
+    )
+
+
+def draw(path: Path, probs: dict[str, torch.Tensor], kl: torch.Tensor, digits: torch.Tensor) -> None:
+    """Left: accept probability by class, per head; right: against KL(target || draft)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    bins = torch.linspace(0, 1, 41).tolist()
+    for name, p in probs.items():
+        step = {"bins": bins, "density": True, "histtype": "step"}
+        left.hist(p[digits].tolist(), **step, label=f"{name}: a number at stake")
+        left.hist(p[~digits].tolist(), **step, linestyle="--", label=f"{name}: wording")
+        right.scatter(kl[~digits].tolist(), p[~digits].tolist(), s=4, alpha=0.4, label=f"{name}: wording")
+        right.scatter(kl[digits].tolist(), p[digits].tolist(), s=4, alpha=0.4, label=f"{name}: a number")
+    left.set(xlabel="the head's accept probability", ylabel="density (each class: area 1)", title="what it keeps")
+    right.set(xscale="symlog", xlabel="KL(target || draft), nats", ylabel="accept probability")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7, markerscale=3)
+    sign_figure(fig)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    ckpts = args.ckpt or [EPISODES / "heads" / "gen_rl" / "checkpoints" / "last.ckpt"]
+    for path in [*ckpts, args.features, args.store]:
+        if not path.is_file():
+            raise SystemExit(f"error: {path} is not a file: train the head first (bench/whole_generations.py)")
+    saved = torch.load(args.features, weights_only=False)
+    keys, features = saved["keys"], MismatchFeatures(**saved["rows"])
+    digits = classes(keys, DiskCompletions(args.store), load_tokenizer(str(args.tokenizer), local_files_only=True))
+    probs, steps = {}, 0
+    for ckpt in ckpts:
+        step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+        head = head_from_checkpoint(ckpt)
+        probs[f"{ckpt.parent.parent.name} step {step}"] = judge_score(head)(features).float()
+        steps = max(steps, step)
+    with torch.no_grad():
+        x = (head.features(features.judge_inputs())[:, 0] - head.mean) / head.std  # [N, D]
+    gaps = noise_gaps(x, digits, steps, args.lr, args.noise_heads)
+    kl_keeps = (kl_score()(features) >= -args.kl).float()  # 0/1: the rule's decisions as probabilities
+    rows = [summary(name, p, digits, args.threshold) for name, p in probs.items()]
+    rows.append(summary(f"KL rule, tau={args.kl}", kl_keeps, digits, 0.5) | {"mean": math.nan, "std": math.nan})
+    out = ckpts[0].parent.parent
+    draw(out / "head_inspect.png", probs, features.kl.float(), digits)
+    text = (
+        f"Command: `{command_line()}`<br>\nMachine: {machine()}<br>\nSample: the {len(keys)} mismatches training "
+        f"cached, {int(digits.sum())} with a digit in the draft's or the target's token; "
+        f"kept: p >= {args.threshold}\n\n"
+        f"{table(rows, len(keys), int(digits.sum()))}\n{chance_line(rows, gaps, steps, args.lr)}\n\n"
+        "![head_inspect](head_inspect.png)\n"
+    )
+    (out / "head_inspect.md").write_text(text)
+    print(text)
+    print(" ".join(f"{r['name'].replace(' ', '_')}: digits={r['digits']:.3f} words={r['words']:.3f} "
+                   f"spread={r['std']:.3f}" for r in rows[:-1]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
