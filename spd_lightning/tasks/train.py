@@ -53,6 +53,9 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen reference scorer
 # The training loaders resume mid-epoch by their own means (training/shuffle.py), not state_dict.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+# The GRPO modules step their optimiser by hand; a checkpoint holds the weights after the step,
+# which is what a resumed run must go on from.
+warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization and every_n_train_steps.*")
 
 
 def route_lightning_logs_through_hydra() -> None:
