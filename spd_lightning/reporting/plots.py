@@ -1,7 +1,11 @@
-"""Training curves from the CSV logger's metrics.csv, as one PNG a person can glance at."""
+"""Training curves from the CSV logger's metrics.csv, as one PNG a person can glance at.
+
+python -m spd_lightning.reporting.plots RUN_DIR   # redraws RUN_DIR/training_curves.png (a killed run's too)
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import textwrap
@@ -231,3 +235,17 @@ def sign_figure(fig) -> None:
     lines = textwrap.wrap(provenance(), width=max(40, int(width_in * 19)))  # 6 pt: about 19 characters an inch
     fig.tight_layout(rect=(0, (0.1 * len(lines) + 0.06) / height_in, 1, 1))
     fig.text(0.005, 0.005, "\n".join(lines), fontsize=6, color="gray", ha="left", va="bottom")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Draws RUN_DIR/training_curves.png from RUN_DIR/csv/metrics.csv.")
+    parser.add_argument("run_dir", type=Path, help="a run.py output folder (hydra.run.dir)")
+    run_dir = parser.parse_args().run_dir
+    metrics_csv = run_dir / "csv" / "metrics.csv"
+    if not metrics_csv.is_file():
+        raise SystemExit(f"error: {metrics_csv} is not a file: run.py writes it with logger=csv (the default)")
+    print(plot_training_curves(metrics_csv, run_dir / "training_curves.png"))
+
+
+if __name__ == "__main__":
+    main()

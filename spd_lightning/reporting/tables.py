@@ -91,8 +91,10 @@ def command_line() -> str:
     argv = list(sys.argv)
     if argv and argv[0].endswith(".py"):
         argv[0] = Path(argv[0]).name if Path(argv[0]).parent == Path(".") else argv[0]
-    here = str(Path.cwd()) + os.sep  # a command names files relative to the project, not this machine's paths
-    return "python " + shlex.join(a.replace(here, "") for a in argv)
+    # A command names files relative to the project (its data beside it as ../), not this machine's paths.
+    here = str(Path.cwd()) + os.sep
+    beside = str(Path.cwd().parent) + os.sep
+    return "python " + shlex.join(a.replace(here, "").replace(beside, "../") for a in argv)
 
 
 def provenance() -> str:

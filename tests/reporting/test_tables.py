@@ -8,7 +8,7 @@ import io
 import torch
 from rich.console import Console
 
-from spd_lightning.reporting.tables import FigureTable, machine, print_tables, write_markdown
+from spd_lightning.reporting.tables import FigureTable, command_line, machine, print_tables, write_markdown
 from spd_lightning.tasks.decode import report
 
 
@@ -53,3 +53,12 @@ def test_markdown_names_command_machine_date_and_sample(tmp_path):
     assert "Sample: 5 prompts" in text and "Date: 20" in text
     assert "| method | tok/s | max \\|dw\\| |\n| --- | ---: | ---: |\n| ours \\| packed | 4.47 | 1e-7 |" in text
     assert text.rstrip().endswith("a note")
+
+
+def test_a_figures_command_names_files_relative_to_the_project_not_this_machine(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    argv = ["run.py", f"data.raw={tmp_path}/shared/gsm8k/train.jsonl", f"hydra.run.dir={project}/outputs/x"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert command_line() == "python run.py data.raw=../shared/gsm8k/train.jsonl hydra.run.dir=outputs/x"

@@ -1,0 +1,30 @@
+"""reporting/plots.py: the curves a run draws, and redrawing them from a run folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from spd_lightning.reporting.plots import read_metrics
+
+HEADER = "epoch,step,train/reward,train/accept_prob\n"
+
+
+def test_a_resumed_runs_set_aside_metrics_come_first_and_its_repeats_replace_them(tmp_path):
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    (csv_dir / "metrics.0.csv").write_text(HEADER + "0,0,0.1,0.5\n0,1,0.2,0.5\n0,2,0.3,0.5\n")
+    (csv_dir / "metrics.csv").write_text(HEADER + "0,2,0.9,0.4\n0,3,1.0,0.4\n")  # resumed at step 2
+    assert read_metrics(csv_dir / "metrics.csv")["train/reward"] == [(0, 0.1), (1, 0.2), (2, 0.9), (3, 1.0)]
+
+
+def test_the_curves_of_a_run_folder_can_be_redrawn_from_the_command_line(tmp_path):
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(HEADER + "0,0,0.1,0.5\n0,1,0.2,0.6\n")
+    command = [sys.executable, "-m", "spd_lightning.reporting.plots"]
+    done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    missing = subprocess.run([*command, str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "metrics.csv is not a file" in missing.stderr
+    assert "Traceback" not in missing.stderr
