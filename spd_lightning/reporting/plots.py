@@ -62,7 +62,8 @@ def _plot(ax, points: list[tuple[int, float]], label: str, **kwargs) -> None:
 
 def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     series = read_metrics(metrics_csv)
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    paired = "train/sd_accuracy" in series  # rollout=generation: standard SD on each step's prompts
+    fig, axes = plt.subplots(1, 6 if paired else 5, figsize=(26 if paired else 22, 4))
     _plot(axes[0], series.get("train/reward", []), "train reward")
     _plot(axes[0], series.get(val_key("scorer", "reward"), []), "val reward (scorer)", marker="o")
     axes[0].set_title("reward")
@@ -79,6 +80,8 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     _plot(axes[4], series.get("train/accept_prob", []), "mean accept probability")
     _plot(axes[4], series.get("train/reward_std_in_group", []), "reward std within a group")
     axes[4].set_title("train: is the policy still exploring?")
+    if paired:
+        _plot_accuracy_gap(axes[5], series["train/accuracy"], series["train/sd_accuracy"])
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -87,6 +90,19 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def _plot_accuracy_gap(ax, policy: list[tuple[int, float]], sd: list[tuple[int, float]], window: int = 10) -> None:
+    """Per step, the policy's episodes' accuracy minus standard SD's on the same prompts, and its
+    running mean: learning shows as the mean rising toward 0 (or above) with mismatches kept."""
+    sd_at = dict(sd)
+    gap = [(step, value - sd_at[step]) for step, value in policy if step in sd_at]
+    _plot(ax, gap, "per step", alpha=0.4)
+    mean = [(gap[i][0], sum(g for _, g in gap[max(0, i - window + 1) : i + 1]) / min(i + 1, window))
+            for i in range(len(gap))]  # fmt: skip
+    _plot(ax, mean, f"mean of the last {window} steps")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_title("train: accuracy minus standard SD's, same prompts")
 
 
 # task=eval: one curve per policy family; the single-point baselines as large markers.

@@ -242,6 +242,9 @@ class GenerationModule(SPDModule):
         else:
             probs = torch.zeros(0)
         self._log_generation_train(episodes, rewards, correct, accepted, zero_variance, probs, stats)
+        # Standard SD on the same prompts: a step's accuracy swings with its prompts, the gap does not.
+        sd_correct = self._correct(sd, references[::group]).float().mean()
+        self.log("train/sd_accuracy", sd_correct, batch_size=len(prompts), sync_dist=True)
         return stats.loss.detach() if stats is not None else torch.zeros(())
 
     def _log_generation_train(self, episodes, rewards, correct, accepted, zero_variance, probs, stats) -> None:

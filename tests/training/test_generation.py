@@ -111,3 +111,20 @@ def test_a_resumed_run_reads_the_judges_scaling_and_completions_count_from_its_c
     totals = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["verify_totals"]["completions"]
               for d in (tmp_path, tmp_path / "resumed")]  # fmt: skip
     assert totals[1] > totals[0] > 0  # the count of target completions goes on from the checkpoint's
+
+
+def test_each_step_logs_standard_sds_accuracy_on_its_prompts_and_the_curves_draw_the_gap(
+    toy_world: Path, tmp_path: Path, compose_train
+):
+    from PIL import Image
+
+    from spd_lightning.reporting.plots import read_metrics
+
+    overrides = [f"toy.out={toy_world}", "rollout=generation", "logger=csv", "trainer.max_steps=2",
+                 "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "rollout.reference=target"]  # fmt: skip
+    train(compose_train(overrides, tmp_path))
+    series = read_metrics(tmp_path / "csv" / "metrics.csv")
+    # Against the target's own answers standard SD is right wherever the target wrote a number.
+    assert [step for step, _ in series["train/sd_accuracy"]] == [0, 1]
+    assert all(value > 0.8 for _, value in series["train/sd_accuracy"])
+    assert Image.open(tmp_path / "training_curves.png").size[0] == 2600  # six panels: the gap is the sixth
