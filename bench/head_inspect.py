@@ -15,6 +15,7 @@ head_inspect.md and head_inspect.png beside the first checkpoint's run folder; l
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 from pathlib import Path
 
@@ -179,11 +180,12 @@ def main() -> None:
     out = ckpts[0].parent.parent
     draw(out / "head_inspect.png", probs, features.kl.float(), digits)
     text = (
-        f"Command: `{command_line()}`<br>\nMachine: {machine()}<br>\nSample: the {len(keys)} mismatches training "
+        f"Command: `{command_line()}`<br>\nMachine: {machine()}<br>\nDate: {datetime.date.today()}<br>\n"
+        f"Sample: the {len(keys)} mismatches training "
         f"cached, {int(digits.sum())} with a digit in the draft's or the target's token; "
         f"kept: p >= {args.threshold}\n\n"
         f"{table(rows, len(keys), int(digits.sum()))}\n{chance_line(rows, gaps, steps, args.lr)}\n\n"
-        "![head_inspect](head_inspect.png)\n"
+        "plot: head_inspect.png, beside this file\n"
     )
     (out / "head_inspect.md").write_text(text)
     print(text)
