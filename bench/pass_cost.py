@@ -1,10 +1,11 @@
 """What a forward pass over n new tokens costs against one over a single token, per dtype: the
 premise of speculative decoding is that verifying K+1 tokens costs about one token's pass.
 
-    python bench/pass_cost.py                                  # the qwen_coder target: float32, packed, bfloat16
+    python bench/pass_cost.py                                  # the qwen_coder target: float32 3 ways, bfloat16
     python bench/pass_cost.py --model DIR --context 200 --tokens 1 2 5 9 17 --kinds float32 float32-packed
 
-For each kind (a dtype, "-packed": its linear layers packed for oneDNN, spd_lightning.models.packed)
+For each kind (a dtype; "-packed": its linear layers packed for oneDNN, spd_lightning.models.packed;
+"-auto": packed per width as the loaders do, models.packed.pack_if_faster)
 the model reads a --context-token prompt once (KV cache), then, for each n, passes
 over n new tokens after it (the cache cut back each time); the median of --repeats timings is
 printed, and its ratio to the single-token pass, in a table also written to --out/pass_cost.md.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from spd_lightning.models.packed import pack_linears, pass_seconds
+from spd_lightning.models.packed import pack_if_faster, pack_linears, pass_seconds
 from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.targets.local import load_causal_lm
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / ".cache" / "pairs" / "qwen_coder" / "target"))
-    parser.add_argument("--kinds", nargs="+", default=["float32", "float32-packed", "bfloat16"])
+    parser.add_argument("--kinds", nargs="+", default=["float32", "float32-packed", "float32-auto", "bfloat16"])
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])
     parser.add_argument("--repeats", type=int, default=5)
@@ -42,10 +43,7 @@ def main() -> None:
     title = f"A pass over n new tokens after {args.context}: the single token's time, then x that time"
     table = FigureTable(title, ["new tokens", *map(str, args.tokens)])
     for name in args.kinds:
-        dtype, _, packed = name.partition("-")
-        model = load_causal_lm(args.model, dtype, what="model", config_key="--model")
-        if packed:
-            pack_linears(model)
+        model = prepared(name, args, parser)
         single, row = None, [name]
         for n in args.tokens:
             seconds = pass_seconds(model, args.context, n, args.repeats)
@@ -58,6 +56,19 @@ def main() -> None:
     sample = f"median of {args.repeats} timings after a warm-up, {model_dir.parent.name}/{model_dir.name}"
     markdown = write_markdown(Path(args.out) / "pass_cost.md", [table], sample=sample)
     print_tables(table, notes=(f"table: {markdown}",))
+
+
+def prepared(name: str, args, parser: argparse.ArgumentParser):
+    """The --model loaded in the kind's dtype, its kernels as the kind says."""
+    dtype, _, variant = name.partition("-")
+    if variant not in ("", "packed", "auto"):
+        parser.error(f"--kinds {name}: a dtype, optionally -packed or -auto (float32-packed)")
+    model = load_causal_lm(args.model, dtype, what="model", config_key="--model")
+    if variant == "packed":
+        pack_linears(model)
+    elif variant == "auto":
+        print(f"{name}: {pack_if_faster(model)}", flush=True)
+    return model
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ Stages, each run kept under --out/runs/<method>_b<batch>.json, so a rerun resume
    request. A server that does not start is reported with its error.
 2. transformers on the models as loaded: greedy generate() at batch sizes 1, 4, 16, assisted
    generation with its defaults (up to 20 draft tokens, a confidence stop) at batch size 1.
-3. Kernels chosen at load (models.packed.pack_if_faster: a probe pass timed packed and as
-   loaded, the faster kept); on them transformers' assisted generation with K draft tokens, a
-   constant schedule and no confidence stop (equal settings), and ours (greedy, standard SD, the
-   judge) at every --batch-sizes, and standard SD at 8 prompts (vLLM's batch).
+3. Kernels chosen at load (models.packed.pack_if_faster: probe passes over 1, 2 and K+1 tokens
+   timed packed and as loaded, the faster kept per width); on them transformers' assisted
+   generation with K draft tokens, a constant schedule and no confidence stop (equal settings),
+   and ours (greedy, standard SD, the judge) at every --batch-sizes, and standard SD at 8 prompts (vLLM's batch).
 4. The draft's output layer restricted to the --draft-vocab tokens most frequent in
    --draft-vocab-corpus (models.vocab_head; the docs' run: GSM8K's training split and the
    target's own responses to training problems): standard SD at batch size 1.
@@ -164,7 +164,7 @@ def main() -> None:
         setup, counter = load(args, "float32")
         transformers_stage(args, store, setup, counter, single, many)
         kernels = our_stage(args, store, setup, counter, single, many)
-        del setup
+        del setup, counter  # the float32 models (held twice where kept both ways) go before bfloat16's
         if args.bf16:
             kernels.update(bf16_stage(args, store, single))
         kernels_path.write_text(json.dumps(kernels, indent=2) + "\n")

@@ -40,7 +40,8 @@ class PairSettings:
     dtype: str = "float32"  # float32, bfloat16 or float16, both models
     device: str = "cpu"
     # On the CPU, every linear layer packed for oneDNN (models/packed.py); a GPU model is left as it
-    # is. None: each model's probe pass timed both ways at load, the faster kept (pack_if_faster).
+    # is. None: each model's probe passes timed both ways at load, the faster kept per pass width
+    # (pack_if_faster; where both are kept, the weights are held twice).
     pack_linears: bool | None = None
     # The draft's output layer restricted to this many tokens, the most frequent in
     # draft_vocab_corpus (a JSONL file of the task's text; models/vocab_head.py); None: all.

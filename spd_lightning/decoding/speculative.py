@@ -103,7 +103,7 @@ class SpeculativeDecoder:
         block_size, kl_threshold, kl_confidence, judge_threshold, chat_template, system_prompt,
         draft_confidence. pack_linears (default None): on the CPU, every linear layer's weight
         packed for oneDNN (models.packed) when True, kept as loaded when False, and when None
-        whichever a probe pass at load finds faster; a GPU model is left as it is.
+        whichever probe passes at load find faster, per pass width; a GPU model is left as it is.
         draft_vocab=N with draft_vocab_corpus=JSONL: the draft scores only the corpus's N most
         frequent tokens (models.vocab_head)."""
         loading = ("dtype", "device", "pack_linears", "draft_vocab", "draft_vocab_corpus")

@@ -62,9 +62,11 @@ def frequent_tokens(rows: Iterable[list[int]], n: int, always: Collection[int] =
 
 def restrict_output_layer(model, keep: torch.Tensor) -> RestrictedHead:
     """Replaces a transformers causal LM's output layer with a RestrictedHead over `keep`, in place
-    (a tied output layer is untied: inference only). A layer packed for oneDNN stays packed."""
+    (a tied output layer is untied: inference only). A layer packed for oneDNN stays packed, with
+    the same rows kept as loaded (models.packed.PackedLinear.plain_rows)."""
     head = model.get_output_embeddings()
     packed = isinstance(head, PackedLinear)
+    plain_rows = head.plain_rows if packed else 0
     if packed:  # back to a plain layer to cut its rows, packed again below
         plain = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
         plain.weight = nn.Parameter(head.weight.to_dense(), requires_grad=False)
@@ -77,6 +79,9 @@ def restrict_output_layer(model, keep: torch.Tensor) -> RestrictedHead:
         raise SetupError(f"token id {int(keep.max())} is outside the draft's {head.out_features}-token vocabulary")
     restricted = RestrictedHead(head, keep)
     if packed:
+        rows = restricted.rows
         pack_linears(restricted)
+        if plain_rows:
+            restricted.rows.keep_plain(rows, plain_rows)
     model.set_output_embeddings(restricted)
     return restricted

@@ -49,21 +49,55 @@ def test_a_model_off_the_cpu_is_left_as_it_is():
     assert pack_linears(model) == 0 and type(model[0]) is nn.Linear
 
 
-def test_pack_if_faster_keeps_whichever_probe_was_faster_and_the_same_tokens(toy_world, toy_tokenizer, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_packed_linear_keeping_its_plain_weight_computes_the_same_at_every_width(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 96)
+    packed = PackedLinear(linear, plain_rows=2)
+    x = torch.randn(rows, 48)  # [R, in]: 1 row through the plain weight, 3 through oneDNN's
+    with torch.no_grad():
+        assert torch.allclose(packed(x), linear(x), atol=1e-5)
+    assert packed.plain_weight is not None and "<= 2 rows as loaded" in repr(packed)
+    assert not list(packed.parameters()) and not packed.state_dict()
+
+
+def rigged_clock(monkeypatch, seconds: list[float]) -> None:
+    """The probe's clock answers `seconds`: the widths 1, 2, 5 as loaded, then packed."""
     import spd_lightning.models.packed as packed
+
+    answers = iter(zip(seconds[:3], seconds[3:]))
+    monkeypatch.setattr(packed, "alternating_seconds", lambda *a: next(answers))
+
+
+@pytest.mark.parametrize(
+    "seconds, plain_rows, kept",
+    [
+        ([1.0, 1.0, 2.0, 2.0, 2.0, 3.0], 5, "as loaded"),  # packed slower everywhere
+        ([2.0, 2.0, 3.0, 1.0, 1.0, 2.0], 0, "packed for oneDNN"),  # packed faster everywhere
+        ([1.0, 1.2, 2.4, 1.3, 1.4, 1.5], 2, "as loaded up to 2 rows"),  # the Xeon with AMX's shape
+    ],
+)
+def test_pack_if_faster_keeps_for_each_width_the_faster_layers(toy_world, monkeypatch, seconds, plain_rows, kept):
+    from spd_lightning.models import packed
+
+    target = load_causal_lm(str(toy_world / "target"))
+    linears = sum(type(m) is nn.Linear for m in target.modules())
+    rigged_clock(monkeypatch, seconds)
+    choice = packed.pack_if_faster(target)
+    assert choice.widths == (1, 2, 5) and choice.plain_rows == plain_rows and str(choice).startswith(kept)
+    layers = [m for m in target.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == (linears if choice.packed else 0)
+    assert all(m.plain_rows == plain_rows and (m.plain_weight is not None) == (plain_rows > 0) for m in layers)
+
+
+def test_pack_if_faster_keeps_the_greedy_tokens_on_the_real_clock(toy_world, toy_tokenizer):
+    from spd_lightning.models import packed
 
     target = load_causal_lm(str(toy_world / "target"))
     prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(8, seed=12)]
     eos, pad = toy_tokenizer.eos_token_id, toy_tokenizer.pad_token_id
     tokens = greedy_responses(target, prompts, 24, eos, pad)
-    # The probe's clock, rigged: packed passes slower, so the model goes back to its own layers.
-    fake = iter([1.0, 1.0, 2.0, 2.0])
-    monkeypatch.setattr(packed, "pass_seconds", lambda *a: next(fake))
-    choice = packed.pack_if_faster(target)
-    assert not choice.packed and (choice.plain_s, choice.packed_s) == (2.0, 4.0)
-    assert not any(isinstance(m, PackedLinear) for m in target.modules())
-    monkeypatch.undo()
-    choice = packed.pack_if_faster(target)  # the real clock: either way, the same greedy tokens
+    choice = packed.pack_if_faster(target)  # whichever way it goes, the same greedy tokens
     assert choice.packed == any(isinstance(m, PackedLinear) for m in target.modules())
-    assert choice.plain_s > 0 and choice.packed_s > 0 and "ms" in str(choice)
+    assert min(choice.plain_s) > 0 and min(choice.packed_s) > 0 and "ms" in str(choice)
     assert greedy_responses(target, prompts, 24, eos, pad) == tokens

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -101,7 +102,8 @@ def test_the_bench_runs_every_local_stage_on_the_default_world(toy_world, tmp_pa
     assert summary["last_line"]["greedy_tps"] > 0 and summary["kernels"]["draft_vocab"] <= 17
 
 
-def test_a_packed_output_layer_is_restricted_and_stays_packed():
+@pytest.mark.parametrize("plain_rows", [0, 2])
+def test_a_packed_output_layer_is_restricted_and_stays_packed(plain_rows):
     from spd_lightning.models.packed import PackedLinear, pack_linears
 
     torch.manual_seed(0)
@@ -120,10 +122,13 @@ def test_a_packed_output_layer_is_restricted_and_stays_packed():
     model, keep, hidden = Model(), torch.tensor([1, 4, 30]), torch.randn(3, 16)  # hidden: [B, H]
     with torch.no_grad():
         full = model.lm_head(hidden)  # [B, V]
+        plain = model.lm_head
         assert pack_linears(model) == 1
+        model.lm_head.keep_plain(plain, plain_rows)
         restricted = restrict_output_layer(model, keep)
-        assert isinstance(restricted.rows, PackedLinear)
-        assert torch.allclose(model.lm_head(hidden)[:, keep], full[:, keep], atol=1e-5)
+        assert isinstance(restricted.rows, PackedLinear) and restricted.rows.plain_rows == plain_rows
+        assert torch.allclose(model.lm_head(hidden)[:, keep], full[:, keep], atol=1e-5)  # 3 rows: packed
+        assert torch.allclose(model.lm_head(hidden[:1])[:, keep], full[:1, keep], atol=1e-5)  # 1 row
 
 
 def test_transformers_assisted_generation_drafts_exactly_k_tokens_when_told(toy_world, toy_tokenizer):
@@ -184,3 +189,16 @@ def test_the_draft_vocab_knob_restricts_the_loaded_draft_and_names_a_missing_cor
     corpus.write_text('{"question": "1 + 1"}\n{"question": \n')
     with pytest.raises(RecordError, match=rf"{corpus}:2: not valid JSON"):
         load_pair(PairSettings(*pair, draft_vocab=6, draft_vocab_corpus=str(corpus), section="decode"))
+
+
+def test_the_pass_cost_bench_times_every_kernel_kind_on_the_toy_target(toy_world, tmp_path):
+    args = ["--model", str(toy_world / "target"), "--context", "8", "--tokens", "1", "2", "--repeats", "1",
+            "--kinds", "float32", "float32-packed", "float32-auto", "--out", str(tmp_path)]  # fmt: skip
+    bench = [sys.executable, str(ROOT / "bench" / "pass_cost.py")]
+    done = subprocess.run([*bench, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "float32-auto: " in done.stdout and "probe ms as loaded/packed" in done.stdout
+    table = (tmp_path / "pass_cost.md").read_text()
+    assert all(f"| {kind} |" in table for kind in ("float32", "float32-packed", "float32-auto"))
+    wrong = subprocess.run([*bench, *args[:-5], "float32-fast"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--kinds float32-fast: a dtype, optionally -packed or -auto" in wrong.stderr
