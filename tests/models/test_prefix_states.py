@@ -53,7 +53,9 @@ def test_a_sequence_read_a_chunk_at_a_time_grows_in_place(model):
     copied.hidden(ids[:10] + [5])  # the same chunks, each from a copy of a longer kept sequence
     for end in (20, 36):  # each chunk runs only its new tokens, from the same cache
         grown = states.hidden(ids[:end])
-        assert torch.equal(grown, copied.hidden(ids[:end]))
+        # Equal up to float rounding: the first passes read 10 and 11 tokens, and a product over
+        # 10 rows may block differently from one over 11 (on a Xeon with AMX it did, in the last bits).
+        torch.testing.assert_close(grown, copied.hidden(ids[:end]), atol=1e-5, rtol=1e-5)
         # float32 sums in another order than one pass over the whole (hidden values up to 8)
         torch.testing.assert_close(grown, full_hidden(model, ids[:end]), atol=5e-4, rtol=1e-4)
     assert states.computed == 36 and len(states._entries) == 1
@@ -61,7 +63,8 @@ def test_a_sequence_read_a_chunk_at_a_time_grows_in_place(model):
     # A fork inside the grown sequence copies its cache: the grown one stays whole.
     fork = ids[:15] + _ids(5, 5, vocab)
     torch.testing.assert_close(states.hidden(fork), full_hidden(model, fork), atol=5e-4, rtol=1e-4)
-    assert torch.equal(states.hidden(ids), copied.hidden(ids)) and states.computed == 36 + 5
+    torch.testing.assert_close(states.hidden(ids), copied.hidden(ids), atol=1e-5, rtol=1e-5)
+    assert states.computed == 36 + 5  # the fork ran its 5 new tokens only
 
 
 def test_greedy_tokens_match_a_full_pass_and_reuse_the_parents(model):
