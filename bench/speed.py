@@ -14,7 +14,8 @@ Stages, each run kept under --out/runs/<method>_b<batch>.json, so a rerun resume
 3. Kernels chosen at load (models.packed.pack_if_faster: probe passes over 1, 2 and K+1 tokens
    timed packed and as loaded, the faster kept per width); on them transformers' assisted
    generation with K draft tokens, a constant schedule and no confidence stop (equal settings),
-   and ours (greedy, standard SD, the judge) at every --batch-sizes, and standard SD at 8 prompts (vLLM's batch).
+   and ours (greedy, standard SD, the judge) at every --batch-sizes, and standard SD at 8 prompts
+   (vLLM's batch).
 4. The draft's output layer restricted to the --draft-vocab tokens most frequent in
    --draft-vocab-corpus (models.vocab_head; the docs' run: GSM8K's training split and the
    target's own responses to training problems): standard SD at batch size 1.
@@ -105,10 +106,15 @@ def transformers_stage(args, store: RunStore, setup, counter, single, many) -> N
         )
 
 
+def choose_kernels(setup, k: int) -> dict[str, str]:
+    """Both models' kernels chosen per pass width (the verification pass: K+1 tokens). -> what each kept."""
+    return {role: str(pack_if_faster(m, k + 1)) for role, m in (("draft", setup.draft), ("target", setup.target))}
+
+
 def our_stage(args, store: RunStore, setup, counter, single, many) -> dict:
     """Kernels chosen, then HF assisted at equal K and ours at every batch size, then the
     restricted draft head. -> the kernel choices."""
-    kernels = {role: str(pack_if_faster(m)) for role, m in (("draft", setup.draft), ("target", setup.target))}
+    kernels = choose_kernels(setup, args.k)
     print(f"kernels: {kernels}", flush=True)
     target, draft, eos, pad, n, k = setup.target, setup.draft, setup.eos_ids, setup.pad_id, args.max_new_tokens, args.k
     equal = lambda p: hf_generate(target, p, n, pad, eos, draft, assistant_tokens=k)  # noqa: E731
@@ -131,7 +137,7 @@ def our_stage(args, store: RunStore, setup, counter, single, many) -> dict:
 
 def bf16_stage(args, store: RunStore, single) -> dict:
     setup, counter = load(args, "bfloat16")
-    kernels = {role: str(pack_if_faster(m)) for role, m in (("draft", setup.draft), ("target", setup.target))}
+    kernels = choose_kernels(setup, args.k)
     for name in ("greedy", "standard_sd"):
         decoder = SpeculativeDecoder(setup.draft, setup.target, setup.tokenizer, setup.policies[name], args.k)
         store.get(f"{name}_bf16_b1", lambda d=decoder: ours(d, single, args.max_new_tokens, 1, counter))

@@ -147,8 +147,9 @@ def pack_if_faster(model: nn.Module, tokens: int = 5, context: int = 64, repeats
     loaded and packed, in place: packed where oneDNN wins at every width, as loaded where it wins
     at none, and both where the layers as loaded win up to some width (products of at most that
     many rows then go through them, larger ones through the packed copy). The two ways are timed
-    in turn, pass by pass, and the fastest of `repeats` kept: this VM's speed drifts by tens of
-    percent within minutes, which timing one way after the other mistook for a kernel's cost."""
+    in turn, pass by pass, and the fastest of `repeats` kept: a shared 2-core VM's speed drifted by
+    tens of percent within minutes, which timing one way after the other mistook for a kernel's
+    cost."""
     widths = tuple(sorted({1, 2, tokens}))
     replaced = _pack(model)
     if not replaced:
