@@ -97,22 +97,31 @@ def _pack(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return replaced
 
 
-@torch.no_grad()
 def pass_seconds(model: nn.Module, context: int, n: int, repeats: int) -> float:
     """Median seconds of a causal LM's pass over n new tokens after a `context`-token prompt held
     in its KV cache (the cache cut back after each pass; one warm-up pass first)."""
-    first = next(model.parameters())
+    (times,) = pass_times(model, context, n, repeats, [lambda: None])
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def pass_times(model: nn.Module, context: int, n: int, repeats: int, ways: list) -> list[list[float]]:
+    """Seconds of `repeats` passes over n new tokens after a `context`-token prompt held in the KV
+    cache, for each of `ways` (callables that set the model up one way) in turn, pass by pass, so
+    that a machine's drift hits every way alike; one warm-up round first, left out. -> [way][repeat]."""
+    device = next(model.parameters()).device
     high = min(1000, model.config.vocab_size)  # ids any vocabulary has (the toy world's is small)
-    prompt = torch.randint(0, high, (1, context), device=first.device)
-    cache = model(input_ids=prompt, use_cache=True).past_key_values
-    times = []
+    cache = model(input_ids=torch.randint(0, high, (1, context), device=device), use_cache=True).past_key_values
+    times: list[list[float]] = [[] for _ in ways]
     for _ in range(repeats + 1):
-        new = torch.randint(0, high, (1, n), device=first.device)
-        start = time.perf_counter()
-        model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=n)
-        times.append(time.perf_counter() - start)
-        cache.crop(-n)
-    return statistics.median(times[1:])
+        for way, seconds in zip(ways, times):
+            way()
+            new = torch.randint(0, high, (1, n), device=device)
+            start = time.perf_counter()
+            model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=n)
+            seconds.append(time.perf_counter() - start)
+            cache.crop(-n)
+    return [seconds[1:] for seconds in times]
 
 
 @dataclass
@@ -121,8 +130,8 @@ class PackChoice:
 
     plain_rows: int  # products of at most this many rows use the layers as loaded (0: none)
     widths: tuple[int, ...]  # the probe's pass widths (new tokens)
-    plain_s: tuple[float, ...]  # probe seconds per width as loaded
-    packed_s: tuple[float, ...]  # the same, packed (nan where the model cannot be packed)
+    plain_s: tuple[float, ...]  # probe seconds per width as loaded (nan where nothing could be packed)
+    packed_s: tuple[float, ...]  # the same, packed
 
     @property
     def packed(self) -> bool:
@@ -152,9 +161,9 @@ def pack_if_faster(model: nn.Module, tokens: int = 5, context: int = 64, repeats
     cost."""
     widths = tuple(sorted({1, 2, tokens}))
     replaced = _pack(model)
-    if not replaced:
-        plain = tuple(pass_seconds(model, context, n, repeats) for n in widths)
-        return PackChoice(widths[-1], widths, plain, tuple(float("nan") for _ in widths))
+    if not replaced:  # nothing to choose between: no probe
+        nothing = tuple(float("nan") for _ in widths)
+        return PackChoice(widths[-1], widths, nothing, nothing)
     layers = [getattr(parent, name) for parent, name, _ in replaced]
     for layer, (_, _, linear) in zip(layers, replaced):
         layer.keep_plain(linear, EVERY_ROW)
@@ -176,22 +185,16 @@ def pack_if_faster(model: nn.Module, tokens: int = 5, context: int = 64, repeats
 EVERY_ROW = 2**62  # a PackedLinear's plain_rows that sends every product through the plain weight
 
 
-@torch.no_grad()
 def alternating_seconds(model: nn.Module, layers: list[PackedLinear], context: int, n: int, repeats: int):
-    """(as loaded, packed): the fastest of `repeats` passes over n new tokens after a `context`-token
-    prompt each way, `layers` switched between their plain and packed weights pass by pass (one
-    warm-up pair first)."""
-    device = next(model.parameters()).device
-    high = min(1000, model.config.vocab_size)
-    cache = model(input_ids=torch.randint(0, high, (1, context), device=device), use_cache=True).past_key_values
-    times: dict[int, list[float]] = {EVERY_ROW: [], 0: []}
-    for _ in range(repeats + 1):
-        for rows in times:
+    """(as loaded, packed): the fastest of `repeats` passes over n new tokens each way, `layers`
+    switched between their plain and packed weights pass by pass (pass_times)."""
+
+    def route(rows: int):
+        def set_rows() -> None:
             for layer in layers:
                 layer.plain_rows = rows
-            new = torch.randint(0, high, (1, n), device=device)
-            start = time.perf_counter()
-            model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=n)
-            times[rows].append(time.perf_counter() - start)
-            cache.crop(-n)
-    return min(times[EVERY_ROW][1:]), min(times[0][1:])
+
+        return set_rows
+
+    plain, packed = pass_times(model, context, n, repeats, [route(EVERY_ROW), route(0)])
+    return min(plain), min(packed)
