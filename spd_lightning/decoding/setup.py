@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from spd_lightning.data.textfiles import json_lines
@@ -26,6 +27,7 @@ from spd_lightning.models.hf import (
     pad_id_of,
     response_end_ids,
 )
+from spd_lightning.models.int8 import int8_kernel_available, quantize_linears
 from spd_lightning.models.packed import can_pack, pack_if_faster, pack_linears
 from spd_lightning.models.vocab_head import frequent_tokens, restrict_output_layer
 from spd_lightning.targets.local import load_causal_lm
@@ -53,6 +55,9 @@ class PairSettings:
     target_key: str = "target"
     section: str | None = None
     offline_key: str | None = None
+    # The draft's linear layers with int8 weights, a scale per row (models/int8.py; CPU only):
+    # a quarter of float32's bytes per draft pass; standard SD stays lossless, the target verifies.
+    draft_int8: bool = False
 
 
 @dataclass
@@ -116,6 +121,8 @@ def load_pair(source: PairSettings, tokenizer=None) -> tuple[PreTrainedModel, Pr
     check_tokenizer(tokenizer, dict(zip(names, models)))
     if source.draft_vocab is not None:
         restrict_draft_vocab(models[0], models[1], tokenizer, source)
+    if source.draft_int8:
+        quantize_draft(models[0], source)
     for role, model in zip(("draft", "target"), models):
         if source.pack_linears is None and can_pack(model):
             print(f"{role}: {pack_if_faster(model)}", flush=True)
@@ -147,6 +154,16 @@ def restrict_draft_vocab(draft: PreTrainedModel, target: PreTrainedModel, tokeni
     keep = frequent_tokens(rows, source.draft_vocab, always=response_end_ids(target, tokenizer))
     restrict_output_layer(draft, keep)
     print(f"draft output layer: {len(keep)} tokens of {draft.config.vocab_size}, from {source.draft_vocab_corpus}")
+
+
+def quantize_draft(draft: PreTrainedModel, source: PairSettings) -> None:
+    """The draft's linear layers (its output layer, restricted or not, too) with int8 weights."""
+    key = f"{source.section}.draft_int8" if source.section else "draft_int8"
+    if draft.device.type != "cpu":
+        raise SetupError(f"{key}=true is a CPU path (torch's int8-weight kernel): set it false on {draft.device}")
+    if not int8_kernel_available():
+        raise SetupError(f"{key}=true: torch {torch.__version__} has no CPU kernel for int8 weights; set it false")
+    print(f"draft: {quantize_linears(draft)} linear layers with int8 weights", flush=True)
 
 
 def build_decoding(

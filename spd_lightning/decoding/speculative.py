@@ -105,8 +105,9 @@ class SpeculativeDecoder:
         packed for oneDNN (models.packed) when True, kept as loaded when False, and when None
         whichever probe passes at load find faster, per pass width; a GPU model is left as it is.
         draft_vocab=N with draft_vocab_corpus=JSONL: the draft scores only the corpus's N most
-        frequent tokens (models.vocab_head)."""
-        loading = ("dtype", "device", "pack_linears", "draft_vocab", "draft_vocab_corpus")
+        frequent tokens (models.vocab_head); draft_int8=True: the draft's linear layers with int8
+        weights (models.int8, CPU only). Either makes draft passes cheaper; standard SD stays lossless."""
+        loading = ("dtype", "device", "pack_linears", "draft_vocab", "draft_vocab_corpus", "draft_int8")
         load = {k: kwargs.pop(k) for k in loading if k in kwargs}
         choice = {k: kwargs.pop(k) for k in ("kl_threshold", "kl_confidence", "judge_threshold") if k in kwargs}
         setup = build_decoding(PairSettings(draft, target, **load), [policy], PolicySettings(**choice), judge_path)

@@ -89,6 +89,9 @@ class DecodeConfig:
     # draft_vocab_corpus (models/vocab_head.py): cheaper draft passes, standard SD still lossless.
     draft_vocab: int | None = None
     draft_vocab_corpus: str | None = None
+    # The draft's linear layers with int8 weights (models/int8.py; CPU only): cheaper draft passes,
+    # standard SD still lossless.
+    draft_int8: bool = False
 
 
 def check_settings(settings: DictConfig) -> None:
@@ -118,6 +121,7 @@ def decoding_setup(cfg: DictConfig, tokenizer, device: str) -> DecodingSetup:
     source = PairSettings(
         pair_path(cfg, "draft"), pair_path(cfg, "target"), settings.dtype, device, settings.pack_linears,
         settings.draft_vocab, settings.draft_vocab_corpus, "pair.draft", "pair.target", "decode", offline_key,
+        draft_int8=settings.draft_int8,
     )  # fmt: skip
     keys = ("decode.policies", "decode.judge_path")
     setup = build_decoding(source, list(settings.policies), choice, settings.judge_path, tokenizer, keys)

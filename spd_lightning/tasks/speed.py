@@ -65,6 +65,24 @@ class RunStore:
             print(f"{key}: {run.tokens} tokens in {run.seconds:.1f} s, {run.tokens_per_s:.2f} tok/s", flush=True)
         return run
 
+    def get_interleaved(self, methods: dict[str, OnePrompt], prompts: list[list[int]], max_new_tokens: int,
+                        counter: CallCounter) -> dict[str, Run]:  # fmt: skip
+        """Stored batch-size-1 runs of `methods` (keys: <name>_b1); the missing ones made together
+        by `interleaved` and stored."""
+        runs = {name: self.load(f"{name}_b1") for name in methods}
+        missing = {name: make for name, make in methods.items() if runs[name] is None}
+        if missing:
+            print(f"{', '.join(f'{name}_b1' for name in missing)}: timed in turn ...", flush=True)
+            for name, run in interleaved(missing, prompts, max_new_tokens, counter).items():
+                self.path(f"{name}_b1").write_text(json.dumps(asdict(run)) + "\n")
+                print(f"{name}_b1: {run.tokens} tokens in {run.seconds:.1f} s, {run.tokens_per_s:.2f} tok/s")
+                runs[name] = run
+        return runs
+
+
+# One prompt, a token budget -> (the response's ids, draft tokens kept): a method at batch size 1.
+OnePrompt = Callable[[list[int], int], tuple[list[int], int]]
+
 
 class CallCounter:
     """Counts a model's forward passes (a hook: generate() and our loop alike)."""
@@ -132,6 +150,41 @@ def ours(decoder: SpeculativeDecoder, prompts: list[list[int]], max_new_tokens: 
     out = decoder.generate_ids(prompts, max_new_tokens, batch_size)
     kept = sum(g.accepted_draft_tokens for g in out.generations)
     return Run([g.response_ids for g in out.generations], out.seconds, counter.calls - calls, kept)
+
+
+def interleaved(methods: dict[str, OnePrompt], prompts: list[list[int]], max_new_tokens: int,
+                counter: CallCounter) -> dict[str, Run]:  # fmt: skip
+    """Every method on each prompt in turn, the order reversed from one prompt to the next, after
+    one short warm-up call each. A shared machine's speed drifts over minutes by as much as two
+    methods differ (14% between windows on a 2-core VM): timed in turn, the drift hits every method
+    alike and the ratios between them hold. Each Run's seconds sum its own calls only."""
+    for make in methods.values():
+        make(prompts[0][:16], 8)
+    runs = {name: Run([], 0.0) for name in methods}
+    order = list(methods)
+    for i, prompt in enumerate(prompts):
+        took = {}
+        for name in order if i % 2 == 0 else order[::-1]:
+            calls, start = counter.calls, time.perf_counter()
+            row, kept = methods[name](prompt, max_new_tokens)
+            took[name] = time.perf_counter() - start
+            run = runs[name]
+            run.seconds += took[name]
+            run.rows.append(row)
+            run.target_calls += counter.calls - calls
+            run.kept += kept
+        print(f"prompt {i + 1}/{len(prompts)}: " + ", ".join(f"{n} {s:.1f} s" for n, s in took.items()), flush=True)
+    return runs
+
+
+def one_prompt_ours(decoder: SpeculativeDecoder) -> OnePrompt:
+    """Our loop on one prompt."""
+
+    def make(prompt: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        generation = decoder.generate_ids([prompt], max_new_tokens, 1).generations[0]
+        return generation.response_ids, generation.accepted_draft_tokens
+
+    return make
 
 
 def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:

@@ -4,6 +4,7 @@ pair, never from CI), and the pieces it is built from."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,16 @@ from spd_lightning.decoding.policies import PolicySettings
 from spd_lightning.decoding.registry import build_policy
 from spd_lightning.models.vocab_head import LEFT_OUT, RestrictedHead, frequent_tokens, restrict_output_layer
 from spd_lightning.targets.local import load_causal_lm
-from spd_lightning.tasks.speed import Run, RunStore, greedy_bound_tps, memory_bandwidth_gbs, weight_bytes
+from spd_lightning.tasks.speed import (
+    CallCounter,
+    OnePrompt,
+    Run,
+    RunStore,
+    greedy_bound_tps,
+    interleaved,
+    memory_bandwidth_gbs,
+    weight_bytes,
+)
 from spd_lightning.toy.raw import toy_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +87,30 @@ def test_a_stored_run_is_not_made_again(tmp_path):
     assert store.get("greedy_b1", make).target_calls == 2 and len(made) == 1
 
 
+def test_interleaved_methods_take_turns_prompt_by_prompt_and_keep_their_own_time(tmp_path):
+    log, counter = [], CallCounter(nn.Linear(1, 1))
+
+    def method(name: str, calls: int) -> OnePrompt:
+        def make(prompt: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+            log.append((name, len(prompt)))
+            counter.calls += calls
+            return prompt[:max_new_tokens], 1
+
+        return make
+
+    prompts = [[1] * 20, [2] * 20, [3] * 20]
+    runs = interleaved({"a": method("a", 1), "b": method("b", 3)}, prompts, 5, counter)
+    # One short warm-up call each, then a-b, b-a, a-b: drift over time hits both alike.
+    assert log == [("a", 16), ("b", 16), ("a", 20), ("b", 20), ("b", 20), ("a", 20), ("a", 20), ("b", 20)]
+    assert runs["a"].rows == [[1] * 5, [2] * 5, [3] * 5] and runs["b"].target_calls == 9 and runs["a"].kept == 3
+    store = RunStore(tmp_path)
+    store.path("a_b1").write_text(json.dumps(asdict(Run([[7]], 1.0))) + "\n")
+    log.clear()
+    again = store.get_interleaved({"a": method("a", 1), "b": method("b", 1)}, prompts[:1], 5, counter)
+    assert again["a"].rows == [[7]] and {name for name, _ in log} == {"b"}  # only the missing one is made
+    assert store.load("b_b1").rows == [[1] * 5]
+
+
 def test_the_bench_runs_every_local_stage_on_the_default_world(toy_world, tmp_path):
     data = tmp_path / "gsm8k"
     data.mkdir()
@@ -100,6 +134,12 @@ def test_the_bench_runs_every_local_stage_on_the_default_world(toy_world, tmp_pa
     ).read_text()
     summary = json.loads((out / "speed.json").read_text())
     assert summary["last_line"]["greedy_tps"] > 0 and summary["kernels"]["draft_vocab"] <= 17
+    stored = {path.stem for path in (out / "runs").glob("*.json")}
+    assert {"hf_greedy_k_b1", "standard_sd_vocab_b1", "greedy_bf16_b1", "standard_sd_b8", "standard_sd_int8_b1",
+            "standard_sd_int8_vocab_b1", "hf_assisted_k_int8_b1"} <= stored  # fmt: skip
+    runs = {stem: json.loads((out / "runs" / f"{stem}.json").read_text()) for stem in stored}
+    # Standard SD writes the target's greedy tokens whichever draft proposes.
+    assert runs["standard_sd_int8_vocab_b1"]["rows"] == runs["standard_sd_b1"]["rows"] == runs["greedy_b1"]["rows"]
 
 
 @pytest.mark.parametrize("plain_rows", [0, 2])
@@ -193,12 +233,12 @@ def test_the_draft_vocab_knob_restricts_the_loaded_draft_and_names_a_missing_cor
 
 def test_the_pass_cost_bench_times_every_kernel_kind_on_the_toy_target(toy_world, tmp_path):
     args = ["--model", str(toy_world / "target"), "--context", "8", "--tokens", "1", "2", "--repeats", "1",
-            "--kinds", "float32", "float32-packed", "float32-auto", "--out", str(tmp_path)]  # fmt: skip
+            "--kinds", "float32", "float32-packed", "float32-auto", "float32-int8", "--out", str(tmp_path)]  # fmt: skip
     bench = [sys.executable, str(ROOT / "bench" / "pass_cost.py")]
     done = subprocess.run([*bench, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "float32-auto: " in done.stdout and "probe ms as loaded/packed" in done.stdout
     table = (tmp_path / "pass_cost.md").read_text()
-    assert all(f"| {kind} |" in table for kind in ("float32", "float32-packed", "float32-auto"))
-    wrong = subprocess.run([*bench, *args[:-5], "float32-fast"], capture_output=True, text=True)
-    assert wrong.returncode == 2 and "--kinds float32-fast: a dtype, optionally -packed or -auto" in wrong.stderr
+    assert all(f"| {kind} |" in table for kind in ("float32", "float32-packed", "float32-auto", "float32-int8"))
+    wrong = subprocess.run([*bench, *args[:-6], "float32-fast"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--kinds float32-fast: a dtype, optionally -packed, -auto or -int8" in wrong.stderr
