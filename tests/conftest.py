@@ -57,6 +57,29 @@ def toy_tokenizer(toy_world: Path):
     return AutoTokenizer.from_pretrained(toy_world / "target")
 
 
+@pytest.fixture
+def sd_with_changed_draft(toy_world, toy_tokenizer):
+    """change(draft, prompts) -> (greedy, standard SD, standard SD after the change): the cached
+    loop's generations on 12 toy prompts, K = 4, 20 new tokens at most."""
+    from spd_lightning.decoding.loop import LoopSettings, generate_cached
+    from spd_lightning.decoding.policies import PolicySettings
+    from spd_lightning.decoding.registry import build_policy
+    from spd_lightning.targets.local import load_causal_lm
+    from spd_lightning.toy.raw import toy_prompts
+
+    def run(change):
+        draft, target = load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
+        prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(12, seed=5)]
+        settings = LoopSettings(4, 20, {toy_tokenizer.eos_token_id}, toy_tokenizer.pad_token_id, 4)
+        sd = build_policy("standard_sd", PolicySettings())
+        greedy = generate_cached(draft, target, prompts, build_policy("greedy", PolicySettings()), settings)
+        full = generate_cached(draft, target, prompts, sd, settings)
+        change(draft, prompts)
+        return greedy, full, generate_cached(draft, target, prompts, sd, settings)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def toy_prefixes(toy_tokenizer) -> list[list[int]]:
     """Prompts and partial responses of different lengths (1- and 2-digit operands)."""

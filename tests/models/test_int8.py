@@ -6,12 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from spd_lightning.decoding.loop import LoopSettings, generate_cached
-from spd_lightning.decoding.policies import PolicySettings
-from spd_lightning.decoding.registry import build_policy
 from spd_lightning.models.int8 import Int8Linear, int8_kernel_available, quantize_linears
 from spd_lightning.models.vocab_head import RestrictedHead
-from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.toy.raw import toy_prompts
 
 pytestmark = pytest.mark.skipif(not int8_kernel_available(), reason="this torch has no int8-weight CPU kernel")
@@ -45,14 +41,8 @@ def test_quantize_linears_swaps_every_wide_enough_linear_a_restricted_heads_rows
         Int8Linear(nn.Linear(8, 8))
 
 
-def test_standard_sd_with_an_int8_draft_writes_the_targets_greedy_tokens(toy_world, toy_tokenizer):
-    draft, target = load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
-    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(12, seed=5)]
-    settings = LoopSettings(4, 20, {toy_tokenizer.eos_token_id}, toy_tokenizer.pad_token_id, 4)
-    greedy = generate_cached(draft, target, prompts, build_policy("greedy", PolicySettings()), settings)
-    full = generate_cached(draft, target, prompts, build_policy("standard_sd", PolicySettings()), settings)
-    quantize_linears(draft)
-    small = generate_cached(draft, target, prompts, build_policy("standard_sd", PolicySettings()), settings)
+def test_standard_sd_with_an_int8_draft_writes_the_targets_greedy_tokens(sd_with_changed_draft):
+    greedy, full, small = sd_with_changed_draft(lambda draft, _: quantize_linears(draft))
     assert [g.response_ids for g in small] == [g.response_ids for g in greedy] == [g.response_ids for g in full]
     # The rounded draft still proposes what the target keeps: acceptance within a few tokens of float32's.
     kept_full = sum(g.accepted_draft_tokens for g in full)

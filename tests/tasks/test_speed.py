@@ -4,18 +4,15 @@ pair, never from CI), and the pieces it is built from."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from spd_lightning.decoding.loop import LoopSettings, generate_cached
-from spd_lightning.decoding.policies import PolicySettings
-from spd_lightning.decoding.registry import build_policy
 from spd_lightning.models.vocab_head import LEFT_OUT, RestrictedHead, frequent_tokens, restrict_output_layer
 from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.tasks.speed import (
@@ -54,15 +51,11 @@ def test_frequent_tokens_keep_the_most_common_ids_and_the_end_of_sequence():
     assert kept.tolist() == [0, 2, 5]
 
 
-def test_standard_sd_with_a_restricted_draft_head_stays_lossless(toy_world, toy_tokenizer):
-    draft, target = load_causal_lm(str(toy_world / "draft")), load_causal_lm(str(toy_world / "target"))
-    prompts = [toy_tokenizer(p.text).input_ids for p in toy_prompts(12, seed=5)]
-    settings = LoopSettings(4, 20, {toy_tokenizer.eos_token_id}, toy_tokenizer.pad_token_id, 4)
-    greedy = generate_cached(draft, target, prompts, build_policy("greedy", PolicySettings()), settings)
-    full = generate_cached(draft, target, prompts, build_policy("standard_sd", PolicySettings()), settings)
-    keep = frequent_tokens(prompts, 8, always={toy_tokenizer.eos_token_id})
-    restrict_output_layer(draft, keep)
-    small = generate_cached(draft, target, prompts, build_policy("standard_sd", PolicySettings()), settings)
+def test_standard_sd_with_a_restricted_draft_head_stays_lossless(sd_with_changed_draft, toy_tokenizer):
+    def restrict(draft, prompts):
+        restrict_output_layer(draft, frequent_tokens(prompts, 8, always={toy_tokenizer.eos_token_id}))
+
+    greedy, full, small = sd_with_changed_draft(restrict)
     assert [g.response_ids for g in small] == [g.response_ids for g in greedy] == [g.response_ids for g in full]
     # Fewer tokens to propose: fewer kept, never a token outside the head (kept ones are the target's own).
     assert sum(g.accepted_draft_tokens for g in small) < sum(g.accepted_draft_tokens for g in full)
