@@ -253,14 +253,22 @@ def sign_figure(fig) -> None:
     fig.text(0.005, 0.005, "\n".join(lines), fontsize=6, color="gray", ha="left", va="bottom")
 
 
+def draw_run_curves(run_dir: Path) -> Path | None:
+    """RUN_DIR/training_curves.png from RUN_DIR/csv/metrics.csv (with the metrics.N.csv of the
+    runs it resumed); None where the run logged nothing yet."""
+    metrics_csv = run_dir / "csv" / "metrics.csv"
+    return plot_training_curves(metrics_csv, run_dir / "training_curves.png") if metrics_csv.is_file() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Draws RUN_DIR/training_curves.png from RUN_DIR/csv/metrics.csv.")
     parser.add_argument("run_dir", type=Path, help="a run.py output folder (hydra.run.dir)")
     run_dir = parser.parse_args().run_dir
-    metrics_csv = run_dir / "csv" / "metrics.csv"
-    if not metrics_csv.is_file():
+    drawn = draw_run_curves(run_dir)
+    if drawn is None:
+        metrics_csv = run_dir / "csv" / "metrics.csv"
         raise SystemExit(f"error: {metrics_csv} is not a file: run.py writes it with logger=csv (the default)")
-    print(plot_training_curves(metrics_csv, run_dir / "training_curves.png"))
+    print(drawn)
 
 
 if __name__ == "__main__":

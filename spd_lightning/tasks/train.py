@@ -28,7 +28,7 @@ from spd_lightning.data.records import check_vocab
 from spd_lightning.errors import VerificationError
 from spd_lightning.models.hf import check_shared_vocabulary, load_tokenizer
 from spd_lightning.reporting.names import INITIAL, PARITY_METRIC
-from spd_lightning.reporting.plots import plot_training_curves, set_aside
+from spd_lightning.reporting.plots import draw_run_curves, set_aside
 from spd_lightning.reporting.summary import accept_len_at_parity, print_summary
 from spd_lightning.tasks.builders import (
     SCORER,
@@ -231,9 +231,8 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def draw_curves(trainer: L.Trainer, out: Path) -> None:
-    metrics_csv = out / "csv" / "metrics.csv"
-    if trainer.is_global_zero and metrics_csv.is_file():
-        plot_training_curves(metrics_csv, out / "training_curves.png")
+    if trainer.is_global_zero:
+        draw_run_curves(out)
 
 
 def fit_and_summarise(
