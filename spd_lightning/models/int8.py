@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 # The kernel's bfloat16 path reads its inputs in blocks: with in_features not a multiple of 16 it
 # returned garbage or crashed (torch 2.13.0, AVX-512), so only layers whose width is a multiple of
 # this are converted (every linear layer of the Qwen2.5 models is).
