@@ -56,12 +56,15 @@ class RunStore:
         path = self.path(key)
         return Run(**json.loads(path.read_text())) if path.is_file() else None
 
+    def save(self, key: str, run: Run) -> None:
+        self.path(key).write_text(json.dumps(asdict(run)) + "\n")
+
     def get(self, key: str, make: Callable[[], Run]) -> Run:
         run = self.load(key)
         if run is None:
             print(f"{key} ...", flush=True)
             run = make()
-            self.path(key).write_text(json.dumps(asdict(run)) + "\n")
+            self.save(key, run)
             print(f"{key}: {run.tokens} tokens in {run.seconds:.1f} s, {run.tokens_per_s:.2f} tok/s", flush=True)
         return run
 
@@ -74,7 +77,7 @@ class RunStore:
         if missing:
             print(f"{', '.join(f'{name}_b1' for name in missing)}: timed in turn ...", flush=True)
             for name, run in interleaved(missing, prompts, max_new_tokens, counter).items():
-                self.path(f"{name}_b1").write_text(json.dumps(asdict(run)) + "\n")
+                self.save(f"{name}_b1", run)
                 print(f"{name}_b1: {run.tokens} tokens in {run.seconds:.1f} s, {run.tokens_per_s:.2f} tok/s")
                 runs[name] = run
         return runs
