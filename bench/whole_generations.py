@@ -34,6 +34,7 @@ from spd_lightning.tasks.generations import (
     TOY_PAIR,
     WorldSettings,
     load_world,
+    project_relative,
     real_sets,
     stage_heads,
     stage_responses,
@@ -86,13 +87,14 @@ def training_overrides(args, toy: bool, out: Path, budget: int, url: str | None)
     common = [f"seed={args.seed}", "logger=csv"]
     if args.train_steps:
         common += [f"trainer.max_steps={args.train_steps}", f"trainer.val_check_interval={min(25, args.train_steps)}"]
-    store = f"rollout.completions={out / 'completions.jsonl'}"
-    features = f"rollout.features={out / 'heads' / 'features.pt'}"  # a resumed run skips the judge's passes
+    store = f"rollout.completions={project_relative(out / 'completions.jsonl')}"
+    # A resumed run skips the judge's passes.
+    features = f"rollout.features={project_relative(out / 'heads' / 'features.pt')}"
     if toy:  # the bench's train prompts are rollout=generation's: 320 (or --train) of seed 2000
         gen = ["rollout=generation", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
                f"data.num_prompts={args.train or 320}"]  # fmt: skip
         return {"block_rl": ["model=judge", *common], "gen_rl": ["model=judge", *gen, store, features, *common]}
-    gen = ["experiment=qwen_coder_generations", f"data.raw={Path(args.data) / 'train.jsonl'}",
+    gen = ["experiment=qwen_coder_generations", f"data.raw={project_relative(Path(args.data) / 'train.jsonl')}",
            f"data.limit={args.train or 100}", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
            f"model.dtype={args.dtype}", store, features, *common]  # fmt: skip
     if url is None:

@@ -13,6 +13,7 @@ from the store.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from spd_lightning.targets.local import LocalTarget, load_causal_lm
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.toy.build import SHIPPED_WORLD
 from spd_lightning.toy.raw import toy_prompts
+from spd_lightning.training.callbacks import relative_paths
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +205,10 @@ def head_from_checkpoint(ckpt: Path) -> JudgeHead:
     head_state = {k[len("scorer.head.") :]: v for k, v in state.items() if k.startswith("scorer.head.")}
     width = head_state["mean"].numel()
     hidden = head_state["net.0.weight"].shape[0] if "net.2.weight" in head_state else 0
+    # model.inputs=[tokens] or [tokens, target_hidden]: the width tells which.
+    inputs = ("tokens",) if width == len(TOKEN_FEATURES) else ("tokens", "target_hidden")
     sizes = {"tokens": len(TOKEN_FEATURES), "target_hidden": width - len(TOKEN_FEATURES)}
-    head = JudgeHead(sizes, ("tokens", "target_hidden"), hidden)
+    head = JudgeHead(sizes, inputs, hidden)
     head.load_state_dict(head_state)
     return head.eval()
 
@@ -214,19 +218,39 @@ def train_with_run_py(out: Path, overrides: list[str]) -> Path:
     last checkpoint when an earlier run was cut short."""
     ckpt = out / "checkpoints" / "last.ckpt"
     if not (out / "summary.json").is_file():
-        resume = [f"ckpt_path={ckpt}"] if ckpt.is_file() else []
-        command = [sys.executable, str(ROOT / "run.py"), *overrides, *resume, f"hydra.run.dir={out}"]
+        resume = [f"ckpt_path={project_relative(ckpt)}"] if ckpt.is_file() else []
+        command = [sys.executable, "run.py", *overrides, *resume, f"hydra.run.dir={project_relative(out)}"]
         log.info("training: %s", " ".join(command[1:]))
-        run_to_its_end(command, ROOT)
+        # Paths relative to the project root: the run's checkpoint and hparams are committed with
+        # the store, so they must not name this machine's folders.
+        try:
+            run_to_its_end(command, ROOT, {"PROJECT_ROOT": "."})
+        finally:
+            if ckpt.is_file():
+                portable_checkpoint(ckpt)
     return ckpt
 
 
-def run_to_its_end(command: list[str], cwd: Path) -> None:
+def portable_checkpoint(path: Path) -> None:
+    """Rewrites a Lightning checkpoint with every path under the project root (the checkpoint
+    callback's folders, the run's settings) relative to it; weights and optimiser state as they are."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    kept = {"state_dict", "optimizer_states", "lr_schedulers"}
+    portable = {k: v if k in kept else relative_paths(v, str(ROOT)) for k, v in checkpoint.items()}
+    torch.save(portable, path)
+
+
+def project_relative(path: Path | str) -> str:
+    """`path` as seen from the project root (run.py's working directory here)."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
+def run_to_its_end(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
     """Runs `command` and waits for it. A stop that reaches this process (SIGTERM raised as
     SystemExit) is passed on as SIGTERM, and the child is waited for: Lightning ends a run after
     the step in flight, with its checkpoint and curves, where a kill loses the step (minutes on
     the real pair). Ctrl+C reaches the child by itself; a second stop kills it."""
-    proc = subprocess.Popen(command, cwd=cwd)
+    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})})
     try:
         code = proc.wait()
     except BaseException as stop:

@@ -15,6 +15,7 @@ and the table cover rank 0's share of the validation records.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -155,9 +156,14 @@ class SampleDashboard(L.Callback):
         self._probs, self._rows = [], []
 
 
-def log_config(loggers: Iterable[Logger], config: dict) -> None:
+def log_config(loggers: Iterable[Logger], config: dict, root: str | Path | None = None) -> None:
     """The resolved config as every logger's hyperparameters; this starts the wandb run, so a
-    wandb that cannot log in stops here with one message."""
+    wandb that cannot log in stops here with one message. Paths under `root` (default: the
+    project root, $PROJECT_ROOT) are logged relative to it: a run's hparams.yaml can be shared or
+    committed without naming the machine's folders."""
+    root = root if root is not None else os.environ.get("PROJECT_ROOT")
+    if root:
+        config = relative_paths(config, str(Path(root).resolve()))
     for logger in loggers:
         try:
             logger.log_hyperparams(config)
@@ -188,3 +194,15 @@ def finish_wandb(crashed: bool = False) -> None:
     wandb = sys.modules.get("wandb")  # never imported: no run to finish
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=1 if crashed else 0)
+
+
+def relative_paths(value: Any, root: str) -> Any:
+    """`value` (a resolved config: dicts, lists, scalars) with every string that names `root` or a
+    path under it made relative to `root`."""
+    if isinstance(value, dict):
+        return type(value)((key, relative_paths(item, root)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(relative_paths(item, root) for item in value)
+    if isinstance(value, str) and (value == root or value.startswith(root + os.sep)):
+        return os.path.relpath(value, root)
+    return value

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from spd_lightning.decoding.features import FeatureCache
+from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
 from spd_lightning.tasks.generation_report import report
 from spd_lightning.tasks.generation_sweep import SweepSettings, choose, families, stage_sweep
 from spd_lightning.tasks.generations import (
@@ -18,8 +20,10 @@ from spd_lightning.tasks.generations import (
     TOY_PAIR,
     WorldSettings,
     fit_supervised_head,
+    head_from_checkpoint,
     load_world,
     mine_labels,
+    portable_checkpoint,
     run_to_its_end,
     stage_responses,
     toy_sets,
@@ -60,6 +64,10 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
     for key in ("gen_rl_tpc=", "gen_rl_accuracy=", "block_rl_tpc=", "sup_tpc=", "kl_tpc=", "sd_tpc=", "n=16"):
         assert key in last, last
     assert (Path(tmp_path) / "heads" / "gen_rl" / "checkpoints" / "last.ckpt").is_file()
+    # Committed with the store on the real pair: the run's records name the project's folders
+    # relative to it (only the shipped toy world is named where the package lies).
+    hparams = (tmp_path / "heads" / "gen_rl" / "csv" / "hparams.yaml").read_text().splitlines()
+    assert [line for line in hparams if str(ROOT) in line and "toy/world" not in line] == []
     inspect = [sys.executable, str(ROOT / "bench" / "head_inspect.py"), "--noise-heads", "3",
                "--ckpt", str(tmp_path / "heads" / "gen_rl" / "checkpoints" / "last.ckpt"),
                "--features", str(tmp_path / "heads" / "features.pt"), "--store", str(tmp_path / "completions.jsonl"),
@@ -133,3 +141,29 @@ def test_a_stopped_bench_lets_its_training_run_end_its_step(tmp_path):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert saved.read_text() == "saved"  # the child was told to stop and was waited for, not killed
+
+
+@pytest.mark.parametrize("inputs", [("tokens",), ("tokens", "target_hidden")])
+def test_a_heads_inputs_come_back_from_its_checkpoint(tmp_path, inputs):
+    head = JudgeHead({"tokens": len(TOKEN_FEATURES), "target_hidden": 12}, inputs)
+    torch.nn.init.normal_(head.net[0].weight)
+    state = {f"scorer.head.{k}": v for k, v in head.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "last.ckpt")
+    loaded = head_from_checkpoint(tmp_path / "last.ckpt")
+    assert loaded.inputs == inputs
+    assert torch.equal(loaded.net[0].weight, head.net[0].weight)
+
+
+def test_a_portable_checkpoint_names_project_folders_relative_to_the_project(tmp_path):
+    run = ROOT / "data" / "episodes" / "heads" / "gen_rl"
+    weights = {"scorer.head.net.0.weight": torch.randn(1, 8)}
+    saved = {"state_dict": weights, "global_step": 3,
+             "callbacks": {"ModelCheckpoint": {"dirpath": str(run / "checkpoints")}},
+             "hyper_parameters": {"completions_path": str(ROOT / "store.jsonl"), "threshold": 0.5}}  # fmt: skip
+    torch.save(saved, tmp_path / "last.ckpt")
+    portable_checkpoint(tmp_path / "last.ckpt")
+    back = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert back["callbacks"]["ModelCheckpoint"]["dirpath"] == "data/episodes/heads/gen_rl/checkpoints"
+    assert back["hyper_parameters"] == {"completions_path": "store.jsonl", "threshold": 0.5}
+    assert torch.equal(back["state_dict"]["scorer.head.net.0.weight"], weights["scorer.head.net.0.weight"])
+    assert back["global_step"] == 3

@@ -200,3 +200,22 @@ def test_wandb_without_login_is_one_clear_error(tmp_path: Path):
     logger.log_hyperparams = no_key
     with pytest.raises(SetupError, match="WANDB_MODE=offline"):
         log_config([logger], {"seed": 0})
+
+
+def test_the_logged_config_names_paths_under_the_project_root_relative_to_it(tmp_path: Path):
+    root = tmp_path / "project"
+    config = {
+        "paths": {"output_dir": str(root / "outputs" / "run"), "root_dir": str(root)},
+        "data": {"raw": str(tmp_path / "shared" / "train.jsonl"), "files": [str(root / "a.jsonl")]},
+        "seed": 0,
+        "name": str(root) + "-copy",  # a sibling folder whose name begins like the root's
+    }
+    logged = []
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(str(tmp_path / "csv"))
+    logger.log_hyperparams = logged.append
+    log_config([logger], config, root=root)
+    assert logged[0]["paths"] == {"output_dir": "outputs/run", "root_dir": "."}
+    assert logged[0]["data"] == {"raw": str(tmp_path / "shared" / "train.jsonl"), "files": ["a.jsonl"]}
+    assert logged[0]["seed"] == 0 and logged[0]["name"] == str(root) + "-copy"
