@@ -16,6 +16,7 @@ Shapes: B mismatches decided together, V vocabulary, H hidden size.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -233,15 +234,33 @@ class PolicyDecider:
 
 
 class SampledDecider:
-    """Bernoulli draws from accept probabilities (GRPO's rollouts): accept with p."""
+    """Bernoulli draws from accept probabilities (GRPO's rollouts): accept with p.
+
+    Without `seed` the draws come from `generator` in call order, so they depend on how
+    mismatches are grouped into calls. With it, run_episodes asks `by_episode` and episode e's
+    n-th draw is a function of (seed, e, n) alone: episodes decided in any grouping, in lockstep or
+    with forks completed in the background (decoding/overlap.py), draw alike."""
 
     def __init__(self, probabilities: Callable[[list[tuple[int, ...]], list[Ask]], list[float]],
-                 generator: torch.Generator | None = None) -> None:  # fmt: skip
-        self.probabilities, self.generator = probabilities, generator
+                 generator: torch.Generator | None = None, seed: int | None = None) -> None:  # fmt: skip
+        self.probabilities, self.generator, self.seed = probabilities, generator, seed
+        self.drawn: dict[int, int] = {}  # episode -> draws made
 
     def __call__(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> list[bool]:
         p = torch.tensor(self.probabilities(prompts, asks), dtype=torch.float64)  # [B]
         return (torch.rand(p.shape, generator=self.generator, dtype=torch.float64) < p).tolist()
+
+    def by_episode(self, prompts: list[tuple[int, ...]], asks: list[Ask], episodes: list[int]) -> list[bool]:
+        """As calling it, each mismatch's draw keyed by its episode's index (episodes [B])."""
+        if self.seed is None:
+            return self(prompts, asks)
+        p = self.probabilities(prompts, asks)
+        return [self._uniform(e) < q for e, q in zip(episodes, p)]
+
+    def _uniform(self, episode: int) -> float:
+        n = self.drawn.get(episode, 0)
+        self.drawn[episode] = n + 1
+        return random.Random(f"{self.seed}:{episode}:{n}").random()  # a string seed: the same in every process
 
 
 def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSource, block_size: int,
@@ -275,7 +294,8 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
                 if background is not None:  # forks met in a long decision would wait for all of it
                     asks = asks[:ASKS_PER_DECISION]
                 if asks:
-                    verdicts = decide([prompts[i] for i, _ in asks], [r for _, r in asks])
+                    ids = [i for i, _ in asks]
+                    verdicts = _decide(decide, [prompts[i] for i in ids], [r for _, r in asks], ids)
                     for (i, _), verdict in zip(asks, verdicts):
                         advance(i, bool(verdict))
                 forks = [(i, r) for i, r in pending.items() if isinstance(r, Fork)]
@@ -295,6 +315,12 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
             if background is not None:
                 background.close()
     return episodes
+
+
+def _decide(decide: Decider, prompts: list[tuple[int, ...]], asks: list[Ask], episodes: list[int]) -> list[bool]:
+    """A decider that keys its draws by episode (SampledDecider with a seed) is told which."""
+    by_episode = getattr(decide, "by_episode", None)
+    return by_episode(prompts, asks, episodes) if by_episode is not None else decide(prompts, asks)
 
 
 def as_generation(episode: Episode) -> Generation:

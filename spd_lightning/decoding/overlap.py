@@ -8,7 +8,8 @@ and an episode goes on as soon as its own completion is back; the server batches
 arrive while others run. The store is written from the main thread only.
 
 Thresholds and fixed policies give the same episodes either way (an episode depends only on its
-own path and decisions); Bernoulli draws come in another order, so training stays in lockstep.
+own path and decisions); so do GRPO's Bernoulli draws when they are keyed by episode
+(episodes.SampledDecider with a seed, as rollout=generation draws them).
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ RANGES: dict[str, Range] = {
     "rollout.batch_size": COUNT,
     "rollout.val_batch_size": COUNT,
     "rollout.cached_paths": COUNT,
+    "rollout.overlap": COUNT_OR_ZERO,
     "loss.ppo_epochs": COUNT,
     "loss.clip_low": NON_NEGATIVE,
     "loss.clip_high": NON_NEGATIVE,

@@ -135,6 +135,7 @@ def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, Gene
         val_accept_all=rollout.val_accept_all,
         cached_paths=rollout.cached_paths,
         features_path=rollout.features,
+        overlap=rollout.overlap,
         draft_dtype=cfg.model.dtype,  # the draft proposes in the scorer's dtype
         **cfg.module,
     )

@@ -61,6 +61,7 @@ class RolloutConfig:
     val_accept_all: bool = True
     cached_paths: int = 160
     features: Optional[str] = None  # noqa: UP045
+    overlap: int = 0
 
 
 class GenerationModule(SPDModule):
@@ -81,6 +82,7 @@ class GenerationModule(SPDModule):
         val_accept_all: bool = True,
         cached_paths: int = 160,
         features_path: str | None = None,
+        overlap: int = 0,
         draft_dtype: str = "float32",
         threshold: float = 0.5,
         backbone_lr_scale: float = 0.1,
@@ -102,9 +104,12 @@ class GenerationModule(SPDModule):
         # Completions kept on disk (rollout.completions) outlive the run: a rerun, task=decode's
         # bench and other runs on the same prompts read them instead of generating again.
         store = DiskCompletions(completions_path) if completions_path else None
+        # overlap > 0: an episode's fork is completed while the others decide, the server batching
+        # the requests in flight; the draws are keyed by episode, so the episodes are lockstep's.
         self.source = PathSource(
-            verifier.target.complete, self._draft[0], self.pad_id, eos, max_new_tokens, store, capacity=cached_paths
-        )
+            verifier.target.complete, self._draft[0], self.pad_id, eos, max_new_tokens, store, capacity=cached_paths,
+            overlap=overlap,
+        )  # fmt: skip
         self.inputs = DecisionInputs(None, None, self.pad_id)
         # The zero-cost judge reads features of the frozen models, computed once per mismatch
         # (a path's all at once); its head alone is trained.
@@ -215,7 +220,8 @@ class GenerationModule(SPDModule):
         prompts, answers = [p for p, _ in batch], [a for _, a in batch]
         group = self.loss_fn.num_episodes
         rows = [p for p in prompts for _ in range(group)]  # [E]
-        decide = SampledDecider(self._probabilities)
+        # Keyed by episode: the same draws whatever order the forks complete in (rollout.overlap).
+        decide = SampledDecider(self._probabilities, seed=int(torch.randint(2**62, ()).item()))
         episodes = self._episodes(rows, decide, self.hparams.max_forks)
         sd = self._episodes(prompts, _reject_all)
         references = [r for r in self._references(answers, sd) for _ in range(group)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spd_lightning.data.prompts import encode_prompts
-from spd_lightning.decoding.episodes import DecisionInputs, PathSource, PolicyDecider, run_episodes
+from spd_lightning.decoding.episodes import DecisionInputs, PathSource, PolicyDecider, SampledDecider, run_episodes
 from spd_lightning.decoding.features import FeatureCache, FeatureDecider, judge_score, kl_score
 from spd_lightning.decoding.loop import LoopSettings, generate, generate_cached
 from spd_lightning.decoding.policies import accept_all, judge_policy, kl_policy, reject_all, scorer_policy
@@ -192,3 +192,25 @@ def test_forks_completed_in_the_background_give_the_lockstep_episodes_in_another
         keys = [k for batch in finished for k in batch]
         assert len(keys) == len(set(keys)) == source.completions  # no prefix asked twice
         finished.clear()
+
+
+def test_draws_keyed_by_episode_give_the_lockstep_episodes_when_forks_complete_in_the_background(world):
+    draft, target, prompts, eos, pad = world
+    local = LocalTarget.from_model(target, MAX_NEW).complete
+    shuffle = random.Random(1)
+
+    def slow_complete(prefixes, budget):  # requests end in another order than sent
+        time.sleep(shuffle.random() * 0.02)
+        return local(prefixes, budget)
+
+    rows = [tuple(p) for p in prompts[:6] for _ in range(3)]  # 3 episodes of each prompt: GRPO's groups
+    half = lambda prompts, asks: [0.5] * len(asks)  # noqa: E731
+    lockstep = run_episodes(rows, SampledDecider(half, seed=7), PathSource(local, draft, pad, eos, MAX_NEW), 4)
+    source = PathSource(slow_complete, draft, pad, eos, MAX_NEW, batch_size=2, overlap=3)
+    overlapped = run_episodes(rows, SampledDecider(half, seed=7), source, 4)
+    decisions = lambda episodes: [[(d.position, d.accepted) for d in e.decisions] for e in episodes]  # noqa: E731
+    assert decisions(overlapped) == decisions(lockstep)
+    assert [e.response for e in overlapped] == [e.response for e in lockstep]
+    assert len({tuple(e.response) for e in lockstep}) > len(prompts[:6])  # a group's episodes drew apart
+    other = run_episodes(rows, SampledDecider(half, seed=8), PathSource(local, draft, pad, eos, MAX_NEW), 4)
+    assert decisions(other) != decisions(lockstep)
