@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import torch
+from omegaconf import OmegaConf
 
 from spd_lightning.decoding.features import MismatchFeatures, judge_score, kl_score
 from spd_lightning.judge.inputs import DiskCompletions
@@ -45,7 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kl", type=float, default=0.447, help="the KL rule's threshold (nats) to set beside")
     parser.add_argument("--threshold", type=float, default=0.5, help="the head keeps a mismatch at p >= this")
     parser.add_argument("--noise-heads", type=int, default=200, help="heads trained on noise, for the chance gap")
-    parser.add_argument("--lr", type=float, default=3e-3, help="the trained head's learning rate (AdamW)")
+    parser.add_argument("--lr", type=float, default=None, help="the head's learning rate (default: its run's)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts a step (default: its run's)")
     return parser.parse_args()
 
 
@@ -84,23 +87,43 @@ def summary(name: str, p: torch.Tensor, digits: torch.Tensor, threshold: float) 
     }  # fmt: skip
 
 
-def noise_gaps(x: torch.Tensor, digits: torch.Tensor, steps: int, lr: float, trials: int) -> torch.Tensor:
+@dataclass
+class RunSettings:
+    """How the inspected head was trained: what the noise heads repeat."""
+
+    steps: int
+    lr: float
+    prompts: int  # a step's prompts
+    episodes: int  # a prompt's episodes (GRPO's group)
+
+
+def run_settings(ckpt: Path, args) -> RunSettings:
+    """The run's optimiser steps, learning rate and step size, from its logged config
+    (csv/hparams.yaml beside checkpoints/); --lr and --prompts override."""
+    config = OmegaConf.load(ckpt.parent.parent / "csv" / "hparams.yaml")
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    lr = args.lr if args.lr is not None else float(config.optimizer.lr)
+    prompts = args.prompts if args.prompts is not None else int(config.rollout.batch_size)
+    return RunSettings(step, lr, prompts, int(config.loss.num_episodes))
+
+
+def noise_gaps(x: torch.Tensor, digits: torch.Tensor, run: RunSettings, trials: int) -> torch.Tensor:
     """[trials] mean p on wording minus on numbers, for linear heads trained as GRPO trains one
-    (zero start, AdamW at lr, `steps` steps of 16 episodes x 4 decisions drawn from the head) on
-    pure-noise advantages (N(0, 1), normalised in groups of 4): the gap chance alone gives.
-    x: [N, D] standardised inputs."""
-    gaps = []
+    (zero start, AdamW at the run's lr, its steps of prompts x episodes, 4 decisions each drawn
+    from the head) on pure-noise advantages (N(0, 1), normalised per prompt): the gap chance alone
+    gives. x: [N, D] standardised inputs."""
+    gaps, episodes = [], run.prompts * run.episodes
     for seed in range(trials):
         g = torch.Generator().manual_seed(seed)
         head = torch.nn.Linear(x.shape[1], 1)
         torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-        for _ in range(steps):
-            rows = torch.randint(len(x), (16, 4), generator=g)  # [E, decisions]
+        opt = torch.optim.AdamW(head.parameters(), lr=run.lr, weight_decay=0.0)
+        for _ in range(run.steps):
+            rows = torch.randint(len(x), (episodes, 4), generator=g)  # [E, decisions]
             logits = head(x[rows]).squeeze(-1)  # [E, 4]
             accepted = torch.rand(logits.shape, generator=g) < torch.sigmoid(logits.detach())
-            adv = torch.randn(4, 4, generator=g)  # [prompts, episodes]
-            adv = ((adv - adv.mean(1, keepdim=True)) / adv.std(1, keepdim=True)).reshape(16, 1)  # [E, 1]
+            adv = torch.randn(run.prompts, run.episodes, generator=g)  # [P, G]
+            adv = ((adv - adv.mean(1, keepdim=True)) / adv.std(1, keepdim=True)).reshape(episodes, 1)  # [E, 1]
             logp = -torch.nn.functional.binary_cross_entropy_with_logits(logits, accepted.float(), reduction="none")
             opt.zero_grad()
             (-(adv * logp).mean()).backward()
@@ -124,7 +147,7 @@ def table(rows: list[dict], n: int, n_digits: int) -> str:
     )
 
 
-def chance_line(rows: list[dict], gaps: torch.Tensor, steps: int, lr: float) -> str:
+def chance_line(rows: list[dict], gaps: torch.Tensor, run: RunSettings) -> str:
     """How the trained heads' gap (wording - numbers) compares with heads trained on noise."""
     lo, hi = torch.quantile(gaps, torch.tensor([0.025, 0.975])).tolist()
     gap = {r["name"]: r["words"] - r["digits"] for r in rows[:-1]}
@@ -132,7 +155,8 @@ def chance_line(rows: list[dict], gaps: torch.Tensor, steps: int, lr: float) -> 
                         for n, g in gap.items())  # fmt: skip
     return (
         f"Gap (mean p on wording - on numbers), trained: {trained}. {len(gaps)} linear heads trained the same way "
-        f"({steps} AdamW steps at lr {lr}, 16 episodes x 4 decisions a step) on pure-noise advantages: "
+        f"({run.steps} AdamW steps at lr {run.lr}, {run.prompts} prompts x {run.episodes} episodes x 4 decisions "
+        "a step) on pure-noise advantages: "
         f"95% of their gaps within [{lo:+.3f}, {hi:+.3f}], largest {gaps.max():+.3f}."
     )
 
@@ -165,15 +189,16 @@ def main() -> None:
     saved = torch.load(args.features, weights_only=False)
     keys, features = saved["keys"], MismatchFeatures(**saved["rows"])
     digits = classes(keys, DiskCompletions(args.store), load_tokenizer(str(args.tokenizer), local_files_only=True))
-    probs, steps = {}, 0
+    probs = {}
     for ckpt in ckpts:
         step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
         head = head_from_checkpoint(ckpt)
         probs[f"{ckpt.parent.parent.name} step {step}"] = judge_score(head)(features).float()
-        steps = max(steps, step)
+    # The noise heads repeat the last checkpoint's training: its inputs, scaling, steps and settings.
+    run = run_settings(ckpts[-1], args)
     with torch.no_grad():
         x = (head.features(features.judge_inputs())[:, 0] - head.mean) / head.std  # [N, D]
-    gaps = noise_gaps(x, digits, steps, args.lr, args.noise_heads)
+    gaps = noise_gaps(x, digits, run, args.noise_heads)
     kl_keeps = (kl_score()(features) >= -args.kl).float()  # 0/1: the rule's decisions as probabilities
     rows = [summary(name, p, digits, args.threshold) for name, p in probs.items()]
     rows.append(summary(f"KL rule, tau={args.kl}", kl_keeps, digits, 0.5) | {"mean": math.nan, "std": math.nan})
@@ -184,7 +209,7 @@ def main() -> None:
         f"Sample: the {len(keys)} mismatches training "
         f"cached, {int(digits.sum())} with a digit in the draft's or the target's token; "
         f"kept: p >= {args.threshold}\n\n"
-        f"{table(rows, len(keys), int(digits.sum()))}\n{chance_line(rows, gaps, steps, args.lr)}\n\n"
+        f"{table(rows, len(keys), int(digits.sum()))}\n{chance_line(rows, gaps, run)}\n\n"
         "plot: head_inspect.png, beside this file\n"
     )
     (out / "head_inspect.md").write_text(text)
