@@ -3,6 +3,7 @@ against what the machine allows (spd_lightning/tasks/speed.py, vllm_speed.py).
 
     python bench/speed.py                                  # the qwen_coder pair, about an hour on 2 cores
     python bench/speed.py --prompts 3 --batch-prompts 8 --batch-sizes 1 4 8 --vllm plain draft   # shorter
+    python bench/speed.py --vllm draft --stages turns --out outputs/speed_turn   # vLLM SD against ours in turn
 
 Stages, each run kept under --out/runs/<method>_b<batch>.json, so a rerun resumes. The methods
 of one stage at batch size 1 are timed in turn, prompt by prompt (tasks.speed.interleaved): this
@@ -12,10 +13,13 @@ all alike.
    target alone, with draft-model speculative decoding (the 0.5B draft, K tokens) and with
    n-gram prompt lookup, at batch size 1 (--prompts, one request at a time) and 8 prompts in one
    request. A server that does not start is reported with its error.
-2. transformers on the models as loaded: greedy generate() and assisted generation with its
+2. vLLM's SD and ours timed in turn at batch size 1, the server up while ours runs (its float32
+   copy and ours, both models as loaded: standard SD and the int8 draft with the small head), so
+   one window's drift cannot decide which is faster.
+3. transformers on the models as loaded: greedy generate() and assisted generation with its
    defaults (up to 20 draft tokens, a confidence stop) at batch size 1; greedy at the larger
    --batch-sizes.
-3. Kernels chosen at load (models.packed.pack_if_faster: probe passes over 1, 2 and K+1 tokens
+4. Kernels chosen at load (models.packed.pack_if_faster: probe passes over 1, 2 and K+1 tokens
    timed packed and as loaded, the faster kept per width); on them, at batch size 1:
    transformers' greedy and its assisted generation with K draft tokens, a constant schedule and
    no confidence stop (equal settings), ours (greedy, standard SD, the judge), and standard SD
@@ -24,9 +28,9 @@ all alike.
    target's own responses to training problems), int8 weights (models.int8), both; and
    transformers' assisted generation with the int8 draft. Then ours at the larger
    --batch-sizes, and standard SD at 8 prompts (vLLM's batch).
-4. bfloat16 (both models, kernels chosen the same way): our greedy and standard SD at batch
+5. bfloat16 (both models, kernels chosen the same way): our greedy and standard SD at batch
    size 1, and how many responses equal float32 greedy's.
-5. The limit: memory bandwidth (a copy and a sum over a 1 GiB buffer) / the target's weight bytes.
+6. The limit: memory bandwidth (a copy and a sum over a 1 GiB buffer) / the target's weight bytes.
 Batch size 1 runs the first --prompts prompts; larger batches the first --batch-prompts.
 Writes speed.json, speed.md and speed_batch.png to --out; the last line is
     sd_tps=.. hf_assisted_k_tps=.. hf_greedy_tps=.. vllm_sd_tps=.. vllm_tps=.. sd_tps_b8=..
@@ -52,6 +56,8 @@ from spd_lightning.models.int8 import int8_kernel_available, quantize_linears
 from spd_lightning.models.packed import pack_if_faster
 from spd_lightning.models.pairs import require_built
 from spd_lightning.models.vocab_head import frequent_tokens, restrict_output_layer
+from spd_lightning.targets.vllm import VLLMTarget
+from spd_lightning.targets.vllm_server import launch_vllm_server
 from spd_lightning.tasks.speed import (
     CallCounter,
     OnePrompt,
@@ -62,10 +68,11 @@ from spd_lightning.tasks.speed import (
     timed_batches,
 )
 from spd_lightning.tasks.speed_report import report
-from spd_lightning.tasks.vllm_speed import Serving, serve_and_time
+from spd_lightning.tasks.vllm_speed import Serving, one_prompt_vllm, serve_and_time, server_args, spec_counters
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("greedy", "standard_sd", "judge")
+STAGES = ("vllm", "turns", "ours")
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,7 +93,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--vllm-cores", default=f"0-{os.cpu_count() - 1}", help="VLLM_CPU_OMP_THREADS_BIND")
     parser.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip stage 4")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="vllm: stage 1; turns: 2; ours: 3-5 (transformers, ours, bfloat16)")  # fmt: skip
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip stage 5")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "speed"))
     return parser.parse_args()
 
@@ -202,6 +211,35 @@ def our_stage(args, store: RunStore, setup, counter, single, many) -> dict:
     return {**kernels, "draft_vocab": len(keep)}
 
 
+TURN = ("vllm_draft_turn", "standard_sd_turn", "standard_sd_int8_vocab_turn")
+
+
+def vllm_turn_stage(args, store: RunStore, serving: Serving, single) -> None:
+    """vLLM's draft-model SD and ours timed in turn, the server up while ours runs: standard SD
+    and the int8 draft with the restricted head, both models as loaded (the chosen kernels can
+    hold the target twice, which with the server's copy does not fit 24 GiB)."""
+    if all(store.load(f"{name}_b1") is not None for name in TURN):
+        return
+    setup, counter = load(args, "float32")
+    cheaper = cheaper_drafts(setup.draft, draft_vocab_tokens(args, setup))
+    drafts = {"standard_sd_turn": setup.draft, "standard_sd_int8_vocab_turn": cheaper.get("int8_vocab")}
+    sd = setup.policies["standard_sd"]
+    methods = {name: one_prompt_ours(SpeculativeDecoder(d, setup.target, setup.tokenizer, sd, args.k))
+               for name, d in drafts.items() if d is not None}  # fmt: skip
+    extra = server_args("draft", serving.draft_dir, serving.k, serving.dtype, serving.max_model_len)
+    env = {**serving.env, "VLLM_CPU_KVCACHE_SPACE": "1"}  # one request at a time: room for both copies
+    with launch_vllm_server(serving.target_dir, "target", extra_args=extra, env=env, startup_timeout_s=600) as url:
+        client = VLLMTarget(url=url, model="target", timeout_s=3600, retries=0)
+        before = spec_counters(url)
+        store.get_interleaved({"vllm_draft_turn": one_prompt_vllm(client), **methods}, single, args.max_new_tokens,
+                              counter)  # fmt: skip
+        run = store.load("vllm_draft_turn_b1")
+        counters = {name: n - before.get(name, 0.0) for name, n in spec_counters(url).items()}
+        run.note = run.note or json.dumps(counters)  # with the warm-up request's drafts
+        store.save("vllm_draft_turn_b1", run)
+        client.close()
+
+
 def bf16_stage(args, store: RunStore, single) -> dict:
     setup, counter = load(args, "bfloat16")
     kernels = choose_kernels(setup, args.k)
@@ -234,10 +272,12 @@ def main() -> None:
           f"K={args.k}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
     env = {"VLLM_CPU_OMP_THREADS_BIND": args.vllm_cores, "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)}
     serving = Serving(str(pair / "draft"), str(pair / "target"), args.max_new_tokens, args.k, args.vllm_dtype, env)
-    for kind in args.vllm:
+    for kind in args.vllm if "vllm" in args.stages else []:
         serve_and_time(store, kind, serving, {"b1": (single, 1), "b8": (prompts[:8], 8)})
+    if "draft" in args.vllm and "turns" in args.stages:
+        vllm_turn_stage(args, store, serving, single)
     kernels_path = out / "kernels.json"
-    if not kernels_path.is_file():
+    if "ours" in args.stages and not kernels_path.is_file():
         setup, counter = load(args, "float32")
         transformers_stage(args, store, setup, counter, single, many)
         kernels = our_stage(args, store, setup, counter, single, many)
@@ -245,7 +285,7 @@ def main() -> None:
         if args.bf16:
             kernels.update(bf16_stage(args, store, single))
         kernels_path.write_text(json.dumps(kernels, indent=2) + "\n")
-    report(args, store, json.loads(kernels_path.read_text()), listed)
+    report(args, store, json.loads(kernels_path.read_text()) if kernels_path.is_file() else {}, listed)
 
 
 if __name__ == "__main__":

@@ -159,3 +159,24 @@ def test_episodes_over_a_vllm_target_write_the_decoding_loops_tokens(vllm_url: s
         assert [e.response for e in episodes] == [g.response_ids for g in loop], policy.name
         assert [e.target_calls for e in episodes] == [g.target_calls for g in loop], policy.name
     assert source.completions > len(prompts)  # forks went to the server
+
+
+def test_a_server_timed_in_turn_with_our_loop_writes_its_tokens(vllm_url: str, toy_world: Path, tokenizer):
+    """bench/speed.py's stage 2: one request per prompt and our standard SD, taking turns."""
+    from spd_lightning.decoding.speculative import SpeculativeDecoder
+    from spd_lightning.tasks.speed import CallCounter, cut_at_end, interleaved, one_prompt_ours
+    from spd_lightning.tasks.vllm_speed import one_prompt_vllm
+
+    draft = load_causal_lm(str(toy_world / "draft"), "float32", "cpu")
+    target = load_causal_lm(str(toy_world / "target"), "float32", "cpu")
+    decoder = SpeculativeDecoder(draft, target, tokenizer, reject_all, 4)
+    remote = VLLMTarget(url=vllm_url, model=MODEL, max_new_tokens=24)
+    prompts = encode_prompts(tokenizer, toy_prompts(4, 1000))
+    counter = CallCounter(target)
+    runs = interleaved({"vllm": one_prompt_vllm(remote), "ours": one_prompt_ours(decoder)}, prompts, 16, counter)
+    remote.close()
+    assert len(runs["vllm"].rows) == len(prompts) and runs["vllm"].target_calls == 0  # a server's calls: not ours
+    assert runs["ours"].target_calls > 0 and runs["ours"].seconds > 0 and runs["vllm"].seconds > 0
+    eos = response_end_ids(target, tokenizer)
+    # Standard SD is the target's greedy, and vLLM's greedy equals it.
+    assert cut_at_end(runs["vllm"].rows, eos) == cut_at_end(runs["ours"].rows, eos)

@@ -30,6 +30,9 @@ NAMES = {
     "vllm_plain": "vLLM greedy",
     "vllm_draft": "vLLM SD, 0.5B draft",
     "vllm_ngram": "vLLM n-gram lookup",
+    "vllm_draft_turn": "vLLM SD, in turn with the next two",
+    "standard_sd_turn": "ours: standard SD, as loaded, in turn with vLLM SD",
+    "standard_sd_int8_vocab_turn": "ours: int8 draft, small head, as loaded, in turn with vLLM SD",
 }
 LAST_LINE = {
     "sd_tps": "standard_sd_b1", "hf_assisted_k_tps": "hf_assisted_k_b1", "hf_greedy_tps": "hf_greedy_b1",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from spd_lightning.errors import SetupError
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import launch_vllm_server
-from spd_lightning.tasks.speed import Run, RunStore
+from spd_lightning.tasks.speed import OnePrompt, Run, RunStore
 
 SPEC_KINDS = ("plain", "draft", "ngram")  # no speculation, the 0.5B draft, n-gram prompt lookup
 
@@ -68,6 +68,18 @@ def time_requests(client: VLLMTarget, prompts: list[list[int]], max_new_tokens: 
             raise SetupError(f"the vLLM server failed {sum(a is None for a in answers)} requests (see its log)")
         rows.extend(answers)
     return Run(rows, time.perf_counter() - start)
+
+
+def one_prompt_vllm(client: VLLMTarget) -> OnePrompt:
+    """One greedy request of one prompt to a server: a method for tasks.speed.interleaved."""
+
+    def make(prompt: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        row = client.complete([prompt], max_new_tokens=max_new_tokens)[0]
+        if row is None:
+            raise SetupError("the vLLM server failed a request (see its log)")
+        return row, 0
+
+    return make
 
 
 @dataclass
