@@ -13,9 +13,9 @@ all alike.
    target alone, with draft-model speculative decoding (the 0.5B draft, K tokens) and with
    n-gram prompt lookup, at batch size 1 (--prompts, one request at a time) and 8 prompts in one
    request. A server that does not start is reported with its error.
-2. vLLM's SD and ours timed in turn at batch size 1, the server up while ours runs (its float32
-   copy and ours, both models as loaded: standard SD and the int8 draft with the small head), so
-   one window's drift cannot decide which is faster.
+2. vLLM's SD and ours timed in turn at batch size 1, the server up while ours runs (both in
+   --vllm-dtype, models as loaded: standard SD and the int8 draft with the small head), so one
+   window's drift cannot decide which is faster. On 24 GiB only bfloat16 fits both.
 3. transformers on the models as loaded: greedy generate() and assisted generation with its
    defaults (up to 20 draft tokens, a confidence stop) at batch size 1; greedy at the larger
    --batch-sizes.
@@ -167,17 +167,21 @@ def draft_vocab_tokens(args, setup) -> torch.Tensor:
     return frequent_tokens(rows, args.draft_vocab, always=setup.eos_ids)
 
 
-def cheaper_drafts(draft, keep: torch.Tensor) -> dict[str, object]:
-    """Copies of the draft with int8 weights (models.int8), with its full output layer and with
-    the one restricted to `keep`; {} where torch lacks the kernel."""
+def cheaper_drafts(draft, keep: torch.Tensor, kinds: tuple[str, ...] = ("int8", "int8_vocab")) -> dict[str, object]:
+    """Copies of the draft with int8 weights (models.int8): `int8` with its full output layer,
+    `int8_vocab` with the one restricted to `keep`; {} where torch lacks the kernel. One copy at
+    a time: each holds the float32 draft until it is quantised."""
     if not int8_kernel_available():
         print(f"int8 drafts skipped: torch {torch.__version__} has no CPU kernel for int8 weights")
         return {}
-    full, small = copy.deepcopy(draft), copy.deepcopy(draft)
-    restrict_output_layer(small, keep)
-    for model in (full, small):
+    drafts = {}
+    for kind in kinds:
+        model = copy.deepcopy(draft)
+        if kind == "int8_vocab":
+            restrict_output_layer(model, keep)
         quantize_linears(model)
-    return {"int8": full, "int8_vocab": small}
+        drafts[kind] = model
+    return drafts
 
 
 def our_stage(args, store: RunStore, setup, counter, single, many) -> dict:
@@ -216,12 +220,13 @@ TURN = ("vllm_draft_turn", "standard_sd_turn", "standard_sd_int8_vocab_turn")
 
 def vllm_turn_stage(args, store: RunStore, serving: Serving, single) -> None:
     """vLLM's draft-model SD and ours timed in turn, the server up while ours runs: standard SD
-    and the int8 draft with the restricted head, both models as loaded (the chosen kernels can
-    hold the target twice, which with the server's copy does not fit 24 GiB)."""
+    and the int8 draft with the restricted head, both models as loaded, in --vllm-dtype. On 24 GiB
+    use bfloat16: the server's float32 pair (about 14 GB resident) beside ours did not fit (the
+    out-of-memory killer stopped ours twice)."""
     if all(store.load(f"{name}_b1") is not None for name in TURN):
         return
-    setup, counter = load(args, "float32")
-    cheaper = cheaper_drafts(setup.draft, draft_vocab_tokens(args, setup))
+    setup, counter = load(args, serving.dtype)
+    cheaper = cheaper_drafts(setup.draft, draft_vocab_tokens(args, setup), ("int8_vocab",))
     drafts = {"standard_sd_turn": setup.draft, "standard_sd_int8_vocab_turn": cheaper.get("int8_vocab")}
     sd = setup.policies["standard_sd"]
     methods = {name: one_prompt_ours(SpeculativeDecoder(d, setup.target, setup.tokenizer, sd, args.k))

@@ -31,8 +31,8 @@ NAMES = {
     "vllm_draft": "vLLM SD, 0.5B draft",
     "vllm_ngram": "vLLM n-gram lookup",
     "vllm_draft_turn": "vLLM SD, in turn with the next two",
-    "standard_sd_turn": "ours: standard SD, as loaded, in turn with vLLM SD",
-    "standard_sd_int8_vocab_turn": "ours: int8 draft, small head, as loaded, in turn with vLLM SD",
+    "standard_sd_turn": "ours: standard SD in vLLM's dtype, in turn",
+    "standard_sd_int8_vocab_turn": "ours: int8 draft, small head, vLLM's dtype, in turn",
 }
 LAST_LINE = {
     "sd_tps": "standard_sd_b1", "hf_assisted_k_tps": "hf_assisted_k_b1", "hf_greedy_tps": "hf_greedy_b1",
@@ -87,10 +87,11 @@ def single_table(runs: dict[str, dict[int, Run]], bounds: dict[str, float], vllm
     base = {m: single[m].tokens_per_s for m in ("hf_greedy", "hf_assisted", "hf_assisted_k") if m in single}
     greedy_rows = single["greedy"].rows if "greedy" in single else []
     columns = ["method", "tok/s", "calls/tok", "kept/blk", "=greedy", "xHFgr", "xHFas", "xHFasK", "/limit"]
-    table = FigureTable(f"Batch size 1, {len(greedy_rows)} prompts", columns)
+    prompts = max((len(run.rows) for run in single.values()), default=0)
+    table = FigureTable(f"Batch size 1, {prompts} prompts", columns)
     for method, name in NAMES.items():
         if method in single:
-            bf16 = method.endswith("bf16") or (method.startswith("vllm") and vllm_dtype == "bfloat16")
+            bf16 = method.endswith("bf16") or (("vllm" in method or "turn" in method) and vllm_dtype == "bfloat16")
             table.add(*one_row(name, single[method], base, greedy_rows, bounds["bfloat16" if bf16 else "float32"]))
     return table
 
