@@ -242,7 +242,7 @@ class SampledDecider:
     with forks completed in the background (decoding/overlap.py), draw alike."""
 
     def __init__(self, probabilities: Callable[[list[tuple[int, ...]], list[Ask]], list[float]],
-                 generator: torch.Generator | None = None, seed: int | None = None) -> None:  # fmt: skip
+                 generator: torch.Generator | None = None, seed: int | str | None = None) -> None:  # fmt: skip
         self.probabilities, self.generator, self.seed = probabilities, generator, seed
         self.drawn: dict[int, int] = {}  # episode -> draws made
 

@@ -220,8 +220,10 @@ class GenerationModule(SPDModule):
         prompts, answers = [p for p, _ in batch], [a for _, a in batch]
         group = self.loss_fn.num_episodes
         rows = [p for p in prompts for _ in range(group)]  # [E]
-        # Keyed by episode: the same draws whatever order the forks complete in (rollout.overlap).
-        decide = SampledDecider(self._probabilities, seed=int(torch.randint(2**62, ()).item()))
+        # Keyed by episode: the same draws whatever order the forks complete in (rollout.overlap);
+        # keyed by step and rank too, so a resumed run does not draw its first step's again.
+        seed = f"{torch.initial_seed()}:{self.global_step}:{self.global_rank}"
+        decide = SampledDecider(self._probabilities, seed=seed)
         episodes = self._episodes(rows, decide, self.hparams.max_forks)
         sd = self._episodes(prompts, _reject_all)
         references = [r for r in self._references(answers, sd) for _ in range(group)]
