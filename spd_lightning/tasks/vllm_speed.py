@@ -119,7 +119,7 @@ def serve_and_time(
                     run = store.get(keys[key], lambda p=prompts, b=batch: time_requests(client, p, max_new_tokens, b))
                     counters = {name: n - before.get(name, 0.0) for name, n in spec_counters(url).items()}
                     run.note = json.dumps(counters) if counters else ""
-                    store.path(keys[key]).write_text(json.dumps(run.__dict__) + "\n")
+                    store.save(keys[key], run)
                 client.close()
         except SetupError as err:
             reason = str(err).strip().splitlines()
