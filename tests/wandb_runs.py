@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 
@@ -30,6 +31,8 @@ def wandb_records(run_file: Path):
         if kind == 0:  # zero fill up to the end of the block
             pos += block - pos % block
             continue
+        if pos + 7 + length > len(data):  # still being written
+            return
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
@@ -38,8 +41,20 @@ def wandb_records(run_file: Path):
             yield record
 
 
-def read_wandb_run(run_dir: Path) -> tuple[dict, list[dict], int | None]:
-    """(config, history rows, exit code) of one offline run; nested keys joined with '/'."""
+def read_wandb_run(run_dir: Path, wait_s: float = 30.0) -> tuple[dict, list[dict], int | None]:
+    """(config, history rows, exit code) of one offline run; nested keys joined with '/'. wandb's
+    service writes the run file in the background: `wandb.finish()` (0.31) can return before the
+    file holds more than its header, so this reads again until the exit record is there or
+    `wait_s` has passed (then the exit code is None)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        config, history, exit_code = _read_run_file(run_dir)
+        if exit_code is not None or time.monotonic() > deadline:
+            return config, history, exit_code
+        time.sleep(0.2)
+
+
+def _read_run_file(run_dir: Path) -> tuple[dict, list[dict], int | None]:
     (run_file,) = run_dir.glob("run-*.wandb")
     config: dict = {}
     history: list[dict] = []
