@@ -24,6 +24,7 @@ import matplotlib
 import torch
 from omegaconf import OmegaConf
 
+from spd_lightning.core.grpo import clipped_surrogate
 from spd_lightning.decoding.features import MismatchFeatures, judge_score, kl_score
 from spd_lightning.judge.inputs import DiskCompletions
 from spd_lightning.models.hf import load_tokenizer
@@ -91,10 +92,12 @@ def summary(name: str, p: torch.Tensor, digits: torch.Tensor, threshold: float) 
 class RunSettings:
     """How the inspected head was trained: what the noise heads repeat."""
 
-    steps: int
+    steps: int  # optimiser updates
     lr: float
-    prompts: int  # a step's prompts
+    prompts: int  # a batch's prompts
     episodes: int  # a prompt's episodes (GRPO's group)
+    ppo_epochs: int = 1  # updates per batch, each clipped against the draws' logits
+    clip: float = 0.2
 
 
 def run_settings(ckpt: Path, args) -> RunSettings:
@@ -104,30 +107,34 @@ def run_settings(ckpt: Path, args) -> RunSettings:
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     lr = args.lr if args.lr is not None else float(config.optimizer.lr)
     prompts = args.prompts if args.prompts is not None else int(config.rollout.batch_size)
-    return RunSettings(step, lr, prompts, int(config.loss.num_episodes))
+    loss = config.loss
+    return RunSettings(step, lr, prompts, int(loss.num_episodes), int(loss.get("ppo_epochs", 1)), float(loss.clip_low))
 
 
 def noise_gaps(x: torch.Tensor, digits: torch.Tensor, run: RunSettings, trials: int) -> torch.Tensor:
     """[trials] mean p on wording minus on numbers, for linear heads trained as GRPO trains one
-    (zero start, AdamW at the run's lr, its steps of prompts x episodes, 4 decisions each drawn
-    from the head) on pure-noise advantages (N(0, 1), normalised per prompt): the gap chance alone
-    gives. x: [N, D] standardised inputs."""
+    (zero start, AdamW at the run's lr, its batches of prompts x episodes, 4 decisions each drawn
+    from the head, ppo_epochs clipped updates a batch) on pure-noise advantages (N(0, 1),
+    normalised per prompt): the gap chance alone gives. x: [N, D] standardised inputs."""
     gaps, episodes = [], run.prompts * run.episodes
     for seed in range(trials):
         g = torch.Generator().manual_seed(seed)
         head = torch.nn.Linear(x.shape[1], 1)
         torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
         opt = torch.optim.AdamW(head.parameters(), lr=run.lr, weight_decay=0.0)
-        for _ in range(run.steps):
+        for _ in range(max(run.steps // run.ppo_epochs, 1)):
             rows = torch.randint(len(x), (episodes, 4), generator=g)  # [E, decisions]
-            logits = head(x[rows]).squeeze(-1)  # [E, 4]
-            accepted = torch.rand(logits.shape, generator=g) < torch.sigmoid(logits.detach())
+            with torch.no_grad():
+                old = head(x[rows]).squeeze(-1)  # [E, 4]
+            accepted = torch.rand(old.shape, generator=g) < torch.sigmoid(old)
             adv = torch.randn(run.prompts, run.episodes, generator=g)  # [P, G]
             adv = ((adv - adv.mean(1, keepdim=True)) / adv.std(1, keepdim=True)).reshape(episodes, 1)  # [E, 1]
-            logp = -torch.nn.functional.binary_cross_entropy_with_logits(logits, accepted.float(), reduction="none")
-            opt.zero_grad()
-            (-(adv * logp).mean()).backward()
-            opt.step()
+            for _ in range(run.ppo_epochs):
+                logits = head(x[rows]).squeeze(-1)  # [E, 4]
+                surrogate, _ = clipped_surrogate(logits, old, accepted, adv.expand_as(logits), run.clip, run.clip)
+                opt.zero_grad()
+                (-surrogate.mean()).backward()
+                opt.step()
         with torch.no_grad():
             p = torch.sigmoid(head(x).squeeze(-1))  # [N]
         gaps.append(p[~digits].mean() - p[digits].mean())
@@ -155,8 +162,8 @@ def chance_line(rows: list[dict], gaps: torch.Tensor, run: RunSettings) -> str:
                         for n, g in gap.items())  # fmt: skip
     return (
         f"Gap (mean p on wording - on numbers), trained: {trained}. {len(gaps)} linear heads trained the same way "
-        f"({run.steps} AdamW steps at lr {run.lr}, {run.prompts} prompts x {run.episodes} episodes x 4 decisions "
-        "a step) on pure-noise advantages: "
+        f"({run.steps} AdamW steps at lr {run.lr}, {run.ppo_epochs} a batch of {run.prompts} prompts x "
+        f"{run.episodes} episodes x 4 decisions) on pure-noise advantages: "
         f"95% of their gaps within [{lo:+.3f}, {hi:+.3f}], largest {gaps.max():+.3f}."
     )
 

@@ -6,7 +6,9 @@ single block, a generation goes on after a rejection, so every decision met was 
 reward is the four-scenario reward lifted to the generation (accepted = any mismatch accepted,
 correct = the final answer holds) plus a speed term in [0, 1]; advantages are normalised over
 the G episodes of a prompt (core/grpo.group_advantages), and the loss is the PPO-clipped
-surrogate averaged over all decisions of the batch (token-level, as DAPO).
+surrogate averaged over all decisions of the batch (token-level, as DAPO). With ppo_epochs > 1
+the same decisions make several updates (GRPO's mu), each clipped against the draws' logits:
+an episode costs minutes of completions, an update of the head milliseconds.
 
 Shapes: P prompts, G episodes per prompt (E = P * G), D decisions in all.
 """
@@ -55,13 +57,14 @@ class GenerationGRPOLoss(DecisionLoss):
         self,
         num_episodes: int = 4,
         scale_std: bool = True,
+        ppo_epochs: int = 1,
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         kl_coef: float = 0.0,
         entropy_coef: float = 0.0,
     ) -> None:
         super().__init__(("num_episodes", num_episodes), scale_std, clip_low, clip_high, kl_coef, entropy_coef)
-        self.num_episodes = num_episodes
+        self.num_episodes, self.ppo_epochs = num_episodes, ppo_epochs
 
     def forward(
         self,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from spd_lightning.core.episode import Ask, Episode
 from spd_lightning.core.generation_grpo import GenerationGRPOLoss, generation_rewards, speed_term
+from spd_lightning.core.grpo import GRPOStats
 from spd_lightning.core.reward import RewardWeights
 from spd_lightning.data.answers import extract_final_number
 from spd_lightning.decoding.episodes import DecisionInputs, PathSource, SampledDecider, run_episodes
@@ -90,7 +91,6 @@ class GenerationModule(SPDModule):
     ) -> None:
         if reference not in REFERENCES:
             raise ValueError(f"rollout.reference={reference!r}: choose among {list(REFERENCES)}")
-        loss.ppo_epochs = 1  # one update per batch of episodes: the ratio is 1, the clip inactive
         super().__init__(scorer, verifier, reward, loss, optimizer, threshold, backbone_lr_scale, grad_clip)
         self.save_hyperparameters(ignore=["scorer", "verifier", "reward", "loss", "optimizer"], logger=False)
         self.pad_id = pad_id_of(verifier.tokenizer)
@@ -233,27 +233,33 @@ class GenerationModule(SPDModule):
         rewards = generation_rewards(accepted, correct, speed, self.reward)  # [P, G]
         advantages, zero_variance = self.loss_fn.advantages(rewards, torch.ones_like(correct))  # [P, G], [P]
         d_prompts, d_asks, d_accepted, d_episode = _decisions(rows, episodes)
-        stats = None
+        stats, probs = None, torch.zeros(0)
         if d_asks:
-            logits = self._logits(d_prompts, d_asks)  # [D]
-            ref = None
-            if self.ref_scorer is not None:
-                with torch.no_grad():
-                    ref = self._logits(d_prompts, d_asks, self.ref_scorer)
-            stats = self.loss_fn(logits, logits.detach(), d_accepted, d_episode, advantages, ref)
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(stats.loss)
-            self._clip_gradients(opt)
-            opt.step()
-            probs = torch.sigmoid(logits.detach())
-        else:
-            probs = torch.zeros(0)
+            stats, probs = self._update_decisions(d_prompts, d_asks, d_accepted, d_episode, advantages)
         self._log_generation_train(episodes, rewards, correct, accepted, zero_variance, probs, stats)
         # Standard SD on the same prompts: a step's accuracy swings with its prompts, the gap does not.
         sd_correct = self._correct(sd, references[::group]).float().mean()
         self.log("train/sd_accuracy", sd_correct, batch_size=len(prompts), sync_dist=True)
         return stats.loss.detach() if stats is not None else torch.zeros(())
+
+    def _update_decisions(self, prompts, asks, accepted, episode, advantages) -> tuple[GRPOStats, torch.Tensor]:
+        """loss.ppo_epochs updates on one batch of D decisions -> (the last update's stats, [D]
+        accept probabilities the decisions were drawn with)."""
+        ref = None
+        if self.ref_scorer is not None:
+            with torch.no_grad():
+                ref = self._logits(prompts, asks, self.ref_scorer)  # [D]
+        opt, old = self.optimizers(), None
+        for _ in range(self.loss_fn.ppo_epochs):
+            logits = self._logits(prompts, asks)  # [D]
+            # The draws' logits: no update came between the draws and the first pass.
+            old = logits.detach() if old is None else old
+            stats = self.loss_fn(logits, old, accepted, episode, advantages, ref)
+            opt.zero_grad()
+            self.manual_backward(stats.loss)
+            self._clip_gradients(opt)
+            opt.step()
+        return stats, torch.sigmoid(old)
 
     def _log_generation_train(self, episodes, rewards, correct, accepted, zero_variance, probs, stats) -> None:
         tokens = sum(e.num_tokens for e in episodes)
@@ -274,8 +280,10 @@ class GenerationModule(SPDModule):
             "train/scenario_D": (~accepted & ~correct).float().mean(),
         }
         if stats is not None:
+            # clip_fraction: of the last of loss.ppo_epochs updates (0 with one update a batch).
             metrics.update({"train/loss": stats.loss.detach(), "train/kl": stats.kl.detach(),
-                            "train/entropy": stats.entropy.detach()})  # fmt: skip
+                            "train/entropy": stats.entropy.detach(),
+                            "train/clip_fraction": stats.clip_fraction})  # fmt: skip
         size = rewards.numel()
         self.log_dict(metrics, batch_size=size, sync_dist=True)
         self.log("train/zero_variance_groups", zero_variance.float().sum(), batch_size=size, sync_dist=True,

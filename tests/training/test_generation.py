@@ -128,3 +128,20 @@ def test_each_step_logs_standard_sds_accuracy_on_its_prompts_and_the_curves_draw
     assert [step for step, _ in series["train/sd_accuracy"]] == [0, 1]
     assert all(value > 0.8 for _, value in series["train/sd_accuracy"])
     assert Image.open(tmp_path / "training_curves.png").size[0] == 2600  # six panels: the gap is the sixth
+
+
+def test_ppo_epochs_updates_the_judge_several_times_on_one_batch_of_episodes(
+    toy_world: Path, tmp_path: Path, compose_train
+):
+    from spd_lightning.reporting.plots import read_metrics
+
+    overrides = [f"toy.out={toy_world}", "rollout=generation", "model=judge", "logger=csv", "loss.ppo_epochs=3",
+                 "trainer.max_steps=6", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+                 "optimizer.lr=0.5"]  # fmt: skip
+    train(compose_train(overrides, tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6  # max_steps counts updates: two batches of three
+    series = read_metrics(tmp_path / "csv" / "metrics.csv")
+    assert len(series["train/reward"]) == 2
+    # At this lr the later updates leave the clip range: the ratio is taken against the draws' logits.
+    assert max(value for _, value in series["train/clip_fraction"]) > 0
