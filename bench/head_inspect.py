@@ -97,7 +97,7 @@ class RunSettings:
     prompts: int  # a batch's prompts
     episodes: int  # a prompt's episodes (GRPO's group)
     ppo_epochs: int = 1  # updates per batch, each clipped against the draws' logits
-    clip: float = 0.2
+    clip: tuple[float, float] = (0.2, 0.2)  # low, high
 
 
 def run_settings(ckpt: Path, args) -> RunSettings:
@@ -108,7 +108,14 @@ def run_settings(ckpt: Path, args) -> RunSettings:
     lr = args.lr if args.lr is not None else float(config.optimizer.lr)
     prompts = args.prompts if args.prompts is not None else int(config.rollout.batch_size)
     loss = config.loss
-    return RunSettings(step, lr, prompts, int(loss.num_episodes), int(loss.get("ppo_epochs", 1)), float(loss.clip_low))
+    return RunSettings(
+        step,
+        lr,
+        prompts,
+        int(loss.num_episodes),
+        int(loss.get("ppo_epochs", 1)),
+        (float(loss.clip_low), float(loss.clip_high)),
+    )
 
 
 def noise_gaps(x: torch.Tensor, digits: torch.Tensor, run: RunSettings, trials: int) -> torch.Tensor:
@@ -131,7 +138,7 @@ def noise_gaps(x: torch.Tensor, digits: torch.Tensor, run: RunSettings, trials: 
             adv = ((adv - adv.mean(1, keepdim=True)) / adv.std(1, keepdim=True)).reshape(episodes, 1)  # [E, 1]
             for _ in range(run.ppo_epochs):
                 logits = head(x[rows]).squeeze(-1)  # [E, 4]
-                surrogate, _ = clipped_surrogate(logits, old, accepted, adv.expand_as(logits), run.clip, run.clip)
+                surrogate, _ = clipped_surrogate(logits, old, accepted, adv.expand_as(logits), *run.clip)
                 opt.zero_grad()
                 (-surrogate.mean()).backward()
                 opt.step()

@@ -255,10 +255,7 @@ class GenerationModule(SPDModule):
             # The draws' logits: no update came between the draws and the first pass.
             old = logits.detach() if old is None else old
             stats = self.loss_fn(logits, old, accepted, episode, advantages, ref)
-            opt.zero_grad()
-            self.manual_backward(stats.loss)
-            self._clip_gradients(opt)
-            opt.step()
+            self._optimizer_step(opt, stats.loss)
         return stats, torch.sigmoid(old)
 
     def _log_generation_train(self, episodes, rewards, correct, accepted, zero_variance, probs, stats) -> None:

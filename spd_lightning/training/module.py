@@ -117,11 +117,15 @@ class SPDModule(L.LightningModule):
             if epoch > 0:
                 logits = self.accept_logits(batch)
             stats = self.loss_fn(logits, rollouts, ref_logits)
-            opt.zero_grad()
-            self.manual_backward(stats.loss)
-            self._clip_gradients(opt)
-            opt.step()
+            self._optimizer_step(opt, stats.loss)
         return stats
+
+    def _optimizer_step(self, opt, loss: torch.Tensor) -> None:
+        """One update of the scorer on `loss` (manual optimisation: one trainer step)."""
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self._clip_gradients(opt)
+        opt.step()
 
     def _clip_gradients(self, opt) -> None:
         if self.hparams.grad_clip <= 0:
