@@ -134,7 +134,8 @@ def judge_score(head: JudgeHead) -> FeatureScore:
 
     @torch.no_grad()
     def score(f: MismatchFeatures) -> torch.Tensor:
-        return torch.sigmoid(head(f.judge_inputs())[:, 0].double())
+        device = next(head.parameters()).device  # the cache keeps features on the CPU
+        return torch.sigmoid(head(f.judge_inputs().to(device))[:, 0].double()).cpu()
 
     return score
 

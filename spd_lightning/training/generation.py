@@ -150,7 +150,7 @@ class GenerationModule(SPDModule):
         met = mismatches_along(prompts, self.source.paths(prompts, [()] * len(prompts)), "judge scaling: draft")
         if met:
             features = self.features.get([p for p, _ in met], [a for _, a in met])
-            self.scorer.head.fit_scaling(features.judge_inputs())
+            self.scorer.head.fit_scaling(features.judge_inputs().to(self.device))
             self._save_features(every_s=0.0)
 
     # The completions count is the source's; the checkpoint carries it so a resumed run's goes on.
@@ -181,7 +181,8 @@ class GenerationModule(SPDModule):
         """[D] accept logits at the mismatches (with gradients when enabled)."""
         scorer = scorer or self.scorer
         if self.features is not None:
-            return scorer.head(self.features.get(prompts, asks).judge_inputs())[:, 0]
+            # The cache keeps features on the CPU (a long run's share of memory); the head may be on a GPU.
+            return scorer.head(self.features.get(prompts, asks).judge_inputs().to(self.device))[:, 0]
         block = self.inputs.block(prompts, asks, Needs())
         return scorer_logits(scorer, block, self.pad_id)[:, 0]
 
@@ -249,6 +250,8 @@ class GenerationModule(SPDModule):
         if self.ref_scorer is not None:
             with torch.no_grad():
                 ref = self._logits(prompts, asks, self.ref_scorer)  # [D]
+        # The episodes' tensors are built on the CPU; the scorer (and its logits) may be on a GPU.
+        accepted, episode, advantages = accepted.to(self.device), episode.to(self.device), advantages.to(self.device)
         opt, old = self.optimizers(), None
         for _ in range(self.loss_fn.ppo_epochs):
             logits = self._logits(prompts, asks)  # [D]
