@@ -179,12 +179,15 @@ def draw(path: Path, probs: dict[str, torch.Tensor], kl: torch.Tensor, digits: t
     """Left: accept probability by class, per head; right: against KL(target || draft)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     bins = torch.linspace(0, 1, 41).tolist()
-    for name, p in probs.items():
+    for i, (name, p) in enumerate(probs.items()):
+        number, wording = f"C{2 * i}", f"C{2 * i + 1}"  # one colour per class in both panels
         step = {"bins": bins, "density": True, "histtype": "step"}
-        left.hist(p[digits].tolist(), **step, label=f"{name}: a number at stake")
-        left.hist(p[~digits].tolist(), **step, linestyle="--", label=f"{name}: wording")
-        right.scatter(kl[~digits].tolist(), p[~digits].tolist(), s=4, alpha=0.4, label=f"{name}: wording")
-        right.scatter(kl[digits].tolist(), p[digits].tolist(), s=4, alpha=0.4, label=f"{name}: a number")
+        left.hist(p[digits].tolist(), **step, color=number, label=f"{name}: a number at stake")
+        left.hist(p[~digits].tolist(), **step, color=wording, linestyle="--", label=f"{name}: wording")
+        right.scatter(
+            kl[~digits].tolist(), p[~digits].tolist(), s=4, alpha=0.4, color=wording, label=f"{name}: wording"
+        )
+        right.scatter(kl[digits].tolist(), p[digits].tolist(), s=4, alpha=0.4, color=number, label=f"{name}: a number")
     left.set(xlabel="the head's accept probability", ylabel="density (each class: area 1)", title="what it keeps")
     right.set(xscale="symlog", xlabel="KL(target || draft), nats", ylabel="accept probability")
     left.legend(fontsize=7)
