@@ -85,7 +85,10 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # a run stopped before its first validation (every trainer.val_check_interval steps)
+            ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", color="gray", transform=ax.transAxes)
     sign_figure(fig)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
-from spd_lightning.reporting.plots import read_metrics
+from spd_lightning.reporting.plots import plot_training_curves, read_metrics
 
 HEADER = "epoch,step,train/reward,train/accept_prob\n"
 
@@ -28,3 +29,13 @@ def test_the_curves_of_a_run_folder_can_be_redrawn_from_the_command_line(tmp_pat
     missing = subprocess.run([*command, str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert missing.returncode == 1 and "metrics.csv is not a file" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_panels_with_nothing_logged_yet_say_so_instead_of_an_empty_legend(tmp_path):
+    """A run stopped before its first validation has no val/ series: those panels say so, and
+    matplotlib is not asked for a legend without labels (it warns)."""
+    (tmp_path / "metrics.csv").write_text(HEADER + "0,0,0.1,0.5\n0,1,0.2,0.6\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
