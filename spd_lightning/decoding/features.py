@@ -134,8 +134,7 @@ def judge_score(head: JudgeHead) -> FeatureScore:
 
     @torch.no_grad()
     def score(f: MismatchFeatures) -> torch.Tensor:
-        device = next(head.parameters()).device  # the cache keeps features on the CPU
-        return torch.sigmoid(head(f.judge_inputs().to(device))[:, 0].double()).cpu()
+        return torch.sigmoid(head(f.judge_inputs())[:, 0].double()).cpu()  # the head may be on a GPU
 
     return score
 

@@ -144,15 +144,16 @@ class JudgeHead(nn.Module):
         return {name: getattr(data, name).shape[-1] for name in INPUT_GROUPS if getattr(data, name) is not None}
 
     def features(self, data: JudgeInputs) -> torch.Tensor:
-        """[N, K, D] the chosen inputs side by side, before standardising."""
+        """[N, K, D] the chosen inputs side by side, before standardising, on the head's device
+        (feature caches keep their rows on the CPU; the head may train on a GPU)."""
         missing = [name for name in self.inputs if getattr(data, name) is None]
         if missing:
             raise ValueError(f"the judge reads {missing}, which these inputs do not hold")
-        return torch.cat([getattr(data, name).float() for name in self.inputs], dim=-1)
+        return torch.cat([getattr(data, name).float() for name in self.inputs], dim=-1).to(self.mean.device)
 
     def fit_scaling(self, data: JudgeInputs) -> None:
         """Mean and std of every input over the mismatch positions of `data` (the training set)."""
-        x = self.features(data)[data.mismatch]  # [M, D]
+        x = self.features(data)[data.mismatch.to(self.mean.device)]  # [M, D]
         if len(x) < 2:
             return
         self.mean.copy_(x.mean(0))

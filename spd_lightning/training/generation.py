@@ -150,7 +150,7 @@ class GenerationModule(SPDModule):
         met = mismatches_along(prompts, self.source.paths(prompts, [()] * len(prompts)), "judge scaling: draft")
         if met:
             features = self.features.get([p for p, _ in met], [a for _, a in met])
-            self.scorer.head.fit_scaling(features.judge_inputs().to(self.device))
+            self.scorer.head.fit_scaling(features.judge_inputs())
             self._save_features(every_s=0.0)
 
     # The completions count is the source's; the checkpoint carries it so a resumed run's goes on.
@@ -181,8 +181,7 @@ class GenerationModule(SPDModule):
         """[D] accept logits at the mismatches (with gradients when enabled)."""
         scorer = scorer or self.scorer
         if self.features is not None:
-            # The cache keeps features on the CPU (a long run's share of memory); the head may be on a GPU.
-            return scorer.head(self.features.get(prompts, asks).judge_inputs().to(self.device))[:, 0]
+            return scorer.head(self.features.get(prompts, asks).judge_inputs())[:, 0]
         block = self.inputs.block(prompts, asks, Needs())
         return scorer_logits(scorer, block, self.pad_id)[:, 0]
 
