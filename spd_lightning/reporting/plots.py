@@ -54,6 +54,15 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+# Policies often tie at validation (the scorer answers as standard SD): hollow, larger markers
+# behind the scorer's keep every policy's point visible.
+VAL_MARKERS = {
+    "scorer": {"marker": "o", "markersize": 6},
+    "standard_sd": {"marker": "s", "markersize": 11, "fillstyle": "none"},
+    "accept_all": {"marker": "D", "markersize": 15, "fillstyle": "none"},
+}
+
+
 def _plot(ax, points: list[tuple[int, float]], label: str, **kwargs) -> None:
     if points:
         steps, values = zip(*points)
@@ -71,9 +80,9 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
         _plot(axes[1], series.get(f"train/scenario_{s}", []), s)
     axes[1].set_title("scenario shares (A acc+right, B acc+wrong, C rej+right, D rej+wrong)", fontsize=8)
     for policy in VAL_POLICIES:
-        name = POLICIES[policy].short
-        _plot(axes[2], series.get(val_key(policy, "accept_len"), []), name, marker="o")
-        _plot(axes[3], series.get(val_key(policy, "accuracy"), []), name, marker="o")
+        name, style = POLICIES[policy].short, VAL_MARKERS.get(policy, {"marker": "o"})
+        _plot(axes[2], series.get(val_key(policy, "accept_len"), []), name, **style)
+        _plot(axes[3], series.get(val_key(policy, "accuracy"), []), name, **style)
     axes[2].set_title("val: draft tokens accepted per block")
     axes[3].set_title("val: accuracy")
     # Saturation shows here first: accept probabilities pinned at 0 or 1, no spread within groups.

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 
+from spd_lightning.reporting import plots
 from spd_lightning.reporting.plots import plot_training_curves, read_metrics
 
 HEADER = "epoch,step,train/reward,train/accept_prob\n"
@@ -39,3 +40,20 @@ def test_panels_with_nothing_logged_yet_say_so_instead_of_an_empty_legend(tmp_pa
         warnings.simplefilter("error")
         plot_training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_validation_points_that_tie_stay_visible_each_policy_drawn_its_own_way(tmp_path, monkeypatch):
+    """The scorer often answers as standard SD at validation: equal points must not hide each other."""
+    header = "epoch,step,val/accuracy,val/standard_sd/accuracy\n"
+    (tmp_path / "metrics.csv").write_text(header + "0,11,0.6,0.6\n")
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plot_training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
+    accuracy_panel = next(ax for ax in figures[0].axes if ax.get_title() == "val: accuracy")
+    lines = accuracy_panel.get_lines()
+    assert [line.get_ydata()[0] for line in lines] == [0.6, 0.6]
+    styles = {(line.get_marker(), line.get_fillstyle(), line.get_markersize()) for line in lines}
+    assert len(styles) == 2
+    (filled,) = [line for line in lines if line.get_fillstyle() == "full"]
+    hollow = [line for line in lines if line is not filled]
+    assert all(line.get_markersize() > filled.get_markersize() for line in hollow)  # drawn around it
