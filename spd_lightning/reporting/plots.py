@@ -54,8 +54,8 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-# Policies often tie at validation (the scorer answers as standard SD): hollow, larger markers
-# behind the scorer's keep every policy's point visible.
+# Policies often tie at validation (the scorer answers as standard SD): larger hollow markers
+# around the scorer's filled one keep every policy's point visible.
 VAL_MARKERS = {
     "scorer": {"marker": "o", "markersize": 6},
     "standard_sd": {"marker": "s", "markersize": 11, "fillstyle": "none"},
