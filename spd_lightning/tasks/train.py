@@ -142,6 +142,27 @@ def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, Gene
     return datamodule, module
 
 
+class LastValidation(L.Callback):
+    """The metrics of fit's latest validation and the step it ran after: a fit whose last step
+    falls on val_check_interval has just validated its final weights, and validating them again
+    for the summary would double the run's longest evaluation (an hour of whole generations on
+    the real pair)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.step = trainer.global_step
+        self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    def of(self, trainer: L.Trainer) -> dict[str, float] | None:
+        """Its metrics if fit validated after its last step in this process, else None."""
+        return self.metrics if self.metrics and self.step == trainer.global_step else None
+
+
 def validation_metrics(
     trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, ckpt_path: str | None = None
 ) -> dict[str, float]:
@@ -208,7 +229,9 @@ def train(cfg: DictConfig) -> float | None:
         set_aside(out / "csv" / "metrics.csv")  # resumed in its own folder: the curves keep the steps before
     datamodule, module = build_components(cfg)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger"))
+        cfg.trainer,
+        callbacks=[*instantiate_dict(cfg.get("callbacks")), LastValidation()],
+        logger=instantiate_dict(cfg.get("logger")),
     )
     undo_launch = children_run_this_job(trainer)
     if trainer.is_global_zero:
@@ -262,7 +285,9 @@ def fit_and_summarise(
         if best:
             steps = torch.load(best, map_location="cpu", mmap=True, weights_only=False)["global_step"]
     # Every rank gets the same values: validation metrics are reduced over the processes (sync_dist).
-    final = validation_metrics(trainer, module, datamodule)
+    # trainer=ddp_spawn validated in processes of their own, whose callbacks stay there.
+    last = next((c for c in trainer.callbacks if isinstance(c, LastValidation)), None)
+    final = (None if spawned or last is None else last.of(trainer)) or validation_metrics(trainer, module, datamodule)
     summary = {**final, **{f"{INITIAL}{k}": v for k, v in initial.items()}}
     summary["train/steps"] = steps
     summary[PARITY_METRIC] = accept_len_at_parity(summary, cfg.parity_tolerance)

@@ -47,6 +47,28 @@ def test_a_run_stopped_mid_training_still_draws_its_curves(toy_world: Path, tmp_
     assert (tmp_path / "training_curves.png").is_file() and not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.parametrize("max_steps, validations", [(4, 2), (3, 2)], ids=["last-step-validated", "not"])
+def test_the_summary_validates_again_only_weights_fit_did_not_validate(
+    max_steps, validations, toy_world: Path, tmp_path: Path, compose_train, monkeypatch
+):
+    started = []
+    step = SPDModule.validation_step
+
+    def counted(self, batch, batch_idx):
+        started.extend([self.global_step] if batch_idx == 0 else [])
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SPDModule, "validation_step", counted)
+    budget = ["trainer.val_check_interval=2", "data.max_val_records=16"]
+    overrides = [f"toy.out={toy_world}", "~logger", "validate_before_fit=false", f"trainer.max_steps={max_steps}"]
+    cfg = compose_train([*overrides, *budget], tmp_path)
+    train(cfg)
+    # In fit after steps 2 and 4 (or 2, then once more for the summary at 3), never twice at one step.
+    assert len(started) == validations and started[-1] == max_steps
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {val_key(p, m) for p in VAL_POLICIES for m in VAL_METRICS} <= set(summary)
+
+
 class MetricsOf(L.Callback):
     """What the module logged at each training step."""
 
