@@ -58,12 +58,15 @@ class FeatureCache:
 
     draft_states: the draft's PrefixStates to share (PathSource.draft_states: its proposals pass
     already ran the draft over every path); capacity: paths whose target states are kept;
-    batch_size: the branches of one trunk (one draft token each) run through a model together."""
+    batch_size: the branches of one trunk (one draft token each) run through a model together;
+    hidden: False where no reader needs the target's hidden state (the rules, a tokens-only judge):
+    its target pass over each draft token (a quarter of a real pair's feature time) is skipped and
+    the row holds NaN there, filled in when a cache that needs it meets the row (a shared file)."""
 
     def __init__(self, draft: PreTrainedModel, target: PreTrainedModel, batch_size: int = 16,
                  hidden_dtype: torch.dtype = torch.float32, draft_states: PrefixStates | None = None,
-                 capacity: int = 160) -> None:  # fmt: skip
-        self.draft, self.target, self.batch_size = draft, target, batch_size
+                 capacity: int = 160, hidden: bool = True) -> None:  # fmt: skip
+        self.draft, self.target, self.batch_size, self.hidden = draft, target, batch_size, hidden
         self.hidden_dtype = hidden_dtype  # bfloat16 halves what a long sweep keeps in memory
         self.draft_states = draft_states if draft_states is not None else PrefixStates(draft, capacity)
         self.target_states = PrefixStates(target, capacity)
@@ -76,7 +79,7 @@ class FeatureCache:
     def _compute(self, keys: list[Key]) -> None:
         """One pass of each model per trunk (contexts that extend one another), past what an
         earlier path shares with it, and one target token per mismatch for the hidden state."""
-        keys = sorted(set(k for k in keys if k not in self._rows))  # branches of one trunk side by side
+        keys = sorted(set(k for k in keys if not self._holds(k)))  # branches of one trunk side by side
         trunks = trunk_groups([list(c) for c, _ in keys])
         for trunk in tqdm(trunks, desc="mismatch features", unit="path", leave=False, disable=len(trunks) < 4):
             t_states = self.target_states.hidden(trunk.ids)  # [T, H]
@@ -87,10 +90,19 @@ class FeatureCache:
                 t_logits = logits_at(self.target, t_states[ends])[:, None]  # [B, 1, V]
                 d_logits = logits_at(self.draft, d_states[ends])[:, None]  # [B, 1, V]
                 draft_ids = torch.tensor([[d] for _, d in chunk])  # [B, 1]
-                hidden = branch_hidden(
-                    self.target, self.target_states.cache(trunk.ids), [len(c) for c, _ in chunk], [d for _, d in chunk]
-                )  # [B, H]
+                hidden = self._hidden(trunk.ids, chunk)  # [B, H]
                 self._store(chunk, t_logits, d_logits, draft_ids, hidden)
+
+    def _holds(self, key: Key) -> bool:
+        row = self._rows.get(key)
+        return row is not None and not (self.hidden and bool(row.target_hidden.isnan().any()))
+
+    def _hidden(self, trunk_ids: list[int], chunk: list[Key]) -> torch.Tensor:
+        """[B, H] the target's last hidden state at each mismatch's draft token (NaN: not asked for)."""
+        if not self.hidden:
+            return torch.full((len(chunk), self.target.config.hidden_size), torch.nan)
+        cache = self.target_states.cache(trunk_ids)
+        return branch_hidden(self.target, cache, [len(c) for c, _ in chunk], [d for _, d in chunk])
 
     def _store(self, chunk: list[Key], t_logits: torch.Tensor, d_logits: torch.Tensor, draft_ids: torch.Tensor,
                hidden: torch.Tensor) -> None:  # fmt: skip
@@ -134,6 +146,8 @@ def judge_score(head: JudgeHead) -> FeatureScore:
 
     @torch.no_grad()
     def score(f: MismatchFeatures) -> torch.Tensor:
+        if "target_hidden" in head.inputs and bool(f.target_hidden.isnan().any()):
+            raise ValueError("this judge reads the target's hidden states: give it a FeatureCache(hidden=True)")
         return torch.sigmoid(head(f.judge_inputs())[:, 0].double()).cpu()  # the head may be on a GPU
 
     return score

@@ -248,7 +248,10 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: Swe
         raise ValueError(f"test_points={settings.test_points!r}: choose all or chosen")
     folder = world.out / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
-    features = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states)
+    names = settings.names
+    # The rules and a tokens-only judge skip the target's pass over each draft token.
+    hidden = any("target_hidden" in h.inputs for name, h in heads.items() if names is None or name in names)
+    features = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states, hidden=hidden)
     progress = Progress(world, features, folder)
     progress.load()
     runs = {}
@@ -256,7 +259,6 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: Swe
         runs[name] = SetRun(world.sets[name].prompts, world.sets[name].answers)
         own_answers(world, runs[name])
     results: dict = {}
-    names = settings.names
     for k in ks:
         chosen = [f for f in families(heads) if names is None or f.name in names or f.name == "sd"]
         by_family: dict = {}

@@ -120,8 +120,9 @@ class GenerationModule(SPDModule):
         self._features_saved = time.monotonic()
         if isinstance(scorer, ZeroCostJudge):
             self.features = FeatureCache(
-                scorer.models.draft, scorer.models.target, draft_states=self.source.draft_states, capacity=cached_paths
-            )
+                scorer.models.draft, scorer.models.target, draft_states=self.source.draft_states,
+                capacity=cached_paths, hidden="target_hidden" in scorer.head.inputs,
+            )  # fmt: skip
             if self.features_path is not None:
                 self.features.load(self.features_path)
 

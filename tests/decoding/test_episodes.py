@@ -136,6 +136,28 @@ def test_cached_features_survive_a_save_and_a_load(world, tmp_path):
     assert torch.equal(loaded._rows[key].target_hidden, cache._rows[key].target_hidden)
 
 
+def test_a_cache_without_hidden_states_gives_the_rules_features_and_fills_them_in_for_a_hidden_reader(world, tmp_path):
+    draft, target, prompts, eos, pad = world
+    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
+    paths = source.paths([tuple(p) for p in prompts[:4]], [()] * 4)
+    met = mismatches_along([tuple(p) for p in prompts[:4]], paths)
+    where, asks = [p for p, _ in met], [a for _, a in met]
+    full = FeatureCache(draft, target).get(where, asks)
+    lean_cache = FeatureCache(draft, target, hidden=False)
+    lean = lean_cache.get(where, asks)
+    for name in ("tokens", "rank", "target_entropy", "kl", "target_top1"):
+        assert torch.equal(getattr(lean, name), getattr(full, name)), name
+    assert lean.target_hidden.isnan().all() and not full.target_hidden.isnan().any()
+    tokens_only = JudgeHead({"tokens": len(TOKEN_FEATURES)}, ("tokens",))
+    assert torch.equal(judge_score(tokens_only)(lean), judge_score(tokens_only)(full))
+    with pytest.raises(ValueError, match="hidden=True"):
+        judge_score(_random_judge(target))(lean)
+    lean_cache.save(tmp_path / "features.pt")  # a file a hidden reader shares later
+    filled = FeatureCache(draft, target)
+    filled.load(tmp_path / "features.pt")
+    assert torch.equal(filled.get(where, asks).target_hidden, full.target_hidden)
+
+
 def test_the_drafts_proposals_survive_a_save_and_a_load_and_rounds_report_back(world, tmp_path):
     draft, target, prompts, eos, pad = world
     complete = LocalTarget.from_model(target, MAX_NEW).complete
