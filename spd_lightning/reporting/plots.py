@@ -114,7 +114,7 @@ def _plot_accuracy_gap(ax, policy: list[tuple[int, float]], sd: list[tuple[int, 
             for i in range(len(gap))]  # fmt: skip
     _plot(ax, mean, f"mean of the last {window} steps")
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_title("train: accuracy minus standard SD's, same prompts")
+    ax.set_title("train: accuracy minus standard SD's\non the same prompts", fontsize=10)  # one line overran the panel
 
 
 # task=eval: one curve per policy family; the single-point baselines as large markers.
