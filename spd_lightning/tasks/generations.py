@@ -12,6 +12,7 @@ from the store.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -188,6 +189,23 @@ def mine_labels(world: World, prompts: list[tuple[int, ...]], block_size: int):
     return [s[0] for s in seen], [s[1] for s in seen], torch.tensor([s[2] for s in seen])
 
 
+def mined_labels(world: World, prompts: list[tuple[int, ...]], block_size: int, path: Path):
+    """mine_labels, written to `path` (JSON: token ids and labels, small enough to commit) and read
+    back on a rerun: replaying the walks from the store still costs every path's draft passes."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        rows = saved["rows"]  # [prompt index, response, draft token, target token, harmless]
+        kept = [tuple(saved["prompts"][r[0]]) for r in rows]
+        return kept, [Ask(tuple(r[1]), r[2], r[3]) for r in rows], torch.tensor([bool(r[4]) for r in rows])
+    mined, asks, labels = mine_labels(world, prompts, block_size)
+    index = {p: i for i, p in enumerate(dict.fromkeys(mined))}
+    rows = [[index[p], list(a.response), a.draft, a.target, bool(y)] for p, a, y in zip(mined, asks, labels)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"prompts": [list(p) for p in index], "rows": rows}))
+    tmp.replace(path)
+    return mined, asks, labels
+
+
 def fit_supervised_head(world: World, cache: FeatureCache, prompts, asks, labels, steps: int, seed: int) -> JudgeHead:
     """A logistic regression on the zero-cost judge's inputs (AutoJudge's head), on mined labels."""
     inputs = cache.get(prompts, asks).judge_inputs()  # [N, 1, ...]
@@ -285,7 +303,9 @@ def stage_heads(world: World, overrides: dict[str, list[str]], block_size: int, 
     if not path.is_file():
         cache = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states)
         cache.load(folder / "features.pt")  # what gen_rl's training computed on the same prompts
-        prompts, asks, labels = mine_labels(world, world.sets["train"].prompts, block_size)
+        cache.autosave(folder / "features.pt")  # hours of passes on a real pair: a stop keeps them
+        prompts, asks, labels = mined_labels(world, world.sets["train"].prompts, block_size,
+                                             folder / "mined_labels.json")  # fmt: skip
         head = fit_supervised_head(world, cache, prompts, asks, labels, steps, seed)
         cache.save(folder / "features.pt")
         notes = {"mismatches": len(labels), "harmless": int(labels.sum())}

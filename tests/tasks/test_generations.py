@@ -22,7 +22,7 @@ from spd_lightning.tasks.generations import (
     fit_supervised_head,
     head_from_checkpoint,
     load_world,
-    mine_labels,
+    mined_labels,
     portable_checkpoint,
     run_to_its_end,
     stage_responses,
@@ -38,8 +38,9 @@ def world(toy_world, tmp_path):
 
 
 def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(world, tmp_path):
-    prompts, asks, labels = mine_labels(world, world.sets["train"].prompts, 4)
+    prompts, asks, labels = mined_labels(world, world.sets["train"].prompts, 4, tmp_path / "mined.json")
     assert len(asks) > 10 and 0 < int(labels.sum()) < len(labels)  # harmless and important mismatches both
+    assert (prompts, asks, labels.tolist()) == _mined_again(world, tmp_path / "mined.json")
     head = fit_supervised_head(world, FeatureCache(world.draft, world.target), prompts, asks, labels, 50, 0)
     results = stage_sweep(world, {"supervised": head}, [2], SweepSettings(2))
     sd = results[2]["sd"]["test"][0]
@@ -52,6 +53,14 @@ def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(worl
     assert (tmp_path / "generations.png").is_file() and "Machine:" in (tmp_path / "generations.md").read_text()
     again = stage_sweep(world, {"supervised": head}, [2], SweepSettings(2))  # read back from disk
     assert again[2]["sd"]["test"][0].correct == sd.correct
+
+
+def _mined_again(world, path: Path):
+    """mined_labels read back from `path`, with mining itself made to fail."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("spd_lightning.tasks.generations.mine_labels", lambda *a: pytest.fail("mined again"))
+        prompts, asks, labels = mined_labels(world, world.sets["train"].prompts, 4, path)
+    return prompts, asks, labels.tolist()
 
 
 @pytest.mark.cli
