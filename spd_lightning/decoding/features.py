@@ -12,7 +12,6 @@ Shapes: B mismatches, F token features (judge.head.TOKEN_FEATURES), H the target
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +71,9 @@ class FeatureCache:
         self.draft_states = draft_states if draft_states is not None else PrefixStates(draft, capacity)
         self.target_states = PrefixStates(target, capacity)
         self._rows: dict[Key, MismatchFeatures] = {}
-        self._autosave: tuple[Path, float] | None = None
-        self._saved_at = time.monotonic()
-
-    def autosave(self, path: Path, every_s: float = 600.0) -> None:
-        """Save to `path` at most every `every_s` seconds while computing: a stage stopped after
-        hours of feature passes (thousands of mined mismatches on a real pair) keeps what it did."""
-        self._autosave, self._saved_at = (path, every_s), time.monotonic()
+        # Called after each path's passes (decoding/progress.Progress saves them): one `get` over
+        # thousands of mined mismatches runs for hours on a real pair.
+        self.on_progress: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -100,9 +95,8 @@ class FeatureCache:
                 draft_ids = torch.tensor([[d] for _, d in chunk])  # [B, 1]
                 hidden = self._hidden(trunk.ids, chunk)  # [B, H]
                 self._store(chunk, t_logits, d_logits, draft_ids, hidden)
-            if self._autosave is not None and time.monotonic() - self._saved_at >= self._autosave[1]:
-                self.save(self._autosave[0])
-                self._saved_at = time.monotonic()
+            if self.on_progress is not None:
+                self.on_progress()
 
     def _holds(self, key: Key) -> bool:
         row = self._rows.get(key)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from spd_lightning.decoding.features import (
     kl_score,
     topk_score,
 )
+from spd_lightning.decoding.progress import Progress
 from spd_lightning.judge.head import JudgeHead
 from spd_lightning.training.generation import mismatches_along
 
@@ -115,31 +115,6 @@ def own_answers(world, run: SetRun) -> None:
 
 def decide_fixed(keep: bool):
     return lambda prompts, asks: [keep] * len(asks)
-
-
-class Progress:
-    """Saves the feature cache and the draft's proposals to the sweep's folder at most every
-    `every_s` seconds: a point cut short keeps the model passes it made."""
-
-    def __init__(self, world, cache: FeatureCache, folder: Path, every_s: float = 300.0) -> None:
-        self.world, self.cache, self.folder, self.every_s = world, cache, folder, every_s
-        self.last = time.monotonic()
-
-    def load(self) -> None:
-        self.cache.load(self.folder / "features.pt")
-        self.world.source.load_proposals(self.folder / "proposals.pt")
-
-    def save(self) -> None:
-        self.cache.save(self.folder / "features.pt")
-        self.world.source.save_proposals(self.folder / "proposals.pt")
-        self.last = time.monotonic()
-        runs = {"draft": self.cache.draft_states, "target": self.cache.target_states}
-        shares = ", ".join(f"{name} {s.computed:,} run / {s.reused:,} reused" for name, s in runs.items())
-        log.info("saved %d mismatches' features; tokens since start: %s", len(self.cache), shares)
-
-    def __call__(self) -> None:
-        if time.monotonic() - self.last >= self.every_s:
-            self.save()
 
 
 def evaluate_point(world, run: SetRun, family: Family, threshold: float, k: int, cache: FeatureCache,
@@ -252,8 +227,9 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: Swe
     # The rules and a tokens-only judge skip the target's pass over each draft token.
     hidden = any("target_hidden" in h.inputs for name, h in heads.items() if names is None or name in names)
     features = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states, hidden=hidden)
-    progress = Progress(world, features, folder)
+    progress = Progress(features, world.source, folder)
     progress.load()
+    features.on_progress = progress  # a long first `get` (a family's thresholds) saves as it goes
     runs = {}
     for name in ("choose", "test"):
         runs[name] = SetRun(world.sets[name].prompts, world.sets[name].answers)

@@ -28,6 +28,7 @@ from spd_lightning.data.answers import extract_final_number, gsm8k_final_number
 from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.decoding.episodes import PathSource, run_episodes
 from spd_lightning.decoding.features import FeatureCache
+from spd_lightning.decoding.progress import Progress
 from spd_lightning.judge.fit import FitSettings, fit_supervised
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead, load_judge, save_judge
 from spd_lightning.judge.inputs import DiskCompletions
@@ -164,11 +165,12 @@ TOY_PAIR = SHIPPED_WORLD
 # --- stage heads: the judges the sweep compares -------------------------------------------------
 
 
-def mine_labels(world: World, prompts: list[tuple[int, ...]], block_size: int):
+def mine_labels(world: World, prompts: list[tuple[int, ...]], block_size: int, on_progress=None):
     """AutoJudge's labels along whole generations: walk each target response; at every mismatch
     met, in order, accept it and let the target complete the new prefix; it is harmless (label 1,
     kept: the walk goes on along the new path) when the target's own final answer survives, and
-    important (label 0, rejected) when it changes. -> (prompts [N], Asks [N], labels [N] bool)."""
+    important (label 0, rejected) when it changes. on_progress: as in run_episodes.
+    -> (prompts [N], Asks [N], labels [N] bool)."""
     own = {
         p: extract_final_number(world.decode(t))
         for p, (t, *_) in zip(prompts, world.source.paths(prompts, [()] * len(prompts)))
@@ -185,11 +187,11 @@ def mine_labels(world: World, prompts: list[tuple[int, ...]], block_size: int):
             verdicts.append(harmless)
         return verdicts
 
-    run_episodes(prompts, decide, world.source, block_size, desc="mining labels")
+    run_episodes(prompts, decide, world.source, block_size, desc="mining labels", on_progress=on_progress)
     return [s[0] for s in seen], [s[1] for s in seen], torch.tensor([s[2] for s in seen])
 
 
-def mined_labels(world: World, prompts: list[tuple[int, ...]], block_size: int, path: Path):
+def mined_labels(world: World, prompts: list[tuple[int, ...]], block_size: int, path: Path, on_progress=None):
     """mine_labels, written to `path` (JSON: token ids and labels, small enough to commit) and read
     back on a rerun: replaying the walks from the store still costs every path's draft passes."""
     if path.is_file():
@@ -197,7 +199,7 @@ def mined_labels(world: World, prompts: list[tuple[int, ...]], block_size: int, 
         rows = saved["rows"]  # [prompt index, response, draft token, target token, harmless]
         kept = [tuple(saved["prompts"][r[0]]) for r in rows]
         return kept, [Ask(tuple(r[1]), r[2], r[3]) for r in rows], torch.tensor([bool(r[4]) for r in rows])
-    mined, asks, labels = mine_labels(world, prompts, block_size)
+    mined, asks, labels = mine_labels(world, prompts, block_size, on_progress)
     index = {p: i for i, p in enumerate(dict.fromkeys(mined))}
     rows = [[index[p], list(a.response), a.draft, a.target, bool(y)] for p, a, y in zip(mined, asks, labels)]
     tmp = path.with_name(path.name + ".tmp")
@@ -302,12 +304,15 @@ def stage_heads(world: World, overrides: dict[str, list[str]], block_size: int, 
     path = folder / "supervised.pt"
     if not path.is_file():
         cache = FeatureCache(world.draft, world.target, draft_states=world.source.draft_states)
-        cache.load(folder / "features.pt")  # what gen_rl's training computed on the same prompts
-        cache.autosave(folder / "features.pt")  # hours of passes on a real pair: a stop keeps them
+        # Features: what gen_rl's training computed on the same prompts. The mining's walks and the
+        # passes over its mismatches take hours on a real pair: both are saved as they go.
+        progress = Progress(cache, world.source, folder)
+        progress.load()
+        cache.on_progress = progress
         prompts, asks, labels = mined_labels(world, world.sets["train"].prompts, block_size,
-                                             folder / "mined_labels.json")  # fmt: skip
+                                             folder / "mined_labels.json", progress)  # fmt: skip
         head = fit_supervised_head(world, cache, prompts, asks, labels, steps, seed)
-        cache.save(folder / "features.pt")
+        progress.save()
         notes = {"mismatches": len(labels), "harmless": int(labels.sum())}
         save_judge(head, path, 0.5, notes)
     supervised, _ = load_judge(path)

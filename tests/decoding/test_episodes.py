@@ -236,28 +236,3 @@ def test_draws_keyed_by_episode_give_the_lockstep_episodes_when_forks_complete_i
     assert len({tuple(e.response) for e in lockstep}) > len(prompts[:6])  # a group's episodes drew apart
     other = run_episodes(rows, SampledDecider(half, seed=8), PathSource(local, draft, pad, eos, MAX_NEW), 4)
     assert decisions(other) != decisions(lockstep)
-
-
-def test_a_cache_stopped_mid_way_keeps_in_its_autosave_file_the_paths_it_finished(world, tmp_path):
-    draft, target, prompts, eos, pad = world
-    source = PathSource(LocalTarget.from_model(target, MAX_NEW).complete, draft, pad, eos, MAX_NEW)
-    paths = source.paths([tuple(p) for p in prompts[:4]], [()] * 4)
-    met = mismatches_along([tuple(p) for p in prompts[:4]], paths)
-    cache = FeatureCache(draft, target)
-    cache.autosave(tmp_path / "features.pt", every_s=0.0)  # after every path
-    passes, hidden = [], cache._hidden
-
-    def stop_at_the_third_path(trunk_ids, chunk):
-        if trunk_ids not in passes:
-            passes.append(trunk_ids)
-        if len(passes) == 3:
-            raise KeyboardInterrupt  # a stage stopped by its user
-        return hidden(trunk_ids, chunk)
-
-    cache._hidden = stop_at_the_third_path
-    with pytest.raises(KeyboardInterrupt):
-        cache.get([p for p, _ in met], [a for _, a in met])
-    kept = FeatureCache(None, None)  # no model: the rows come from the file
-    kept.load(tmp_path / "features.pt")
-    assert 0 < len(kept) < len(met)
-    assert all(torch.equal(kept._rows[k].tokens, cache._rows[k].tokens) for k in kept._rows)
