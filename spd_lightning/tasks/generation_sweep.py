@@ -150,6 +150,26 @@ def thresholds_for(world, run: SetRun, family: Family, cache: FeatureCache, poin
     return quantile_thresholds(finite[:, None], torch.ones(len(finite), 1, dtype=torch.bool), points)
 
 
+def kept_grid(world, run: SetRun, family: Family, k: int, progress: Progress, points: int) -> list[float]:
+    """thresholds_for, computed once and kept in the sweep's folder (K{k}_grid{points}_{family}.json).
+    Its quantiles come from in-process passes whose bfloat16 rounding differs between CPUs: a
+    sweep resumed on another machine must meet the thresholds its points on disk were measured at,
+    or it measures the family again (hours on a real pair). A family measured before grids were
+    kept takes the thresholds of its choosing points where they number `points`."""
+    if family.thresholds:
+        return list(family.thresholds)
+    path = progress.folder / f"K{k}_grid{points}_{family.name}.json"
+    if path.is_file():
+        return [float(t) for t in json.loads(path.read_text())]
+    measured = [p.threshold for p in _points_on_disk(progress.folder / f"K{k}_choose_{family.name}.json")]
+    grid = measured if len(measured) == points else None
+    if grid is None:
+        grid = thresholds_for(world, run, family, progress.cache, points)
+        progress.save()
+    path.write_text(json.dumps(grid))
+    return grid
+
+
 def choose(points: list[Point], sd: Point, tolerance: float) -> Point:
     """The most tokens per target call among the points whose accuracy is at most `tolerance`
     below standard SD's (ties: the more accurate); standard SD itself when none is."""
@@ -190,8 +210,7 @@ def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progres
     the whole grid (settings.test_points="all") or only the threshold chosen on the choosing set
     ("chosen": what a user deploys, at a fraction of the cost on a real pair). Points are kept in
     the sweep's folder (progress.folder), one JSON per family, set and K."""
-    grid = thresholds_for(world, runs["choose"], family, progress.cache, settings.points)
-    progress.save()
+    grid = kept_grid(world, runs["choose"], family, k, progress, settings.points)
     on_choose = measure(world, runs["choose"], "choose", family, grid, k, progress)
     on_test = grid
     if settings.test_points == "chosen" and sd_choose is not None:

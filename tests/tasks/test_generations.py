@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from spd_lightning.decoding.features import FeatureCache
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
 from spd_lightning.tasks.generation_report import report
-from spd_lightning.tasks.generation_sweep import SweepSettings, choose, families, stage_sweep
+from spd_lightning.tasks.generation_sweep import Point, SweepSettings, choose, families, kept_grid, stage_sweep
 from spd_lightning.tasks.generations import (
     ROOT,
     TOY_PAIR,
@@ -51,8 +52,21 @@ def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(worl
     assert line.startswith("gen_rl_tpc=nan gen_rl_accuracy=nan block_rl_tpc=nan sup_tpc=")  # heads not given: nan
     assert "sd_accuracy=" in line and line.endswith("n=24")
     assert (tmp_path / "generations.png").is_file() and "Machine:" in (tmp_path / "generations.md").read_text()
-    again = stage_sweep(world, {"supervised": head}, [2], SweepSettings(2))  # read back from disk
+    with pytest.MonkeyPatch.context() as patch:  # a resumed sweep meets the same grid, on any CPU
+        patch.setattr("spd_lightning.tasks.generation_sweep.thresholds_for", lambda *a: pytest.fail("new grid"))
+        again = stage_sweep(world, {"supervised": head}, [2], SweepSettings(2))  # read back from disk
     assert again[2]["sd"]["test"][0].correct == sd.correct
+    assert again[2]["supervised"]["choose"] == results[2]["supervised"]["choose"]
+
+
+def test_a_family_swept_before_grids_were_kept_resumes_at_its_measured_thresholds(tmp_path):
+    kl = next(f for f in families({}) if f.name == "kl")
+    measured = [Point("kl", t, [True], [True], 8, 2, 1, 1) for t in (-1.25, -0.5)]
+    (tmp_path / "K8_choose_kl.json").write_text(json.dumps([vars(p) for p in measured]))
+    progress = SimpleNamespace(folder=tmp_path)  # no cache: a new grid would need one
+    assert kept_grid(None, None, kl, 8, progress, 2) == [-1.25, -0.5]
+    assert json.loads((tmp_path / "K8_grid2_kl.json").read_text()) == [-1.25, -0.5]  # kept from now on
+    assert kept_grid(None, None, kl, 8, progress, 2) == [-1.25, -0.5]
 
 
 def _mined_again(world, path: Path):
