@@ -161,9 +161,8 @@ def kept_grid(world, run: SetRun, family: Family, k: int, progress: Progress, po
     path = progress.folder / f"K{k}_grid{points}_{family.name}.json"
     if path.is_file():
         return [float(t) for t in json.loads(path.read_text())]
-    measured = [p.threshold for p in _points_on_disk(progress.folder / f"K{k}_choose_{family.name}.json")]
-    grid = measured if len(measured) == points else None
-    if grid is None:
+    grid = [p.threshold for p in _points_on_disk(progress.folder / f"K{k}_choose_{family.name}.json")]
+    if len(grid) != points:
         grid = thresholds_for(world, run, family, progress.cache, points)
         progress.save()
     path.write_text(json.dumps(grid))
