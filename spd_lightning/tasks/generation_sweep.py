@@ -20,6 +20,7 @@ import torch
 from spd_lightning.core.rules import quantile_thresholds
 from spd_lightning.core.stats import mcnemar_exact, wilson_interval
 from spd_lightning.data.answers import extract_final_number, gsm8k_final_number
+from spd_lightning.data.resumable import write_atomically
 from spd_lightning.decoding.episodes import run_episodes
 from spd_lightning.decoding.features import (
     FeatureCache,
@@ -165,7 +166,7 @@ def kept_grid(world, run: SetRun, family: Family, k: int, progress: Progress, po
     if len(grid) != points:
         grid = thresholds_for(world, run, family, progress.cache, points)
         progress.save()
-    path.write_text(json.dumps(grid))
+    write_atomically(path, json.dumps(grid))  # a stop mid-write must not leave a grid a resume cannot read
     return grid
 
 

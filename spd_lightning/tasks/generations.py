@@ -26,6 +26,7 @@ import torch
 from spd_lightning.core.episode import Ask
 from spd_lightning.data.answers import extract_final_number, gsm8k_final_number
 from spd_lightning.data.prompts import PromptList, encode_prompts
+from spd_lightning.data.resumable import write_atomically
 from spd_lightning.decoding.episodes import PathSource, run_episodes
 from spd_lightning.decoding.features import FeatureCache
 from spd_lightning.decoding.progress import Progress
@@ -202,9 +203,7 @@ def mined_labels(world: World, prompts: list[tuple[int, ...]], block_size: int, 
     mined, asks, labels = mine_labels(world, prompts, block_size, on_progress)
     index = {p: i for i, p in enumerate(dict.fromkeys(mined))}
     rows = [[index[p], list(a.response), a.draft, a.target, bool(y)] for p, a, y in zip(mined, asks, labels)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"prompts": [list(p) for p in index], "rows": rows}))
-    tmp.replace(path)
+    write_atomically(path, json.dumps({"prompts": [list(p) for p in index], "rows": rows}))
     return mined, asks, labels
 
 
