@@ -200,7 +200,7 @@ def measure(world, run: SetRun, name: str, family: Family, thresholds: list[floa
             done[t] = evaluate_point(world, run, family, t, k, progress.cache, progress)
             progress.save()
             log.info("%s", _point_line(name, done[t]))
-            path.write_text(json.dumps([vars(p) for p in done.values()]))
+            write_atomically(path, json.dumps([vars(p) for p in done.values()]))
     return [done[t] for t in thresholds]
 
 
