@@ -25,8 +25,10 @@ import torch
 from omegaconf import OmegaConf
 
 from spd_lightning.core.grpo import clipped_surrogate
+from spd_lightning.data.answers import token_holds_digit
 from spd_lightning.decoding.features import MismatchFeatures, judge_score, kl_score
 from spd_lightning.judge.inputs import DiskCompletions
+from spd_lightning.judge.ranking import stored_path
 from spd_lightning.models.hf import load_tokenizer
 from spd_lightning.reporting.plots import sign_figure
 from spd_lightning.reporting.tables import command_line, machine
@@ -54,28 +56,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def target_tokens(keys: list, store: DiskCompletions) -> list[int | None]:
-    """The target's greedy token after each key's context: every context is a stored prefix
-    followed by part of its stored completion (a response, or a fork's completion)."""
-    out = []
-    for context, _ in keys:
-        context, found = tuple(context), None
-        for cut in range(len(context), 0, -1):
-            completion = store.get(context[:cut])
-            if completion is not None and len(completion) > len(context) - cut:
-                found = completion[len(context) - cut]
-                break
-        out.append(found)
-    return out
-
-
-def holds_digit(tokenizer, token: int | None) -> bool:
-    return token is not None and any(c.isdigit() for c in tokenizer.decode([token]))
+    """The target's greedy token after each key's context, read from the stored path through it."""
+    paths = [stored_path(store, tuple(context)) for context, _ in keys]
+    return [None if path is None else path[len(context)] for path, (context, _) in zip(paths, keys)]
 
 
 def classes(keys: list, store: DiskCompletions, tokenizer) -> torch.Tensor:
     """[N] bool: the draft's or the target's token holds a digit (a number is at stake)."""
     targets = target_tokens(keys, store)
-    return torch.tensor([holds_digit(tokenizer, d) or holds_digit(tokenizer, t) for (_, d), t in zip(keys, targets)])
+    return torch.tensor(
+        [token_holds_digit(tokenizer, d) or token_holds_digit(tokenizer, t) for (_, d), t in zip(keys, targets)]
+    )
 
 
 def summary(name: str, p: torch.Tensor, digits: torch.Tensor, threshold: float) -> dict:

@@ -78,3 +78,8 @@ def get_answer_check(name: str) -> AnswerCheck:
     if name not in ANSWER_CHECKS:
         raise ValueError(f"unknown answer check {name!r}; choose one of {sorted(ANSWER_CHECKS)}")
     return ANSWER_CHECKS[name]
+
+
+def token_holds_digit(tokenizer, token: int | None) -> bool:
+    """Whether a token's text holds a digit: a mismatch there puts a number at stake."""
+    return token is not None and any(c.isdigit() for c in tokenizer.decode([token]))

@@ -99,6 +99,14 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith("gen_rl_step_4: digits=")
     assert "3 linear heads trained the same way" in (tmp_path / "heads" / "gen_rl" / "head_inspect.md").read_text()
+    ranking = [sys.executable, str(ROOT / "bench" / "mismatch_ranking.py"), "--episodes", str(tmp_path),
+               "--tokenizer", str(TOY_PAIR / "target"), "--folds", "2", "--bootstrap", "5", "--steps", "5"]  # fmt: skip
+    done = subprocess.run(ranking, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    for key in ("kl=", "entropy=", "topk=", "supervised=", "block_rl=", "gen_rl=", "fit_tokens=", "fit_hidden="):
+        assert key in last, last
+    assert (tmp_path / "mismatch_ranking.png").is_file()
 
 
 def test_a_sweep_keeps_each_point_as_it_is_measured_and_resumes_from_it(world, monkeypatch):

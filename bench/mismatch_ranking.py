@@ -1,0 +1,252 @@
+"""Which score orders mismatches best by harm, on the real pair's whole generations: the rules,
+the trained heads, and logistic heads fitted here on held-out problems (spd_lightning/judge/ranking.py).
+
+    python bench/mismatch_ranking.py                 # the committed store and sweep features
+    python bench/mismatch_ranking.py --folds 10 --bootstrap 1000
+
+No model pass: the labels come from the completion store (every mismatch some swept policy
+accepted, with its path), the scores from the sweep's feature cache (sweep/features.pt; a fresh
+machine rebuilds it with the sweep). The heads were trained on other problems, so every mismatch
+here is held out for them; the logistic heads are fitted per fold of whole problems. Writes
+mismatch_ranking.md/.json/.png into --episodes; last line `<score>=<AUC> ... n=<mismatches>`.
+The sample is the mismatches a policy accepted, not all mismatches met: a score's AUC here says
+how it orders the ones the sweeps looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from spd_lightning.core.stats import wilson_interval
+from spd_lightning.data.answers import gsm8k_final_number, token_holds_digit
+from spd_lightning.decoding.features import MismatchFeatures, entropy_score, judge_score, kl_score, topk_score
+from spd_lightning.judge.fit import FitSettings, fit_supervised
+from spd_lightning.judge.head import JudgeHead, load_judge
+from spd_lightning.judge.inputs import DiskCompletions
+from spd_lightning.judge.ranking import (
+    accepted_outcomes,
+    auc_interval,
+    cross_validated,
+    harmless,
+    problem_folds,
+    roc_auc,
+    roc_curve,
+)
+from spd_lightning.models.hf import load_tokenizer
+from spd_lightning.reporting.plots import sign_figure
+from spd_lightning.reporting.tables import FigureTable, write_markdown
+from spd_lightning.tasks.generations import head_from_checkpoint
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EPISODES = ROOT / "data" / "episodes_qwen_coder_bfloat16"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=Path, default=EPISODES, help="completions.jsonl, sweep/, heads/")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "pairs" / "qwen_coder" / "target")
+    parser.add_argument(
+        "--block-rl", type=Path, default=None,
+        help="the per-block judge (default: heads/block_rl's run if there, else judges/qwen_coder_grpo.pt)",
+    )  # fmt: skip
+    parser.add_argument("--folds", type=int, default=5, help="folds of whole problems for the fitted heads")
+    parser.add_argument("--steps", type=int, default=300, help="a fitted head's optimiser steps")
+    parser.add_argument("--bootstrap", type=int, default=500, help="resamples of problems for each interval")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def trained_heads(args) -> dict[str, JudgeHead]:
+    """The swept heads that are on disk (name -> head)."""
+    own_block_rl = args.episodes / "heads" / "block_rl" / "checkpoints" / "last.ckpt"
+    paths = {
+        "supervised": args.episodes / "heads" / "supervised.pt",
+        "block_rl": args.block_rl or _first_file(own_block_rl, ROOT / "judges" / "qwen_coder_grpo.pt"),
+        "gen_rl": args.episodes / "heads" / "gen_rl" / "checkpoints" / "last.ckpt",
+    }
+    heads = {}
+    for name, path in paths.items():
+        if path.is_file():
+            heads[name] = head_from_checkpoint(path) if path.suffix == ".ckpt" else load_judge(path)[0]
+    return heads
+
+
+def _first_file(*paths: Path) -> Path:
+    return next((p for p in paths if p.is_file()), paths[-1])
+
+
+def fitted_scores(features: MismatchFeatures, labels: torch.Tensor, folds: torch.Tensor, inputs: tuple[str, ...],
+                  args) -> torch.Tensor:  # fmt: skip
+    """[N] held-out accept logits of logistic heads on `inputs` (AutoJudge's head), one per fold."""
+    data = features.judge_inputs()
+
+    def fit_and_score(train: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        part = data.select(train)
+        head = JudgeHead(JudgeHead.sizes_of(data), inputs, hidden=0)
+        head.fit_scaling(part)
+        defined = torch.ones(len(train), 1, dtype=torch.bool)
+        logits = lambda index: head(part.select(index))  # noqa: E731
+        fit_supervised(logits, head.parameters(), labels[train, None], defined, FitSettings(args.steps, seed=args.seed))
+        with torch.no_grad():
+            return head(data.select(held))[:, 0]
+
+    return cross_validated(fit_and_score, folds, len(labels))
+
+
+NAMES = {
+    "kl": "KL rule (JuDi's mask: none where the target's top-1 > 0.9)",
+    "kl_unmasked": "KL alone",
+    "entropy": "the target's entropy",
+    "topk": "top-k (the draft token's rank)",
+    "logp_draft": "log p_target(draft token)",
+    "supervised": "supervised head (AutoJudge labels; tokens + hidden)",
+    "block_rl": "per-block GRPO head (tokens + hidden)",
+    "gen_rl": "whole-generation GRPO head (tokens)",
+    "fit_tokens": "logistic fitted here, held-out folds: tokens",
+    "fit_hidden": "logistic fitted here, held-out folds: tokens + hidden",
+}
+
+
+def all_scores(features: MismatchFeatures, labels, folds, heads: dict[str, JudgeHead], args) -> dict[str, torch.Tensor]:
+    """name -> [N] score (higher: keep first); NaN where the score needs what a row lacks."""
+    has_hidden = ~features.target_hidden.isnan().any(1)  # [N]
+    scores = {
+        "kl": kl_score(0.9)(features),
+        "kl_unmasked": kl_score(None)(features),
+        "entropy": entropy_score(features),
+        "topk": topk_score(features),
+        "logp_draft": features.tokens[:, 0].double(),
+    }
+    for name, head in heads.items():
+        reads_hidden = "target_hidden" in head.inputs
+        kept = has_hidden if reads_hidden else torch.ones_like(has_hidden)
+        score = torch.full((len(labels),), float("nan"), dtype=torch.float64)
+        score[kept] = judge_score(head)(_rows(features, kept))
+        scores[name] = score
+    scores["fit_tokens"] = fitted_scores(features, labels, folds, ("tokens",), args)
+    if int(has_hidden.sum()) > 2 * args.folds:
+        score = torch.full((len(labels),), float("nan"), dtype=torch.float64)
+        sub = _rows(features, has_hidden)
+        score[has_hidden] = fitted_scores(sub, labels[has_hidden], folds[has_hidden], ("tokens", "target_hidden"), args)
+        scores["fit_hidden"] = score
+    return scores
+
+
+def _rows(features: MismatchFeatures, keep: torch.Tensor) -> MismatchFeatures:
+    return MismatchFeatures(**{n: v[keep] for n, v in vars(features).items()})
+
+
+def measure(scores: dict[str, torch.Tensor], labels: torch.Tensor, groups: torch.Tensor, args) -> list[dict]:
+    """Per score: AUC with its interval on every row it is defined on, and on the common rows
+    (those every score is defined on: the target's hidden state computed)."""
+    common = torch.stack([~s.isnan() for s in scores.values()]).all(0)  # [N]
+    out = []
+    for name, s in scores.items():
+        defined = ~s.isnan()
+        row = {"score": name, "name": NAMES.get(name, name), "n": int(defined.sum()), "n_common": int(common.sum())}
+        for tag, keep in (("", defined), ("_common", common)):
+            row[f"auc{tag}"] = roc_auc(s[keep], labels[keep])
+            row[f"interval{tag}"] = auc_interval(s[keep], labels[keep], groups[keep], args.bootstrap, args.seed)
+        out.append(row)
+    return out
+
+
+def table(rows: list[dict], labels: torch.Tensor, common: torch.Tensor) -> FigureTable:
+    n, n_common = len(labels), int(common.sum())
+    t = FigureTable(
+        "ROC-AUC: a harmless mismatch rated above an important one (0.5: a coin), 95% intervals over problems",
+        ["score", f"AUC, rows it reads (of {n})", "interval", f"AUC, common {n_common} rows", "interval"],
+    )
+    for r in rows:
+        t.add(r["name"], f"{r['auc']:.3f} (n={r['n']})", _interval(r["interval"]), f"{r['auc_common']:.3f}",
+              _interval(r["interval_common"]))  # fmt: skip
+    return t
+
+
+def where_harm_lies(outcomes: list, labels: torch.Tensor, tokenizer) -> FigureTable:
+    """The harmless share by what is at stake and by where in the response the mismatch sits."""
+    holds = lambda o: token_holds_digit(tokenizer, o.hybrid[o.at]) or token_holds_digit(tokenizer, o.path[o.at])  # noqa: E731
+    digit = torch.tensor([holds(o) for o in outcomes])  # [N] a digit in the draft's or the target's token
+    position = torch.tensor([o.at - len(o.problem) for o in outcomes])  # [N] response tokens before it
+    bands = [("a number at stake (a digit in either token)", digit), ("wording", ~digit)]
+    for low, high in ((0, 50), (50, 100), (100, 200), (200, None)):
+        name = f"response tokens {low}-{high - 1} before it" if high else f"response tokens {low}+ before it"
+        bands.append((name, (position >= low) & (position < (high or 10**9))))
+    t = FigureTable("Accepting a mismatch left the answer as it was", ["mismatches", "n", "harmless", "95% interval"])
+    for name, keep in bands:
+        n, k = int(keep.sum()), int(labels[keep].sum())
+        t.add(name, str(n), f"{k / max(n, 1):.1%}", _interval(wilson_interval(k, n), "{:.1%}"))
+    return t
+
+
+def _interval(bounds: tuple[float, float], form: str = "{:.3f}") -> str:
+    return f"{form.format(bounds[0])}-{form.format(bounds[1])}"
+
+
+def draw(path: Path, scores: dict[str, torch.Tensor], labels: torch.Tensor, common: torch.Tensor) -> None:
+    """Left: ROC curves on the common rows; right: important mismatches among the first kept."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    y = labels[common]
+    for i, (name, s) in enumerate(scores.items()):
+        style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "linewidth": 1.2}
+        fpr, tpr = roc_curve(s[common], y)
+        left.plot(fpr.tolist(), tpr.tolist(), label=f"{NAMES.get(name, name)}: {roc_auc(s[common], y):.3f}", **style)
+        order = torch.argsort(s[common], descending=True, stable=True)
+        right.plot(range(1, len(order) + 1), (~y[order]).cumsum(0).tolist(), **style)
+    left.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+    left.set(xlabel="important mismatches kept (fraction)", ylabel="harmless mismatches kept (fraction)",
+             title=f"ROC on {int(common.sum())} mismatches")  # fmt: skip
+    right.set(xlabel="mismatches kept, best-rated first", ylabel="important ones among them",
+              title="what a threshold keeps")  # fmt: skip
+    left.legend(fontsize=7, loc="lower right")
+    sign_figure(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    store_path, features_path = args.episodes / "completions.jsonl", args.episodes / "sweep" / "features.pt"
+    for path in (store_path, features_path, args.tokenizer):
+        if not path.exists():
+            raise SystemExit(f"error: {path} is not there: run bench/whole_generations.py --world qwen_coder first")
+    store = DiskCompletions(store_path)
+    saved = torch.load(features_path, weights_only=False)
+    outcomes = accepted_outcomes(store, saved["keys"])
+    if not outcomes:
+        raise SystemExit(f"error: no mismatch in {features_path} was accepted by a swept policy: sweep one first")
+    tokenizer = load_tokenizer(str(args.tokenizer), local_files_only=True)
+    labels = harmless(outcomes, lambda a, b: gsm8k_final_number(tokenizer.decode(a), tokenizer.decode(b)))
+    rows = torch.tensor([o.row for o in outcomes])
+    features = _rows(MismatchFeatures(**saved["rows"]), rows)
+    problems = {p: i for i, p in enumerate(dict.fromkeys(o.problem for o in outcomes))}
+    groups = torch.tensor([problems[o.problem] for o in outcomes])
+    folds = problem_folds(groups, args.folds, args.seed)
+    scores = all_scores(features, labels, folds, trained_heads(args), args)
+    results = measure(scores, labels, groups, args)
+    common = torch.stack([~s.isnan() for s in scores.values()]).all(0)
+    sample = (
+        f"{len(labels)} mismatches accepted by a swept policy on {len(problems)} problems, "
+        f"{int(labels.sum())} harmless ({labels.float().mean():.1%}), of {len(saved['keys'])} the sweeps met; "
+        f"fitted heads: {args.folds} folds of whole problems, {args.steps} steps"
+    )
+    tables = [table(results, labels, common), where_harm_lies(outcomes, labels, tokenizer)]
+    write_markdown(args.episodes / "mismatch_ranking.md", tables,
+                   ("plot: mismatch_ranking.png, beside this file",), sample)  # fmt: skip
+    (args.episodes / "mismatch_ranking.json").write_text(json.dumps({"sample": sample, "scores": results}, indent=1))
+    draw(args.episodes / "mismatch_ranking.png", scores, labels, common)
+    print((args.episodes / "mismatch_ranking.md").read_text())
+    print(" ".join(f"{r['score']}={r['auc']:.3f}" for r in results), f"n={len(labels)}")
+
+
+if __name__ == "__main__":
+    main()
