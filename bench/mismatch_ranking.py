@@ -192,7 +192,8 @@ def _interval(bounds: tuple[float, float], form: str = "{:.3f}") -> str:
 
 
 def draw(path: Path, scores: dict[str, torch.Tensor], labels: torch.Tensor, common: torch.Tensor) -> None:
-    """Left: ROC curves on the common rows; right: important mismatches among the first kept."""
+    """Left: ROC curves on the common rows; right: important mismatches among the first kept, less
+    what a random order keeps (the base rate times the count)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     y = labels[common]
     for i, (name, s) in enumerate(scores.items()):
@@ -200,12 +201,14 @@ def draw(path: Path, scores: dict[str, torch.Tensor], labels: torch.Tensor, comm
         fpr, tpr = roc_curve(s[common], y)
         left.plot(fpr.tolist(), tpr.tolist(), label=f"{NAMES.get(name, name)}: {roc_auc(s[common], y):.3f}", **style)
         order = torch.argsort(s[common], descending=True, stable=True)
-        right.plot(range(1, len(order) + 1), (~y[order]).cumsum(0).tolist(), **style)
+        kept = torch.arange(1, len(order) + 1)
+        right.plot(kept.tolist(), ((~y[order]).cumsum(0) - kept * (~y).float().mean()).tolist(), **style)
     left.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
     left.set(xlabel="important mismatches kept (fraction)", ylabel="harmless mismatches kept (fraction)",
              title=f"ROC on {int(common.sum())} mismatches")  # fmt: skip
-    right.set(xlabel="mismatches kept, best-rated first", ylabel="important ones among them",
-              title="what a threshold keeps")  # fmt: skip
+    right.axhline(0, color="grey", linewidth=0.8, linestyle=":")
+    right.set(xlabel="mismatches kept, best-rated first", ylabel="important ones among them, minus a coin's",
+              title="what a threshold keeps (lower: fewer answers changed)")  # fmt: skip
     left.legend(fontsize=7, loc="lower right")
     sign_figure(fig)
     fig.tight_layout()
