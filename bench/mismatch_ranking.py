@@ -1,16 +1,19 @@
 """Which score orders mismatches best by harm, on the real pair's whole generations: the rules,
-the trained heads, and logistic heads fitted here on held-out problems (spd_lightning/judge/ranking.py).
+the trained heads, logistic heads fitted here on held-out problems, and the lookahead (how many
+draft tokens right after the mismatch the target would take in the same block: FLy's sign that
+the two sequences meet again; spd_lightning/judge/ranking.py).
 
-    python bench/mismatch_ranking.py                 # the committed store and sweep features
+    python bench/mismatch_ranking.py                 # the real pair's store and sweep caches
     python bench/mismatch_ranking.py --folds 10 --bootstrap 1000
 
 No model pass: the labels come from the completion store (every mismatch some swept policy
-accepted, with its path), the scores from the sweep's feature cache (sweep/features.pt; a fresh
-machine rebuilds it with the sweep). The heads were trained on other problems, so every mismatch
-here is held out for them; the logistic heads are fitted per fold of whole problems. Writes
-mismatch_ranking.md/.json/.png into --episodes; last line `<score>=<AUC> ... n=<mismatches>`.
-The sample is the mismatches a policy accepted, not all mismatches met: a score's AUC here says
-how it orders the ones the sweeps looked at.
+accepted, with its path), the scores from the sweep's feature cache and draft proposals
+(sweep/features.pt and proposals.pt, not committed: a fresh machine rebuilds them by rerunning
+the sweep's commands, which replay every completion from the store). The heads were trained on
+other problems, so every mismatch here is held out for them; the logistic heads are fitted per
+fold of whole problems. Writes mismatch_ranking.md/.json/.png into --episodes; last line
+`<score>=<AUC> ... n=<mismatches>`. The sample is the mismatches a policy accepted, not all
+mismatches met: a score's AUC here says how it orders the ones the sweeps looked at.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from spd_lightning.judge.head import JudgeHead, load_judge
 from spd_lightning.judge.inputs import DiskCompletions
 from spd_lightning.judge.ranking import (
     accepted_outcomes,
+    agreed_after,
     auc_interval,
     cross_validated,
     harmless,
@@ -57,6 +61,7 @@ def parse_args() -> argparse.Namespace:
         "--block-rl", type=Path, default=None,
         help="the per-block judge (default: heads/block_rl's run if there, else judges/qwen_coder_grpo.pt)",
     )  # fmt: skip
+    parser.add_argument("--k", type=int, default=8, help="the sweep's draft tokens per block (the lookahead's reach)")
     parser.add_argument("--folds", type=int, default=5, help="folds of whole problems for the fitted heads")
     parser.add_argument("--steps", type=int, default=300, help="a fitted head's optimiser steps")
     parser.add_argument("--bootstrap", type=int, default=500, help="resamples of problems for each interval")
@@ -107,12 +112,19 @@ NAMES = {
     "entropy": "the target's entropy",
     "topk": "top-k (the draft token's rank)",
     "logp_draft": "log p_target(draft token)",
+    "lookahead": "lookahead: draft tokens the target takes right after (FLy's sign)",
     "supervised": "supervised head (AutoJudge labels; tokens + hidden)",
     "block_rl": "per-block GRPO head (tokens + hidden)",
     "gen_rl": "whole-generation GRPO head (tokens)",
     "fit_tokens": "logistic fitted here, held-out folds: tokens",
     "fit_hidden": "logistic fitted here, held-out folds: tokens + hidden",
 }
+
+
+def lookahead(outcomes: list, proposals: dict, window: int) -> torch.Tensor:
+    """[N] agreed_after from the sweep's draft proposals along each hybrid (NaN: not computed)."""
+    counts = [agreed_after(o, proposals[o.hybrid][0], window) if o.hybrid in proposals else None for o in outcomes]
+    return torch.tensor([float("nan") if c is None else float(c) for c in counts], dtype=torch.float64)
 
 
 def all_scores(features: MismatchFeatures, labels, folds, heads: dict[str, JudgeHead], args) -> dict[str, torch.Tensor]:
@@ -235,6 +247,9 @@ def main() -> None:
     groups = torch.tensor([problems[o.problem] for o in outcomes])
     folds = problem_folds(groups, args.folds, args.seed)
     scores = all_scores(features, labels, folds, trained_heads(args), args)
+    proposals_path = args.episodes / "sweep" / "proposals.pt"
+    if proposals_path.is_file():
+        scores["lookahead"] = lookahead(outcomes, torch.load(proposals_path, weights_only=False), args.k - 1)
     results = measure(scores, labels, groups, args)
     common = torch.stack([~s.isnan() for s in scores.values()]).all(0)
     sample = (

@@ -63,6 +63,21 @@ def accepted_outcomes(store, keys: Sequence[tuple[Sequence[int], int]]) -> list[
     return out
 
 
+def agreed_after(outcome: Outcome, proposals: Sequence[int], window: int) -> int | None:
+    """How many draft tokens right after the mismatch the target would accept in the same block,
+    at most `window` (FLy's sign that the two sequences meet again): the draft's greedy tokens along
+    the hybrid (proposals[p]: its token after the prompt and p response tokens, as PathSource keeps
+    them) against the target's tokens there. None: the proposals do not reach the first of them."""
+    start = len(outcome.problem)
+    for j in range(1, window + 1):
+        p, token = outcome.at + j - start, outcome.at + j
+        if p >= len(proposals) or token >= len(outcome.hybrid):
+            return None if j == 1 else j - 1
+        if proposals[p] != outcome.hybrid[token]:
+            return j - 1
+    return window
+
+
 def harmless(outcomes: list[Outcome], same_answer: Callable[[tuple[int, ...], tuple[int, ...]], bool]) -> torch.Tensor:
     """[N] bool: accepting the mismatch left its path's final answer as it was.
     same_answer(hybrid response, path response): both without the prompt."""

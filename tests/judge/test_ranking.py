@@ -8,6 +8,7 @@ import torch
 
 from spd_lightning.judge.ranking import (
     accepted_outcomes,
+    agreed_after,
     auc_interval,
     average_ranks,
     cross_validated,
@@ -45,6 +46,16 @@ def test_only_accepted_mismatches_with_both_branches_stored_are_outcomes():
     labels = harmless(outcomes, lambda hybrid, path: seen.append((hybrid, path)) or hybrid[-2] == path[-2])
     assert seen == [((5, 9, 7, 0, 99), (5, 6, 7, 8, 99))]
     assert labels.tolist() == [False]
+
+
+def test_agreement_after_a_mismatch_counts_the_draft_tokens_the_target_takes_next():
+    (o,) = accepted_outcomes(STORE, [(PROMPT + (5,), 9)])  # hybrid response 5 9 7 0 99, the mismatch at 9
+    # proposals[p]: the draft's token after p response tokens; p = 2, 3, 4 predict the 7, the 0, the end.
+    assert agreed_after(o, [5, 9, 7, 0, 99], window=8) == 3  # the 7, the 0 and the end, then the hybrid ends
+    assert agreed_after(o, [5, 9, 7, 1, 99], window=8) == 1
+    assert agreed_after(o, [5, 9, 4, 0, 99], window=8) == 0
+    assert agreed_after(o, [5, 9, 7, 0, 99], window=1) == 1
+    assert agreed_after(o, [5, 9], window=8) is None  # not computed that far
 
 
 def test_a_key_whose_draft_token_is_the_targets_own_is_no_mismatch():
