@@ -195,7 +195,9 @@ def where_harm_lies(outcomes: list, labels: torch.Tensor, tokenizer) -> FigureTa
     t = FigureTable("Accepting a mismatch left the answer as it was", ["mismatches", "n", "harmless", "95% interval"])
     for name, keep in bands:
         n, k = int(keep.sum()), int(labels[keep].sum())
-        t.add(name, str(n), f"{k / max(n, 1):.1%}", _interval(wilson_interval(k, n), "{:.1%}"))
+        if n == 0:
+            continue
+        t.add(name, str(n), f"{k / n:.1%}", _interval(wilson_interval(k, n), "{:.1%}"))
     return t
 
 
@@ -250,6 +252,7 @@ def main() -> None:
     proposals_path = args.episodes / "sweep" / "proposals.pt"
     if proposals_path.is_file():
         scores["lookahead"] = lookahead(outcomes, torch.load(proposals_path, weights_only=False), args.k - 1)
+    scores = {name: s for name, s in scores.items() if bool((~s.isnan()).any())}  # a score no row can have
     results = measure(scores, labels, groups, args)
     common = torch.stack([~s.isnan() for s in scores.values()]).all(0)
     sample = (

@@ -107,6 +107,8 @@ def auc_interval(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tenso
     mismatches share its path, so they are not independent)."""
     generator = torch.Generator().manual_seed(seed)
     members = [torch.nonzero(groups == g).squeeze(1) for g in torch.unique(groups)]
+    if not members:
+        return float("nan"), float("nan")
     values = []
     for _ in range(reps):
         picks = torch.randint(len(members), (len(members),), generator=generator)
