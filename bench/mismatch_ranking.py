@@ -138,22 +138,21 @@ def all_scores(features: MismatchFeatures, labels, folds, heads: dict[str, Judge
         "logp_draft": features.tokens[:, 0].double(),
     }
     for name, head in heads.items():
-        reads_hidden = "target_hidden" in head.inputs
-        kept = has_hidden if reads_hidden else torch.ones_like(has_hidden)
-        score = torch.full((len(labels),), float("nan"), dtype=torch.float64)
-        score[kept] = judge_score(head)(_rows(features, kept))
-        scores[name] = score
+        kept = has_hidden if "target_hidden" in head.inputs else torch.ones_like(has_hidden)
+        scores[name] = _where(kept, judge_score(head), features)
     scores["fit_tokens"] = fitted_scores(features, labels, folds, ("tokens",), args)
     if int(has_hidden.sum()) > 2 * args.folds:
-        score = torch.full((len(labels),), float("nan"), dtype=torch.float64)
-        sub = _rows(features, has_hidden)
-        score[has_hidden] = fitted_scores(sub, labels[has_hidden], folds[has_hidden], ("tokens", "target_hidden"), args)
-        scores["fit_hidden"] = score
+        wide, keep = ("tokens", "target_hidden"), has_hidden
+        fit = lambda part: fitted_scores(part, labels[keep], folds[keep], wide, args)  # noqa: E731
+        scores["fit_hidden"] = _where(keep, fit, features)
     return scores
 
 
-def _rows(features: MismatchFeatures, keep: torch.Tensor) -> MismatchFeatures:
-    return MismatchFeatures(**{n: v[keep] for n, v in vars(features).items()})
+def _where(keep: torch.Tensor, score, features: MismatchFeatures) -> torch.Tensor:
+    """[N] float64: score(features of the rows `keep` [N] bool selects), NaN elsewhere."""
+    out = torch.full((len(keep),), float("nan"), dtype=torch.float64)
+    out[keep] = score(features.select(keep)).double()
+    return out
 
 
 def measure(scores: dict[str, torch.Tensor], labels: torch.Tensor, groups: torch.Tensor, args) -> list[dict]:
@@ -244,7 +243,7 @@ def main() -> None:
     tokenizer = load_tokenizer(str(args.tokenizer), local_files_only=True)
     labels = harmless(outcomes, lambda a, b: gsm8k_final_number(tokenizer.decode(a), tokenizer.decode(b)))
     rows = torch.tensor([o.row for o in outcomes])
-    features = _rows(MismatchFeatures(**saved["rows"]), rows)
+    features = MismatchFeatures(**saved["rows"]).select(rows)
     problems = {p: i for i, p in enumerate(dict.fromkeys(o.problem for o in outcomes))}
     groups = torch.tensor([problems[o.problem] for o in outcomes])
     folds = problem_folds(groups, args.folds, args.seed)

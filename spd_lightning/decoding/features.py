@@ -43,9 +43,13 @@ class MismatchFeatures:
         names = MismatchFeatures.__dataclass_fields__
         return MismatchFeatures(**{n: torch.cat([getattr(r, n) for r in rows]) for n in names})
 
-    def row(self, i: int) -> MismatchFeatures:
+    def select(self, index: torch.Tensor | slice) -> MismatchFeatures:
+        """The rows `index` picks (a [B] bool mask, indices or a slice)."""
         names = MismatchFeatures.__dataclass_fields__
-        return MismatchFeatures(**{n: getattr(self, n)[i : i + 1] for n in names})
+        return MismatchFeatures(**{n: getattr(self, n)[index] for n in names})
+
+    def row(self, i: int) -> MismatchFeatures:
+        return self.select(slice(i, i + 1))
 
     def judge_inputs(self) -> JudgeInputs:
         """As JudgeInputs of B blocks of one draft token each ([B, 1, ...])."""
