@@ -155,10 +155,10 @@ def _where(keep: torch.Tensor, score, features: MismatchFeatures) -> torch.Tenso
     return out
 
 
-def measure(scores: dict[str, torch.Tensor], labels: torch.Tensor, groups: torch.Tensor, args) -> list[dict]:
+def measure(scores: dict[str, torch.Tensor], labels: torch.Tensor, groups: torch.Tensor, common: torch.Tensor,
+            args) -> list[dict]:  # fmt: skip
     """Per score: AUC with its interval on every row it is defined on, and on the common rows
-    (those every score is defined on: the target's hidden state computed)."""
-    common = torch.stack([~s.isnan() for s in scores.values()]).all(0)  # [N]
+    (common [N] bool: those every score is defined on, the target's hidden state computed)."""
     out = []
     for name, s in scores.items():
         defined = ~s.isnan()
@@ -252,8 +252,8 @@ def main() -> None:
     if proposals_path.is_file():
         scores["lookahead"] = lookahead(outcomes, torch.load(proposals_path, weights_only=False), args.k - 1)
     scores = {name: s for name, s in scores.items() if bool((~s.isnan()).any())}  # a score no row can have
-    results = measure(scores, labels, groups, args)
-    common = torch.stack([~s.isnan() for s in scores.values()]).all(0)
+    common = torch.stack([~s.isnan() for s in scores.values()]).all(0)  # [N]
+    results = measure(scores, labels, groups, common, args)
     sample = (
         f"{len(labels)} mismatches accepted by a swept policy on {len(problems)} problems, "
         f"{int(labels.sum())} harmless ({labels.float().mean():.1%}), of {len(saved['keys'])} the sweeps met; "
