@@ -30,7 +30,8 @@ all alike.
    --batch-sizes, and standard SD at 8 prompts (vLLM's batch).
 5. bfloat16 (both models, kernels chosen the same way): our greedy and standard SD at batch
    size 1, and how many responses equal float32 greedy's.
-6. The limit: memory bandwidth (a copy and a sum over a 1 GiB buffer) / the target's weight bytes.
+6. The limit: memory bandwidth (a copy, a sum and a matrix-vector product over a 1 GiB buffer) / the
+   weight bytes a greedy token of the target reads (all but its input embedding, read a row at a time).
 Batch size 1 runs the first --prompts prompts; larger batches the first --batch-prompts.
 Writes speed.json, speed.md and speed_batch.png to --out; the last line is
     sd_tps=.. hf_assisted_k_tps=.. hf_greedy_tps=.. vllm_sd_tps=.. vllm_tps=.. sd_tps_b8=..

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from spd_lightning.reporting.plots import plot_batch_speed
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
-from spd_lightning.tasks.speed import Run, RunStore, greedy_bound_tps, memory_bandwidth_gbs, weight_bytes
+from spd_lightning.tasks.speed import Run, RunStore, bytes_read_per_token, greedy_bound_tps, memory_bandwidth_gbs
 
 NAMES = {
     "hf_greedy": "HF greedy generate()",
@@ -42,11 +42,12 @@ LAST_LINE = {
 
 
 def target_bytes(target_dir: str) -> dict[str, int]:
-    """The target's weight bytes in float32 and bfloat16, from its config alone (no weights read)."""
+    """The weight bytes a greedy token of the target reads, in float32 and bfloat16, from its
+    config alone (no weights read)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_dir))
         model.tie_weights()  # a tied output layer is the embedding: read once, counted once
-    return {"float32": weight_bytes(model, torch.float32), "bfloat16": weight_bytes(model, torch.bfloat16)}
+    return {dtype: bytes_read_per_token(model, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
 
 
 def runs_by_method(store: RunStore) -> dict[str, dict[int, Run]]:
@@ -111,7 +112,7 @@ def limit_table(bandwidth: dict[str, float], nbytes: dict[str, int], bounds: dic
     figures = " / ".join(f"{bandwidth[k]:.1f}" for k in ("copy", "read", "gemv"))
     table.add("memory bandwidth, copy / sum / matrix-vector (GB/s)", figures)
     for dtype, b in nbytes.items():
-        table.add(f"target weights, {dtype} (GB)", f"{b / 1e9:.2f}")
+        table.add(f"target weights read per token, {dtype} (GB)", f"{b / 1e9:.2f}")
         table.add(f"greedy bound, {dtype} (tok/s)", f"{bounds[dtype]:.2f}")
     for role, choice in kernels.items():
         table.add(f"kernels: {role}", str(choice))
@@ -123,7 +124,8 @@ LEGEND = (
     "are not counted); kept/blk: draft tokens kept per target call (vLLM: accepted per draft, from /metrics); "
     "=greedy: responses equal to our float32 greedy's; xHFgr, xHFas, xHFasK: tok/s over HF greedy, HF assisted "
     "at its defaults, HF assisted at K on our kernels; /limit: tok/s over the greedy bound of its dtype "
-    "(the highest measured bandwidth / the target's weight bytes)",
+    "(the highest measured bandwidth / the weight bytes a greedy token of the target reads: all but its input "
+    "embedding table, of which it reads one row)",
 )
 
 

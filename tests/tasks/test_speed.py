@@ -20,6 +20,7 @@ from spd_lightning.tasks.speed import (
     OnePrompt,
     Run,
     RunStore,
+    bytes_read_per_token,
     greedy_bound_tps,
     interleaved,
     memory_bandwidth_gbs,
@@ -67,6 +68,19 @@ def test_the_bound_and_the_store():
     model = nn.Linear(10, 10)
     assert weight_bytes(model) == 110 * 4 and weight_bytes(model, torch.bfloat16) == 110 * 2
     assert greedy_bound_tps(20.0, 2 * 10**9) == 10.0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_greedy_token_reads_one_row_of_an_untied_input_embedding(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    table = 100 * 8 * 4  # the input embedding's bytes in float32
+    expected = weight_bytes(model) if tied else weight_bytes(model) - table + 8 * 4
+    assert bytes_read_per_token(model) == expected
+    assert bytes_read_per_token(model, torch.bfloat16) == expected // 2
 
 
 def test_a_stored_run_is_not_made_again(tmp_path):
