@@ -51,12 +51,12 @@ from transformers import GenerationConfig
 
 from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.decoding.policies import PolicySettings
-from spd_lightning.decoding.setup import PairSettings, build_decoding, corpus_token_rows
+from spd_lightning.decoding.setup import PairSettings, build_decoding, corpus_vocabulary
 from spd_lightning.decoding.speculative import SpeculativeDecoder
 from spd_lightning.models.int8 import int8_kernel_available, quantize_linears
 from spd_lightning.models.packed import pack_if_faster
 from spd_lightning.models.pairs import require_built
-from spd_lightning.models.vocab_head import frequent_tokens, restrict_output_layer
+from spd_lightning.models.vocab_head import restrict_output_layer
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import launch_vllm_server
 from spd_lightning.tasks.speed import (
@@ -164,8 +164,7 @@ def choose_kernels(setup, k: int) -> dict[str, str]:
 def draft_vocab_tokens(args, setup) -> torch.Tensor:
     """The --draft-vocab tokens most frequent in --draft-vocab-corpus, every end of sequence among them."""
     corpus = args.draft_vocab_corpus or [str(Path(args.gsm8k) / "train.jsonl")]
-    rows = [row for path in corpus for row in corpus_token_rows(path, setup.tokenizer, "--draft-vocab-corpus")]
-    return frequent_tokens(rows, args.draft_vocab, always=setup.eos_ids)
+    return corpus_vocabulary(corpus, setup.tokenizer, args.draft_vocab, setup.eos_ids, "--draft-vocab-corpus")
 
 
 def cheaper_drafts(draft, keep: torch.Tensor, kinds: tuple[str, ...] = ("int8", "int8_vocab")) -> dict[str, object]:

@@ -9,6 +9,7 @@ all build through here, so a pair is loaded, checked and packed one way.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -144,14 +145,21 @@ def corpus_token_rows(path: str | Path, tokenizer, key: str = "draft_vocab_corpu
     return rows
 
 
+def corpus_vocabulary(paths: list, tokenizer, n: int, always: Collection[int], key: str) -> torch.Tensor:
+    """The n ids most frequent in the JSONL files `paths` (a task's text), plus `always` (end of
+    sequence ids): -> [<= n + len(always)] sorted ids, the draft's restricted output layer."""
+    rows = [row for path in paths for row in corpus_token_rows(path, tokenizer, key)]
+    return frequent_tokens(rows, n, always=always)
+
+
 def restrict_draft_vocab(draft: PreTrainedModel, target: PreTrainedModel, tokenizer, source: PairSettings) -> None:
     """The draft's output layer cut to source.draft_vocab frequent tokens (and every end of
     sequence): cheaper draft passes; standard SD stays lossless, the target verifies."""
     prefix = f"{source.section}." if source.section else ""
     if source.draft_vocab_corpus is None:
         raise SetupError(f"{prefix}draft_vocab needs {prefix}draft_vocab_corpus=PATH: a JSONL file of the task's text")
-    rows = corpus_token_rows(source.draft_vocab_corpus, tokenizer, f"{prefix}draft_vocab_corpus")
-    keep = frequent_tokens(rows, source.draft_vocab, always=response_end_ids(target, tokenizer))
+    key, ends = f"{prefix}draft_vocab_corpus", response_end_ids(target, tokenizer)
+    keep = corpus_vocabulary([source.draft_vocab_corpus], tokenizer, source.draft_vocab, ends, key)
     restrict_output_layer(draft, keep)
     print(f"draft output layer: {len(keep)} tokens of {draft.config.vocab_size}, from {source.draft_vocab_corpus}")
 
