@@ -10,6 +10,9 @@ a scale per row, activations in the dtype, models.int8)
 the model reads a --context-token prompt once (KV cache), then, for each n, passes
 over n new tokens after it (the cache cut back each time); the median of --repeats timings is
 printed, and its ratio to the single-token pass, in a table also written to --out/pass_cost.md.
+With --identity N each kind also writes N greedy tokens after a GSM8K-like prompt, and the
+table says for how many it agrees with the first kind (what a kernel path costs in token identity;
+torch.compile's is bench/compiled_greedy.py: it needs a static cache, which these passes do not use).
 On a CPU whose matrix units only speed up bfloat16 (Intel AMX), an unpacked float32 pass over a
 few tokens can cost several single-token passes, and speculative decoding then gains little
 there: MKL re-lays-out the weights for every small product, which packing once avoids.
@@ -38,26 +41,66 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--identity", type=int, default=0, help="greedy tokens compared with the first kind")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "pass_cost"))
     args = parser.parse_args()
     require_built("--model", args.model)
     print(f"{args.model}, context {args.context} tokens, {torch.get_num_threads()} threads")
     title = f"A pass over n new tokens after {args.context}: the single token's time, then x that time"
-    table = FigureTable(title, ["new tokens", *map(str, args.tokens)])
+    identity = [f"= {args.kinds[0]}, of {args.identity}"] if args.identity else []
+    table = FigureTable(title, ["new tokens", *map(str, args.tokens), *identity])
+    first_ids: list[int] = []
     for name in args.kinds:
         model = prepared(name, args, parser)
-        single, row = None, [name]
-        for n in args.tokens:
-            seconds = pass_seconds(model, args.context, n, args.repeats)
-            single = single or seconds
-            print(f"{name:14s} {n:3d} new tokens: {seconds * 1000:7.1f} ms  ({seconds / single:.2f}x one token)")
-            row.append(f"{seconds * 1000:.0f} ms" if n == args.tokens[0] else f"{seconds / single:.2f}x")
-        table.add(*row)
+        cells = pass_figures(model, name, args)
+        if args.identity:
+            ids = greedy_ids(model, args.identity)
+            first_ids = first_ids or ids
+            cells.append(str(leading_agreement(ids, first_ids)))
+            print(f"{name:14s} greedy: the first {cells[-1]} of {args.identity} tokens as {args.kinds[0]}'s")
+        table.add(name, *cells)
         del model
     model_dir = Path(args.model)
     sample = f"median of {args.repeats} timings after a warm-up, {model_dir.parent.name}/{model_dir.name}"
     markdown = write_markdown(Path(args.out) / "pass_cost.md", [table], sample=sample)
     print_tables(table, notes=(f"table: {markdown}",))
+
+
+def pass_figures(model, name: str, args) -> list[str]:
+    """The single-token pass's ms, then each wider pass as a multiple of it; printed as measured."""
+    single, row = None, []
+    for n in args.tokens:
+        seconds = pass_seconds(model, args.context, n, args.repeats)
+        single = single or seconds
+        print(f"{name:14s} {n:3d} new tokens: {seconds * 1000:7.1f} ms  ({seconds / single:.2f}x one token)")
+        row.append(f"{seconds * 1000:.0f} ms" if n == args.tokens[0] else f"{seconds / single:.2f}x")
+    return row
+
+
+PROMPT = "Question: A baker sells 24 muffins a day at $3 each. How much does he earn in a week?\nAnswer:"
+
+
+@torch.no_grad()
+def greedy_ids(model, n: int) -> list[int]:
+    """n greedy token ids after PROMPT, one cached pass per token (the --model directory's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids  # [1, T]
+    out = model(input_ids=ids, use_cache=True)
+    new = []
+    for _ in range(n):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        new.append(int(token))
+        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    return new
+
+
+def leading_agreement(ids: list[int], reference: list[int]) -> int:
+    """Tokens agreeing with `reference` before the first that differs (a greedy text follows its
+    first difference off, so later agreement is chance)."""
+    same = [a == b for a, b in zip(ids, reference)]
+    return same.index(False) if False in same else len(same)
 
 
 def prepared(name: str, args, parser: argparse.ArgumentParser):

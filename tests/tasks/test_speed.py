@@ -4,6 +4,7 @@ pair, never from CI), and the pieces it is built from."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -239,13 +240,32 @@ def test_the_draft_vocab_knob_restricts_the_loaded_draft_and_names_a_missing_cor
 
 
 def test_the_pass_cost_bench_times_every_kernel_kind_on_the_toy_target(toy_world, tmp_path):
+    kinds = ["float32", "float32-packed", "float32-auto", "float32-int8"]
     args = ["--model", str(toy_world / "target"), "--context", "8", "--tokens", "1", "2", "--repeats", "1",
-            "--kinds", "float32", "float32-packed", "float32-auto", "float32-int8", "--out", str(tmp_path)]  # fmt: skip
+            "--identity", "6", "--out", str(tmp_path), "--kinds", *kinds]  # fmt: skip
     bench = [sys.executable, str(ROOT / "bench" / "pass_cost.py")]
     done = subprocess.run([*bench, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "float32-auto: " in done.stdout and "probe ms as loaded/packed" in done.stdout
     table = (tmp_path / "pass_cost.md").read_text()
-    assert all(f"| {kind} |" in table for kind in ("float32", "float32-packed", "float32-auto", "float32-int8"))
-    wrong = subprocess.run([*bench, *args[:-6], "float32-fast"], capture_output=True, text=True)
+    assert all(f"| {kind} |" in table for kind in kinds)
+    # float32 agrees with itself on every greedy token: the identity column compares, not copies.
+    assert re.search(r"^float32 +greedy: the first 6 of 6 tokens as float32's", done.stdout, re.M)
+    wrong = subprocess.run([*bench, *args[: -len(kinds)], "float32-fast"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "--kinds float32-fast: a dtype, optionally -packed, -auto or -int8" in wrong.stderr
+
+
+def test_the_compiled_greedy_bench_writes_every_way_and_its_last_line_on_the_toy_target(toy_world, tmp_path):
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    lines = [json.dumps({"question": p.text, "answer": "#### 1"}) for p in toy_prompts(3, seed=1)]
+    (data / "test.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--model", str(toy_world / "target"), "--gsm8k", str(data), "--skip", "0", "--prompts", "2",
+            "--max-new-tokens", "4", "--dtypes", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "compiled_greedy.py"), *args], capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"eager_tps=\S+ static_tps=\S+ compiled_tps=\S+ compile_s=\S+ same=[0-2]", last), last
+    table = (tmp_path / "out" / "compiled_greedy.md").read_text()
+    assert all(f"| float32, {way} |" in table for way in ("dynamic cache", "static cache", "static cache, compiled"))
