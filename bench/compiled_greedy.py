@@ -97,7 +97,8 @@ def main() -> None:
             table.add(f"{dtype}, {way}", f"{tps:.2f}", f"{warm:.1f}", f"{same}/{len(rows)}")
             figures.setdefault(dtype, {})[way] = (tps, warm, same)
         del model
-    sample = f"GSM8K test prompts from line {listed[0].index}: {args.prompts} ({args.max_new_tokens} new tokens each)"
+    sample = (f"{args.prompts} GSM8K test prompts from line {listed[0].index}, {args.max_new_tokens} new tokens each; "
+              "tok/s over all but the first, the warm-up that holds any compilation")  # fmt: skip
     markdown = write_markdown(Path(args.out) / "compiled_greedy.md", [table], sample=sample)
     print_tables(table, notes=(f"table: {markdown}",))
     first = figures[args.dtypes[0]]
