@@ -30,6 +30,7 @@ from spd_lightning.models.packed import pack_if_faster, pack_linears, pass_secon
 from spd_lightning.models.pairs import require_built
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.targets.local import load_causal_lm
+from spd_lightning.tasks.speed import hf_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,20 +81,15 @@ def pass_figures(model, name: str, args) -> list[str]:
 PROMPT = "Question: A baker sells 24 muffins a day at $3 each. How much does he earn in a week?\nAnswer:"
 
 
-@torch.no_grad()
 def greedy_ids(model, n: int) -> list[int]:
-    """n greedy token ids after PROMPT, one cached pass per token (the --model directory's tokenizer)."""
+    """n greedy token ids after PROMPT (transformers' generate(), no end-of-sequence stop; the
+    --model directory's tokenizer)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids  # [1, T]
-    out = model(input_ids=ids, use_cache=True)
-    new = []
-    for _ in range(n):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
-        new.append(int(token))
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-    return new
+    prompt = tokenizer(PROMPT).input_ids
+    (row,) = hf_generate(model, [prompt], n, pad=tokenizer.pad_token_id or 0, eos=())
+    return row
 
 
 def leading_agreement(ids: list[int], reference: list[int]) -> int:
