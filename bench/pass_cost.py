@@ -24,10 +24,12 @@ import argparse
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from spd_lightning.models.int8 import quantize_linears
 from spd_lightning.models.packed import pack_if_faster, pack_linears, pass_seconds
 from spd_lightning.models.pairs import require_built
+from spd_lightning.models.prefix_states import common_prefix
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.targets.local import load_causal_lm
 from spd_lightning.tasks.speed import hf_generate
@@ -51,13 +53,16 @@ def main() -> None:
     identity = [f"= {args.kinds[0]}, of {args.identity}"] if args.identity else []
     table = FigureTable(title, ["new tokens", *map(str, args.tokens), *identity])
     first_ids: list[int] = []
+    if args.identity:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        prompt, pad = tokenizer(PROMPT).input_ids, tokenizer.pad_token_id or 0
     for name in args.kinds:
         model = prepared(name, args, parser)
         cells = pass_figures(model, name, args)
         if args.identity:
-            ids = greedy_ids(model, args.identity)
+            ids = greedy_ids(model, prompt, pad, args.identity)
             first_ids = first_ids or ids
-            cells.append(str(leading_agreement(ids, first_ids)))
+            cells.append(str(common_prefix(ids, first_ids)))  # after a first difference, agreement is chance
             print(f"{name:14s} greedy: the first {cells[-1]} of {args.identity} tokens as {args.kinds[0]}'s")
         table.add(name, *cells)
         del model
@@ -81,22 +86,10 @@ def pass_figures(model, name: str, args) -> list[str]:
 PROMPT = "Question: A baker sells 24 muffins a day at $3 each. How much does he earn in a week?\nAnswer:"
 
 
-def greedy_ids(model, n: int) -> list[int]:
-    """n greedy token ids after PROMPT (transformers' generate(), no end-of-sequence stop; the
-    --model directory's tokenizer)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    prompt = tokenizer(PROMPT).input_ids
-    (row,) = hf_generate(model, [prompt], n, pad=tokenizer.pad_token_id or 0, eos=())
+def greedy_ids(model, prompt: list[int], pad: int, n: int) -> list[int]:
+    """n greedy token ids after `prompt` (transformers' generate(), no end-of-sequence stop)."""
+    (row,) = hf_generate(model, [prompt], n, pad=pad, eos=())
     return row
-
-
-def leading_agreement(ids: list[int], reference: list[int]) -> int:
-    """Tokens agreeing with `reference` before the first that differs (a greedy text follows its
-    first difference off, so later agreement is chance)."""
-    same = [a == b for a, b in zip(ids, reference)]
-    return same.index(False) if False in same else len(same)
 
 
 def prepared(name: str, args, parser: argparse.ArgumentParser):
