@@ -26,25 +26,21 @@ import matplotlib
 import torch
 
 from spd_lightning.core.stats import wilson_interval
-from spd_lightning.data.answers import gsm8k_final_number, token_holds_digit
+from spd_lightning.data.answers import token_holds_digit
 from spd_lightning.decoding.features import MismatchFeatures, entropy_score, judge_score, kl_score, topk_score
-from spd_lightning.judge.fit import FitSettings, fit_supervised
+from spd_lightning.judge.fit import FitSettings
 from spd_lightning.judge.head import JudgeHead, load_judge
-from spd_lightning.judge.inputs import DiskCompletions
 from spd_lightning.judge.ranking import (
-    accepted_outcomes,
     agreed_after,
     auc_interval,
-    cross_validated,
-    harmless,
     problem_folds,
     roc_auc,
     roc_curve,
 )
-from spd_lightning.models.hf import load_tokenizer
 from spd_lightning.reporting.plots import sign_figure
 from spd_lightning.reporting.tables import FigureTable, write_markdown
 from spd_lightning.tasks.generations import head_from_checkpoint
+from spd_lightning.tasks.labelled import fitted_logistic, load_labelled
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -88,24 +84,6 @@ def _first_file(*paths: Path) -> Path:
     return next((p for p in paths if p.is_file()), paths[-1])
 
 
-def fitted_scores(features: MismatchFeatures, labels: torch.Tensor, folds: torch.Tensor, inputs: tuple[str, ...],
-                  args) -> torch.Tensor:  # fmt: skip
-    """[N] held-out accept logits of logistic heads on `inputs` (AutoJudge's head), one per fold."""
-    data = features.judge_inputs()
-
-    def fit_and_score(train: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-        part = data.select(train)
-        head = JudgeHead(JudgeHead.sizes_of(data), inputs, hidden=0)
-        head.fit_scaling(part)
-        defined = torch.ones(len(train), 1, dtype=torch.bool)
-        logits = lambda index: head(part.select(index))  # noqa: E731
-        fit_supervised(logits, head.parameters(), labels[train, None], defined, FitSettings(args.steps, seed=args.seed))
-        with torch.no_grad():
-            return head(data.select(held))[:, 0]
-
-    return cross_validated(fit_and_score, folds, len(labels))
-
-
 NAMES = {
     "kl": "KL rule (JuDi's mask: none where the target's top-1 > 0.9)",
     "kl_unmasked": "KL alone",
@@ -140,11 +118,12 @@ def all_scores(features: MismatchFeatures, labels, folds, heads: dict[str, Judge
     for name, head in heads.items():
         kept = has_hidden if "target_hidden" in head.inputs else torch.ones_like(has_hidden)
         scores[name] = _where(kept, judge_score(head), features)
-    scores["fit_tokens"] = fitted_scores(features, labels, folds, ("tokens",), args)
+    fit = FitSettings(args.steps, seed=args.seed)
+    scores["fit_tokens"] = fitted_logistic(features, labels, folds, ("tokens",), fit)
     if int(has_hidden.sum()) > 2 * args.folds:
         wide, keep = ("tokens", "target_hidden"), has_hidden
-        fit = lambda part: fitted_scores(part, labels[keep], folds[keep], wide, args)  # noqa: E731
-        scores["fit_hidden"] = _where(keep, fit, features)
+        fit_wide = lambda part: fitted_logistic(part, labels[keep], folds[keep], wide, fit)  # noqa: E731
+        scores["fit_hidden"] = _where(keep, fit_wide, features)
     return scores
 
 
@@ -231,21 +210,8 @@ def draw(path: Path, scores: dict[str, torch.Tensor], labels: torch.Tensor, comm
 
 def main() -> None:
     args = parse_args()
-    store_path, features_path = args.episodes / "completions.jsonl", args.episodes / "sweep" / "features.pt"
-    for path in (store_path, features_path, args.tokenizer):
-        if not path.exists():
-            raise SystemExit(f"error: {path} is not there: run bench/whole_generations.py --world qwen_coder first")
-    store = DiskCompletions(store_path)
-    saved = torch.load(features_path, weights_only=False)
-    outcomes = accepted_outcomes(store, saved["keys"])
-    if not outcomes:
-        raise SystemExit(f"error: no mismatch in {features_path} was accepted by a swept policy: sweep one first")
-    tokenizer = load_tokenizer(str(args.tokenizer), local_files_only=True)
-    labels = harmless(outcomes, lambda a, b: gsm8k_final_number(tokenizer.decode(a), tokenizer.decode(b)))
-    rows = torch.tensor([o.row for o in outcomes])
-    features = MismatchFeatures(**saved["rows"]).select(rows)
-    problems = {p: i for i, p in enumerate(dict.fromkeys(o.problem for o in outcomes))}
-    groups = torch.tensor([problems[o.problem] for o in outcomes])
+    data = load_labelled(args.episodes, args.tokenizer)
+    outcomes, labels, features, groups = data.outcomes, data.labels, data.features, data.groups
     folds = problem_folds(groups, args.folds, args.seed)
     scores = all_scores(features, labels, folds, trained_heads(args), args)
     proposals_path = args.episodes / "sweep" / "proposals.pt"
@@ -255,11 +221,11 @@ def main() -> None:
     common = torch.stack([~s.isnan() for s in scores.values()]).all(0)  # [N]
     results = measure(scores, labels, groups, common, args)
     sample = (
-        f"{len(labels)} mismatches accepted by a swept policy on {len(problems)} problems, "
-        f"{int(labels.sum())} harmless ({labels.float().mean():.1%}), of {len(saved['keys'])} the sweeps met; "
+        f"{len(labels)} mismatches accepted by a swept policy on {int(groups.max()) + 1} problems, "
+        f"{int(labels.sum())} harmless ({labels.float().mean():.1%}), of {data.met} the sweeps met; "
         f"fitted heads: {args.folds} folds of whole problems, {args.steps} steps"
     )
-    tables = [table(results, labels, common), where_harm_lies(outcomes, labels, tokenizer)]
+    tables = [table(results, labels, common), where_harm_lies(outcomes, labels, data.tokenizer)]
     write_markdown(args.episodes / "mismatch_ranking.md", tables,
                    ("plot: mismatch_ranking.png, beside this file",), sample)  # fmt: skip
     (args.episodes / "mismatch_ranking.json").write_text(json.dumps({"sample": sample, "scores": results}, indent=1))

@@ -4,6 +4,7 @@ chosen on one problem set and measured on another (spd_lightning/tasks/generatio
     python bench/whole_generations.py                          # the default world: a few minutes
     python bench/whole_generations.py --world qwen_coder --stage responses   # real pair, resumable
     python bench/whole_generations.py --world qwen_coder       # every stage, hours on 2 cores
+    python bench/whole_generations.py --world qwen_coder --on-disk --k 4 8   # report what is measured
 
 Stages, each kept on disk under --out, so a rerun resumes: responses (the target's own response to
 every prompt), heads (the supervised head on AutoJudge labels mined along whole generations, the
@@ -34,11 +35,10 @@ from spd_lightning.tasks.generations import (
     TOY_PAIR,
     WorldSettings,
     load_world,
+    problem_sets,
     project_relative,
-    real_sets,
     stage_heads,
     stage_responses,
-    toy_sets,
 )
 
 STAGES = ("responses", "heads", "sweep")
@@ -62,6 +62,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--test-points", choices=["all", "chosen"], default="all",
         help="on the test set: every threshold of the grid, or only the one chosen on the choosing set",
+    )  # fmt: skip
+    parser.add_argument(
+        "--on-disk", action="store_true",
+        help="report only the points measured before (in the sweep's folder), measure none: a family or K "
+        "never swept is left out, a chosen threshold not yet run on the test set says so",
     )  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy below standard SD allowed")
     parser.add_argument("--steps", type=int, default=300, help="supervised head's optimiser steps")
@@ -111,10 +116,7 @@ def main() -> None:
     pair = TOY_PAIR if toy else Path(args.pair)
     if not toy:
         require_built("--pair", pair / "draft", pair / "target")
-    if toy:
-        sets = toy_sets(args.train or 320, args.choose or 96, args.test or 200)
-    else:
-        sets = real_sets(Path(args.data), args.train or 100, args.choose or 60, args.test or 150)
+    sets = problem_sets(toy, Path(args.data), args.train, args.choose, args.test)
     default_out = (
         ROOT / "outputs" / "generations" / "toy" if toy else ROOT / "data" / f"episodes_{args.world}_{args.dtype}"
     )
@@ -153,9 +155,8 @@ def run_stages(args, world, toy: bool, out: Path, budget: int, url: str | None) 
             overrides = training_overrides(args, toy, out, budget, url)
             heads = stage_heads(world, overrides, max(args.k), args.steps, args.seed, block_rl)
         else:
-            settings = SweepSettings(
-                args.points, args.tolerance, args.test_points, args.families and tuple(args.families)
-            )
+            names = args.families and tuple(args.families)
+            settings = SweepSettings(args.points, args.tolerance, args.test_points, names, args.on_disk)
             results = stage_sweep(world, heads, args.k, settings)
             sample = ", ".join(f"{name}: {len(p.prompts)} problems" for name, p in world.sets.items())
             report(

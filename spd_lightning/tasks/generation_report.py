@@ -41,11 +41,14 @@ def table_for(k: int, by_family: dict, families: list[Family], tolerance: float)
         ["policy", "thr", "acc %", "95% CI", "agree %", "tok/call", "x SD", "+/- (p)"],
     )
     for family in (f for f in families if f.name in by_family):
-        point: Point = by_family[family.name]["chosen"]
+        point: Point | None = by_family[family.name]["chosen"]
         if family.name == "accept_all":  # one point, whatever it costs
             if not by_family[family.name]["test"]:  # test_points=chosen: measured on the choosing set only
                 continue
             point = by_family[family.name]["test"][0]
+        if point is None:  # a report of what is on disk: chosen, not yet run on the test set
+            table.add(family.label, "test point not measured", *["-"] * 6)
+            continue
         row = point.as_row()
         gained, lost, p = paired(point, sd)
         fallback = point.family != family.name
@@ -95,7 +98,7 @@ def _panel(ax, by_family: dict, families: list[Family], name: str) -> None:
         below, above = [a - lo for a, (lo, _) in zip(y, intervals)], [hi - a for a, (_, hi) in zip(y, intervals)]
         ax.errorbar(x, y, yerr=[below, above], fmt="none", ecolor=line.get_color(), alpha=0.35, capsize=3)
         chosen = by_family[family.name]["chosen"]
-        if chosen.family == family.name:
+        if chosen is not None and chosen.family == family.name:
             # the chosen threshold's point on this set
             mine = [p for p in points if p.threshold == chosen.threshold]
             ax.scatter([p.tokens_per_call for p in mine], [p.accuracy for p in mine], s=110, marker="*",
@@ -118,8 +121,8 @@ def last_line(results: dict) -> str:
 def report(results: dict, families: list[Family], out: Path, tolerance: float, sample: str) -> str:
     """Prints and writes (generations.json, generations.md, generations.png); returns the last line."""
     tables = [table_for(k, results[k], families, tolerance) for k in sorted(results)]
-    rows = {str(k): {f: {s: [p.as_row() for p in (v if isinstance(v, list) else [v])] for s, v in sets.items()}
-                     for f, sets in by.items()} for k, by in results.items()}  # fmt: skip
+    rows = {str(k): {f: {s: [p.as_row() for p in (v if isinstance(v, list) else [v]) if p is not None]
+                         for s, v in sets.items()} for f, sets in by.items()} for k, by in results.items()}  # fmt: skip
     (out / "generations.json").write_text(json.dumps(rows, indent=1))
     png = plot_curves(results, families, out / "generations.png")
     notes = (

@@ -188,6 +188,13 @@ def _points_on_disk(path: Path) -> list[Point]:
     return [Point(**row) for row in json.loads(path.read_text())] if path.is_file() else []
 
 
+def stored(world, run: SetRun, name: str, family: Family, thresholds: list[float], k: int,
+           progress: Progress) -> list[Point]:  # fmt: skip
+    """measure's points that are on disk, the others left out (a report of what was measured)."""
+    done = {p.threshold: p for p in _points_on_disk(progress.folder / f"K{k}_{name}_{family.name}.json")}
+    return [done[t] for t in thresholds if t in done]
+
+
 def measure(world, run: SetRun, name: str, family: Family, thresholds: list[float], k: int,
             progress: Progress) -> list[Point]:  # fmt: skip
     """The family's points at `thresholds` on the set `name`: read from its JSON in the sweep's
@@ -205,18 +212,23 @@ def measure(world, run: SetRun, name: str, family: Family, thresholds: list[floa
 
 
 def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progress: Progress,
-                 settings: SweepSettings, sd_choose: Point | None) -> dict[str, list[Point]]:  # fmt: skip
+                 settings: SweepSettings, sd_choose: Point | None) -> dict[str, list[Point]] | None:  # fmt: skip
     """The family's grid (from the choosing set's scores) on the choosing set, then on the test set
     the whole grid (settings.test_points="all") or only the threshold chosen on the choosing set
     ("chosen": what a user deploys, at a fraction of the cost on a real pair). Points are kept in
-    the sweep's folder (progress.folder), one JSON per family, set and K."""
+    the sweep's folder (progress.folder), one JSON per family, set and K. settings.on_disk: only
+    the points measured before (None: the family was never swept at this K)."""
+    swept = [progress.folder / f"K{k}_{kind}_{family.name}.json" for kind in (f"grid{settings.points}", "choose")]
+    if settings.on_disk and not family.thresholds and not any(path.is_file() for path in swept):
+        return None  # never swept at this K
     grid = kept_grid(world, runs["choose"], family, k, progress, settings.points)
-    on_choose = measure(world, runs["choose"], "choose", family, grid, k, progress)
+    read = stored if settings.on_disk else measure
+    on_choose = read(world, runs["choose"], "choose", family, grid, k, progress)
     on_test = grid
     if settings.test_points == "chosen" and sd_choose is not None:
         pick = choose(on_choose, sd_choose, settings.tolerance)
         on_test = [pick.threshold] if pick.family == family.name else []
-    tested = measure(world, runs["test"], "test", family, on_test, k, progress)
+    tested = read(world, runs["test"], "test", family, on_test, k, progress)
     return {"choose": on_choose, "test": tested}
 
 
@@ -232,6 +244,18 @@ class SweepSettings:
     tolerance: float = 0.01  # accuracy below standard SD's allowed to a chosen threshold
     test_points: str = "all"  # all: the grid on the test set too; chosen: its chosen threshold only
     names: tuple[str, ...] | None = None  # only these families (standard SD always)
+    on_disk: bool = False  # report the points measured before, measure none
+
+
+def with_chosen(by_family: dict, tolerance: float) -> dict:
+    """Each family's "chosen": its test point at the threshold chosen on the choosing set, standard
+    SD's where none passes, None where the chosen one was not measured on the test set."""
+    sd_choose, sd_test = by_family["sd"]["choose"][0], by_family["sd"]["test"][0]
+    for sets in by_family.values():
+        pick = choose(sets["choose"], sd_choose, tolerance)
+        fallback = sd_test if pick is sd_choose else None
+        sets["chosen"] = next((p for p in sets["test"] if p.threshold == pick.threshold), fallback)
+    return by_family
 
 
 def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: SweepSettings) -> dict:
@@ -259,13 +283,13 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: Swe
         by_family: dict = {}
         try:
             for f in chosen:  # standard SD first: the others' thresholds are chosen against it
-                sd_choose = by_family["sd"]["choose"][0] if "sd" in by_family else None
-                by_family[f.name] = sweep_family(world, runs, f, k, progress, settings, sd_choose)
+                sd_choose = next(iter(by_family.get("sd", {}).get("choose", [])), None)
+                swept = sweep_family(world, runs, f, k, progress, settings, sd_choose)
+                if swept is not None:
+                    by_family[f.name] = swept
         finally:  # a stopped sweep (SIGTERM, Ctrl-C, an error) keeps every model pass it made
             progress.save()
-        sd_choose, sd_test = by_family["sd"]["choose"][0], by_family["sd"]["test"][0]
-        for sets in by_family.values():
-            pick = choose(sets["choose"], sd_choose, settings.tolerance)
-            sets["chosen"] = next((p for p in sets["test"] if p.threshold == pick.threshold), sd_test)
-        results[k] = by_family
+        if not (by_family["sd"]["choose"] and by_family["sd"]["test"]):
+            raise SystemExit(f"error: standard SD at K = {k} is not on disk: run the sweep without --on-disk first")
+        results[k] = with_chosen(by_family, settings.tolerance)
     return results

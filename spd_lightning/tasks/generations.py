@@ -94,6 +94,13 @@ def toy_sets(train: int = 320, choose: int = 96, test: int = 200) -> list[Proble
             ProblemSet("test", None, 1000, test)]  # fmt: skip
 
 
+def problem_sets(toy: bool, data: Path, train: int | None, choose: int | None, test: int | None) -> list[ProblemSet]:
+    """The bench's sets, each count defaulting to its world's (toy: 320, 96, 200; GSM8K: 100, 60, 150)."""
+    if toy:
+        return toy_sets(train or 320, choose or 96, test or 200)
+    return real_sets(data, train or 100, choose or 60, test or 150)
+
+
 def load_problems(spec: ProblemSet, tokenizer) -> Problems:
     if spec.raw is None:
         prompts = toy_prompts(spec.limit, spec.skip)

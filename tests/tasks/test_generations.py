@@ -107,6 +107,15 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
     for key in ("kl=", "entropy=", "topk=", "supervised=", "block_rl=", "gen_rl=", "fit_tokens=", "fit_hidden="):
         assert key in last, last
     assert (tmp_path / "mismatch_ranking.png").is_file()
+    replay = [sys.executable, str(ROOT / "bench" / "grpo_replay.py"), "--episodes", str(tmp_path), "--world", "toy",
+              "--tokenizer", str(TOY_PAIR / "target"), "--train", "24", "--choose", "16", "--test", "16",
+              "--batches", "3", "--seeds", "1", "--folds", "2", "--bootstrap", "5"]  # fmt: skip
+    done = subprocess.run(replay, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    for key in ("reference_run_auc_3=", "target_one_auc_3=", "shuffled_uncapped_auc_3=", "logistic="):
+        assert key in last, last
+    assert (tmp_path / "grpo_replay.png").is_file()
 
 
 def test_a_sweep_keeps_each_point_as_it_is_measured_and_resumes_from_it(world, monkeypatch):
@@ -138,6 +147,25 @@ def test_the_test_set_can_hold_only_the_threshold_chosen_on_the_choosing_set(wor
     assert results["accept_all"]["test"] == []  # it never passes the tolerance on this world
     report({2: results}, families({}), tmp_path, 0.05, "test sample")  # a family without test points draws
     assert (tmp_path / "generations.png").is_file()
+
+
+def test_a_report_on_disk_measures_nothing_and_says_what_is_missing(world, tmp_path, monkeypatch):
+    import spd_lightning.tasks.generation_sweep as sweep
+
+    # Tolerance 1: every threshold passes, so the KL rule's chosen point is its own.
+    chosen = SweepSettings(2, tolerance=1.0, test_points="chosen", names=("kl",))
+    sweep.stage_sweep(world, {}, [2], chosen)
+    (world.out / "sweep" / "K2_test_kl.json").unlink()  # as if stopped before its test point
+    monkeypatch.setattr(sweep, "evaluate_point", lambda *a, **k: pytest.fail("a report on disk measured a point"))
+    on_disk = SweepSettings(2, tolerance=1.0, test_points="chosen", names=("kl", "entropy"), on_disk=True)
+    results = sweep.stage_sweep(world, {}, [2], on_disk)[2]
+    assert "entropy" not in results  # never swept at K = 2: left out, not measured
+    assert len(results["kl"]["choose"]) == 2 and results["kl"]["chosen"] is None
+    assert results["sd"]["chosen"] is results["sd"]["test"][0]
+    report({2: results}, families({}), tmp_path, 1.0, "test sample")
+    assert "test point not measured" in (tmp_path / "generations.md").read_text()
+    with pytest.raises(SystemExit, match="standard SD at K = 4"):
+        sweep.stage_sweep(world, {}, [4], on_disk)
 
 
 CHILD = """
