@@ -37,22 +37,20 @@ from spd_lightning.judge.fit import FitSettings
 from spd_lightning.judge.head import JudgeHead
 from spd_lightning.judge.ranking import auc_interval, problem_folds, roc_auc
 from spd_lightning.judge.replay import ReplayLabels, ReplaySettings, center_as_drawn, train_replay
-from spd_lightning.reporting.plots import sign_figure
+from spd_lightning.reporting.plots import save_signed
 from spd_lightning.reporting.tables import FigureTable, write_markdown
 from spd_lightning.tasks.generations import load_problems, problem_sets
-from spd_lightning.tasks.labelled import Labelled, answers_right, fitted_logistic, load_labelled
+from spd_lightning.tasks.labelled import Labelled, answers_right, fitted_logistic, load_labelled, store_arguments
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-EPISODES = ROOT / "data" / "episodes_qwen_coder_bfloat16"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=Path, default=EPISODES, help="completions.jsonl, sweep/, heads/")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "pairs" / "qwen_coder" / "target")
+    store_arguments(parser)
     parser.add_argument("--world", choices=["qwen_coder", "toy"], default="qwen_coder", help="whose problem sets")
     gsm8k = ROOT.parent / "shared" / "data" / "gsm8k"
     parser.add_argument("--data", type=Path, default=gsm8k, help="GSM8K jsonl folder (the references)")
@@ -221,10 +219,7 @@ def draw(path: Path, results: dict[str, dict], labels: torch.Tensor, logistic: f
     axes[1].set(ylabel="mean accept p at the decisions", title="saturation check", ylim=(0, 1))
     axes[2].set(ylabel="share of groups with no reward spread", title="groups that carry no signal", ylim=(0, 1))
     axes[0].legend(fontsize=6.5, loc="lower left")
-    sign_figure(fig)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_signed(fig, path)
 
 
 def main() -> None:

@@ -37,22 +37,20 @@ from spd_lightning.judge.ranking import (
     roc_auc,
     roc_curve,
 )
-from spd_lightning.reporting.plots import sign_figure
+from spd_lightning.reporting.plots import save_signed
 from spd_lightning.reporting.tables import FigureTable, write_markdown
 from spd_lightning.tasks.generations import head_from_checkpoint
-from spd_lightning.tasks.labelled import fitted_logistic, load_labelled
+from spd_lightning.tasks.labelled import fitted_logistic, load_labelled, store_arguments
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-EPISODES = ROOT / "data" / "episodes_qwen_coder_bfloat16"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=Path, default=EPISODES, help="completions.jsonl, sweep/, heads/")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "pairs" / "qwen_coder" / "target")
+    store_arguments(parser)
     parser.add_argument(
         "--block-rl", type=Path, default=None,
         help="the per-block judge (default: heads/block_rl's run if there, else judges/qwen_coder_grpo.pt)",
@@ -202,10 +200,7 @@ def draw(path: Path, scores: dict[str, torch.Tensor], labels: torch.Tensor, comm
     right.set(xlabel="mismatches kept, best-rated first", ylabel="important ones among them, minus a coin's",
               title="what a threshold keeps (lower: fewer answers changed)")  # fmt: skip
     left.legend(fontsize=7, loc="lower right")
-    sign_figure(fig)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_signed(fig, path)
 
 
 def main() -> None:

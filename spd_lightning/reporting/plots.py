@@ -265,6 +265,14 @@ def sign_figure(fig) -> None:
     fig.text(0.005, 0.005, "\n".join(lines), fontsize=6, color="gray", ha="left", va="bottom")
 
 
+def save_signed(fig, path: Path, dpi: int = 110) -> Path:
+    """The figure laid out above its provenance footer (sign_figure), written to `path` and closed."""
+    sign_figure(fig)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def draw_run_curves(run_dir: Path) -> Path | None:
     """RUN_DIR/training_curves.png from RUN_DIR/csv/metrics.csv (with the metrics.N.csv of the
     runs it resumed); None where the run logged nothing yet."""
