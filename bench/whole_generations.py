@@ -102,7 +102,7 @@ def training_overrides(args, toy: bool, out: Path, budget: int, url: str | None)
     gen = ["experiment=qwen_coder_generations", f"data.raw={project_relative(Path(args.data) / 'train.jsonl')}",
            f"data.limit={args.train or 100}", f"rollout.block_size={max(args.k)}", f"rollout.max_new_tokens={budget}",
            f"model.dtype={args.dtype}", store, features, *common]  # fmt: skip
-    if url is None:
+    if url is None and not (out / "heads" / "gen_rl" / "summary.json").is_file():  # a finished run is read back
         raise SystemExit("error: the real pair's GRPO head trains against a vLLM server: add --vllm")
     return {"block_rl": [], "gen_rl": [*gen, f"target.url={url}", "target.model=target"]}
 
@@ -159,6 +159,8 @@ def run_stages(args, world, toy: bool, out: Path, budget: int, url: str | None) 
             settings = SweepSettings(args.points, args.tolerance, args.test_points, names, args.on_disk)
             results = stage_sweep(world, heads, args.k, settings)
             sample = ", ".join(f"{name}: {len(p.prompts)} problems" for name, p in world.sets.items())
+            if args.on_disk:
+                sample += "; read from disk (--on-disk): the points measured so far, a grid's others left out"
             report(
                 results, families(heads), out, args.tolerance, f"{sample}; {budget} new tokens at most, {args.dtype}"
             )

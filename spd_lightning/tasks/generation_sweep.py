@@ -288,7 +288,8 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: Swe
                 if swept is not None:
                     by_family[f.name] = swept
         finally:  # a stopped sweep (SIGTERM, Ctrl-C, an error) keeps every model pass it made
-            progress.save()
+            if not settings.on_disk:  # a report writes nothing: a sweep may be saving beside it
+                progress.save()
         if not (by_family["sd"]["choose"] and by_family["sd"]["test"]):
             raise SystemExit(f"error: standard SD at K = {k} is not on disk: run the sweep without --on-disk first")
         results[k] = with_chosen(by_family, settings.tolerance)
