@@ -224,6 +224,8 @@ def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progres
     grid = kept_grid(world, runs["choose"], family, k, progress, settings.points)
     read = stored if settings.on_disk else measure
     on_choose = read(world, runs["choose"], "choose", family, grid, k, progress)
+    if settings.on_disk and not on_choose and family.name != "sd":
+        return None  # a fixed grid (top-k) never run at this K
     on_test = grid
     if settings.test_points == "chosen" and sd_choose is not None:
         pick = choose(on_choose, sd_choose, settings.tolerance)

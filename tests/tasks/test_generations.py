@@ -157,11 +157,11 @@ def test_a_report_on_disk_measures_nothing_and_says_what_is_missing(world, tmp_p
     sweep.stage_sweep(world, {}, [2], chosen)
     (world.out / "sweep" / "K2_test_kl.json").unlink()  # as if stopped before its test point
     monkeypatch.setattr(sweep, "evaluate_point", lambda *a, **k: pytest.fail("a report on disk measured a point"))
-    on_disk = SweepSettings(2, tolerance=1.0, test_points="chosen", names=("kl", "entropy"), on_disk=True)
+    on_disk = SweepSettings(2, tolerance=1.0, test_points="chosen", names=("kl", "entropy", "topk"), on_disk=True)
     saved = {path: path.stat().st_mtime_ns for path in (world.out / "sweep").glob("*.pt")}
     results = sweep.stage_sweep(world, {}, [2], on_disk)[2]
     assert saved and saved == {path: path.stat().st_mtime_ns for path in (world.out / "sweep").glob("*.pt")}
-    assert "entropy" not in results  # never swept at K = 2: left out, not measured
+    assert "entropy" not in results and "topk" not in results  # never swept at K = 2: left out, not measured
     assert len(results["kl"]["choose"]) == 2 and results["kl"]["chosen"] is None
     assert results["sd"]["chosen"] is results["sd"]["test"][0]
     report({2: results}, families({}), tmp_path, 1.0, "test sample")
