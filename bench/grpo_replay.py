@@ -74,14 +74,14 @@ def run_settings(path: Path) -> tuple[ReplaySettings, RewardWeights, tuple[str, 
     config = OmegaConf.load(path)
     loss, rollout = config.loss, config.rollout
     settings = ReplaySettings(
-        max_forks=int(rollout.max_forks),
+        max_forks=int(rollout.get("max_forks") or 0),  # null: no cap
         prompts=int(rollout.batch_size),
         episodes=int(loss.num_episodes),
         ppo_epochs=int(loss.get("ppo_epochs", 1)),
         lr=float(config.optimizer.lr),
     )
     weights = {k: v for k, v in OmegaConf.to_container(config.reward).items() if not k.startswith("_")}
-    batches = int(config.trainer.max_steps) // settings.ppo_epochs
+    batches = max(int(config.trainer.max_steps or 0) // settings.ppo_epochs, 1)  # max_steps counts updates
     return settings, RewardWeights(**weights), tuple(config.model.inputs), batches
 
 
@@ -232,6 +232,11 @@ def main() -> None:
     if not run_path.is_file():
         raise SystemExit(f"error: {run_path} is not there: pass the GRPO run's logged config with --run")
     run, weights, inputs, run_batches = run_settings(run_path)
+    if "target_hidden" in inputs and bool(data.features.target_hidden.isnan().any()):
+        # The sweeps cache the target's hidden state only where a family read it.
+        inputs = tuple(name for name in inputs if name != "target_hidden") or ("tokens",)
+        print(f"note: the run's head read the target's hidden state, which not every labelled mismatch has: "
+              f"the replay's head reads {list(inputs)}")  # fmt: skip
     folds = problem_folds(data.groups, args.folds, args.seed)
     logistic_scores = fitted_logistic(data.features, data.labels, folds, inputs, FitSettings(300, seed=args.seed))
     logistic = roc_auc(logistic_scores, data.labels)
