@@ -170,6 +170,17 @@ def kept_grid(world, run: SetRun, family: Family, k: int, progress: Progress, po
     return grid
 
 
+def grid_on_disk(family: Family, k: int, progress: Progress, points: int) -> list[float]:
+    """The thresholds a report reads, computing none: the family's fixed ones, its kept grid, or
+    those of its choosing points on disk (empty: never swept at this K)."""
+    if family.thresholds:
+        return list(family.thresholds)
+    path = progress.folder / f"K{k}_grid{points}_{family.name}.json"
+    if path.is_file():
+        return [float(t) for t in json.loads(path.read_text())]
+    return [p.threshold for p in _points_on_disk(progress.folder / f"K{k}_choose_{family.name}.json")]
+
+
 def choose(points: list[Point], sd: Point, tolerance: float) -> Point:
     """The most tokens per target call among the points whose accuracy is at most `tolerance`
     below standard SD's (ties: the more accurate); standard SD itself when none is."""
@@ -218,14 +229,13 @@ def sweep_family(world, runs: dict[str, SetRun], family: Family, k: int, progres
     ("chosen": what a user deploys, at a fraction of the cost on a real pair). Points are kept in
     the sweep's folder (progress.folder), one JSON per family, set and K. settings.on_disk: only
     the points measured before (None: the family was never swept at this K)."""
-    swept = [progress.folder / f"K{k}_{kind}_{family.name}.json" for kind in (f"grid{settings.points}", "choose")]
-    if settings.on_disk and not family.thresholds and not any(path.is_file() for path in swept):
-        return None  # never swept at this K
-    grid = kept_grid(world, runs["choose"], family, k, progress, settings.points)
-    read = stored if settings.on_disk else measure
+    if settings.on_disk:
+        grid, read = grid_on_disk(family, k, progress, settings.points), stored
+    else:
+        grid, read = kept_grid(world, runs["choose"], family, k, progress, settings.points), measure
     on_choose = read(world, runs["choose"], "choose", family, grid, k, progress)
-    if settings.on_disk and not on_choose and family.name != "sd":
-        return None  # a fixed grid (top-k) never run at this K
+    if settings.on_disk and not on_choose:
+        return None  # never swept at this K
     on_test = grid
     if settings.test_points == "chosen" and sd_choose is not None:
         pick = choose(on_choose, sd_choose, settings.tolerance)
@@ -285,14 +295,14 @@ def stage_sweep(world, heads: dict[str, JudgeHead], ks: list[int], settings: Swe
         by_family: dict = {}
         try:
             for f in chosen:  # standard SD first: the others' thresholds are chosen against it
-                sd_choose = next(iter(by_family.get("sd", {}).get("choose", [])), None)
+                sd_choose = by_family["sd"]["choose"][0] if "sd" in by_family else None
                 swept = sweep_family(world, runs, f, k, progress, settings, sd_choose)
                 if swept is not None:
                     by_family[f.name] = swept
         finally:  # a stopped sweep (SIGTERM, Ctrl-C, an error) keeps every model pass it made
             if not settings.on_disk:  # a report writes nothing: a sweep may be saving beside it
                 progress.save()
-        if not (by_family["sd"]["choose"] and by_family["sd"]["test"]):
+        if "sd" not in by_family or not by_family["sd"]["test"]:
             raise SystemExit(f"error: standard SD at K = {k} is not on disk: run the sweep without --on-disk first")
         results[k] = with_chosen(by_family, settings.tolerance)
     return results

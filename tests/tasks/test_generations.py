@@ -157,7 +157,9 @@ def test_a_report_on_disk_measures_nothing_and_says_what_is_missing(world, tmp_p
     sweep.stage_sweep(world, {}, [2], chosen)
     (world.out / "sweep" / "K2_test_kl.json").unlink()  # as if stopped before its test point
     monkeypatch.setattr(sweep, "evaluate_point", lambda *a, **k: pytest.fail("a report on disk measured a point"))
-    on_disk = SweepSettings(2, tolerance=1.0, test_points="chosen", names=("kl", "entropy", "topk"), on_disk=True)
+    monkeypatch.setattr(sweep, "thresholds_for", lambda *a, **k: pytest.fail("a report on disk computed a grid"))
+    # Asked for 3 points a family, it reads the 2 the sweep measured rather than computing a grid of 3.
+    on_disk = SweepSettings(3, tolerance=1.0, test_points="chosen", names=("kl", "entropy", "topk"), on_disk=True)
     saved = {path: path.stat().st_mtime_ns for path in (world.out / "sweep").glob("*.pt")}
     results = sweep.stage_sweep(world, {}, [2], on_disk)[2]
     assert saved and saved == {path: path.stat().st_mtime_ns for path in (world.out / "sweep").glob("*.pt")}
