@@ -157,14 +157,14 @@ def marks(batches: int, run_batches: int) -> list[int]:
 
 
 def auc_curves(result: dict, labels: torch.Tensor) -> torch.Tensor:
-    """[S, B] held-out AUC of every seed after every batch."""
+    """[S, B] held-out AUC of every seed after every batch (computed once: the table and the plot read it)."""
     return torch.tensor([[roc_auc(s, labels) for s in scores] for scores in result["scores"]])
 
 
 def summarise(name: tuple[str, str], result: dict, data: Labelled, at: list[int], args) -> dict:
     """AUCs at the marked batches (mean and range over seeds), the interval over problems of the
     first seed's last batch, and the logs averaged over seeds."""
-    curves = auc_curves(result, data.labels)  # [S, B]
+    curves = result["auc"]  # [S, B]
     last = result["scores"][0][at[-1] - 1]
     return {
         "episode": name,
@@ -193,15 +193,14 @@ def table(rows: list[dict], at: list[int], logistic: tuple[float, tuple[float, f
     return t
 
 
-def draw(path: Path, results: dict[str, dict], labels: torch.Tensor, logistic: float, run_batches: int,
-         forks: int) -> None:  # fmt: skip
+def draw(path: Path, results: dict[str, dict], logistic: float, run_batches: int, forks: int) -> None:
     """AUC (mean over seeds, their range shaded), mean accept p and flat groups against batches."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     kinds = list(NAMES)
     for (against, kind), result in results.items():
         label = f"{against}: {NAMES[kind].format(forks=forks)}"
         style = {"color": f"C{kinds.index(kind)}", "linestyle": {"reference": "-", "target": "--"}.get(against, ":")}
-        curves = auc_curves(result, labels)  # [S, B]
+        curves = result["auc"]  # [S, B]
         batches = list(range(1, curves.shape[1] + 1))
         axes[0].plot(batches, curves.mean(0).tolist(), label=label, **style)
         if against != "target":
@@ -257,6 +256,7 @@ def main() -> None:
             seeds = [replay_folds(data, labels, folds, replace(settings, seed=100 * s), inputs, weights, args.center)
                      for s in range(args.seeds)]  # fmt: skip
             results[against, kind] = {key: [r[key] for r in seeds] for key in seeds[0]}
+            results[against, kind]["auc"] = auc_curves(results[against, kind], data.labels)
     at = marks(args.batches, run_batches)
     rows = [summarise(name, r, data, at, args) for name, r in results.items()]
     sample = (
@@ -271,7 +271,7 @@ def main() -> None:
                    (f"plot: {stem}.png, beside this file",), sample)  # fmt: skip
     record = {"sample": sample, "logistic": logistic, "logistic_interval": logistic_interval, "rows": rows}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    draw(out / f"{stem}.png", results, data.labels, logistic, run_batches, run.max_forks)
+    draw(out / f"{stem}.png", results, logistic, run_batches, run.max_forks)
     print((out / f"{stem}.md").read_text())
     ends = sorted({at[0], at[-1]})
     last = " ".join(f"{'_'.join(r['episode'])}_auc_{b}={r['auc'][b]:.3f}" for r in rows for b in ends)
