@@ -24,8 +24,9 @@ line `<reward>_<episode>_auc_<batches>=.. logistic=.. n=..`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -34,7 +35,7 @@ from omegaconf import OmegaConf
 
 from spd_lightning.core.reward import RewardWeights
 from spd_lightning.judge.fit import FitSettings
-from spd_lightning.judge.head import JudgeHead
+from spd_lightning.judge.head import JudgeHead, JudgeInputs
 from spd_lightning.judge.ranking import auc_interval, problem_folds, roc_auc
 from spd_lightning.judge.replay import ReplayLabels, ReplaySettings, center_as_drawn, train_replay
 from spd_lightning.reporting.plots import save_signed
@@ -120,17 +121,21 @@ def references(args, tokenizer) -> dict[tuple[int, ...], str]:
     return out
 
 
-def replay_folds(data: Labelled, labels: ReplayLabels, folds: torch.Tensor, settings: ReplaySettings,
-                 inputs: tuple[str, ...], weights: RewardWeights, center: str) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Train one head per fold (its inputs' mean: over the training rows, or `center="drawn"`: as
-    episodes draw them); -> scores [B, N] (held-out logits after each batch) and the per-batch
-    logs [B] averaged over folds."""
-    x = data.features.judge_inputs()
-    if "target_hidden" not in inputs:  # 1,536 values a row that a tokens-only head never reads
-        x = replace(x, target_hidden=None)
+@dataclass
+class Fold:
+    """What every replay of one fold shares: its held-out rows [H], its training problems (each
+    [n_i] in response order) and the head's starting state (its input scaling fitted)."""
+
+    held: torch.Tensor
+    problems: list[torch.Tensor]
+    start: dict[str, torch.Tensor]
+
+
+def fold_plan(data: Labelled, x: JudgeInputs, folds: torch.Tensor, inputs: tuple[str, ...], center: str) -> list[Fold]:
+    """One Fold per fold of whole problems; the head's inputs centred over the training rows, or
+    (center="drawn") as episodes draw them."""
     position = torch.tensor([o.at for o in data.outcomes])  # [N]
-    scores = torch.full((settings.batches, len(data.labels)), float("nan"))
-    logs = {"accept_prob": [], "reward_std": [], "flat_groups": []}
+    plan = []
     for fold in torch.unique(folds).tolist():
         held, train = (folds == fold).nonzero().squeeze(1), (folds != fold).nonzero().squeeze(1)
         head = JudgeHead(JudgeHead.sizes_of(x), inputs, hidden=0)
@@ -141,11 +146,24 @@ def replay_folds(data: Labelled, labels: ReplayLabels, folds: torch.Tensor, sett
             problems.append(members[torch.argsort(position[members], stable=True)])
         if center == "drawn":
             center_as_drawn(head, x, problems)
+        plan.append(Fold(held, problems, copy.deepcopy(head.state_dict())))
+    return plan
+
+
+def replay_folds(x: JudgeInputs, plan: list[Fold], labels: ReplayLabels, settings: ReplaySettings,
+                 inputs: tuple[str, ...], weights: RewardWeights) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Train one head per fold from its starting state; -> scores [B, N] (held-out logits after
+    each batch) and the per-batch logs [B] averaged over folds."""
+    scores = torch.full((settings.batches, len(labels.harmless)), float("nan"))
+    logs = {"accept_prob": [], "reward_std": [], "flat_groups": []}
+    for fold, part in enumerate(plan):
+        head = JudgeHead(JudgeHead.sizes_of(x), inputs, hidden=0)
+        head.load_state_dict(part.start)
         # A small world may hold no problem with D training mismatches: its longest then serves.
-        d = min(settings.mismatches_per_episode, max(len(p) for p in problems))
+        d = min(settings.mismatches_per_episode, max(len(p) for p in part.problems))
         fold_settings = replace(settings, seed=settings.seed + fold, mismatches_per_episode=d)
-        trace = train_replay(head, x, labels, problems, held, fold_settings, weights)
-        scores[:, held] = torch.stack(trace.held_logits)
+        trace = train_replay(head, x, labels, part.problems, part.held, fold_settings, weights)
+        scores[:, part.held] = torch.stack(trace.held_logits)
         for name in logs:
             logs[name].append(torch.tensor(getattr(trace, name)))
     return {"scores": scores, **{name: torch.stack(v).mean(0) for name, v in logs.items()}}
@@ -250,10 +268,14 @@ def main() -> None:
     outcomes = {"reference": ReplayLabels(data.labels, path_right, hybrid_right),
                 "target": ReplayLabels.against_target(data.labels),
                 "shuffled": ReplayLabels.against_target(shuffled)}  # fmt: skip
+    x = data.features.judge_inputs()
+    if "target_hidden" not in inputs:  # 1,536 values a row that a tokens-only head never reads
+        x = replace(x, target_hidden=None)
+    plan = fold_plan(data, x, folds, inputs, args.center)
     results = {}
     for against, labels in outcomes.items():
         for kind, settings in episode_kinds(replace(run, batches=args.batches)).items():
-            seeds = [replay_folds(data, labels, folds, replace(settings, seed=100 * s), inputs, weights, args.center)
+            seeds = [replay_folds(x, plan, labels, replace(settings, seed=100 * s), inputs, weights)
                      for s in range(args.seeds)]  # fmt: skip
             results[against, kind] = {key: [r[key] for r in seeds] for key in seeds[0]}
             results[against, kind]["auc"] = auc_curves(results[against, kind], data.labels)
