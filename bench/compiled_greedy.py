@@ -30,7 +30,7 @@ import torch
 from transformers import AutoTokenizer, CompileConfig, GenerationConfig, StaticCache
 
 from spd_lightning.data.prompts import PromptList, encode_prompts
-from spd_lightning.models.pairs import require_built
+from spd_lightning.models.pairs import pair_dir, require_built
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.targets.local import load_causal_lm
 
@@ -68,7 +68,7 @@ def run_way(model, prompts: list[list[int]], args, way: str) -> tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / ".cache" / "pairs" / "qwen_coder" / "target"))
+    parser.add_argument("--model", default=str(pair_dir("qwen_coder", ROOT) / "target"))
     parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
     parser.add_argument("--skip", type=int, default=8, help="test lines passed over, as bench/speed.py's")
     parser.add_argument("--prompts", type=int, default=3, help="the first is the warm-up")

@@ -60,7 +60,7 @@ from spd_lightning.decoding.speculative import SpeculativeDecoder
 from spd_lightning.judge.head import judge_notes
 from spd_lightning.models.hf import tokenizer_eos_ids
 from spd_lightning.models.packed import pack_linears
-from spd_lightning.models.pairs import require_built
+from spd_lightning.models.pairs import pair_dir, require_built
 from spd_lightning.reporting.plots import plot_speed
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.tasks.speed import CallCounter, hf_generate
@@ -162,7 +162,7 @@ def tables(results: dict, n: int) -> tuple[list[FigureTable], tuple[str, ...]]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default=str(ROOT / ".cache" / "pairs" / "qwen_coder"))
+    parser.add_argument("--pair", default=str(pair_dir("qwen_coder", ROOT)))
     parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
     parser.add_argument("--skip", type=int, default=8, help="test questions the judge's threshold was chosen on")
     parser.add_argument("--prompts", type=int, default=5)

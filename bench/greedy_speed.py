@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from spd_lightning.data.prompts import PromptList, encode_prompts
 from spd_lightning.models.hf import end_of_sequence_ids, pad_id_of
 from spd_lightning.models.lm import greedy_generate
-from spd_lightning.models.pairs import require_built
+from spd_lightning.models.pairs import pair_dir, require_built
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.tasks.speed import hf_generate
 
@@ -46,7 +46,7 @@ def timed(fn, prompts: list[list[int]], batch_size: int) -> tuple[float, list[li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / ".cache" / "pairs" / "qwen_coder" / "target"))
+    parser.add_argument("--model", default=str(pair_dir("qwen_coder", ROOT) / "target"))
     parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)

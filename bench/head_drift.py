@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from spd_lightning.data.records import Record, collate_records
 from spd_lightning.models.hf import pad_id_of
-from spd_lightning.models.pairs import require_built, require_records
+from spd_lightning.models.pairs import pair_dir, require_built, require_records
 from spd_lightning.models.scorer import ScoringActor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def drift(scorer: ScoringActor, inputs: torch.Tensor, lr: float, steps: int, see
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default=str(ROOT / ".cache/pairs/qwen_coder/draft"))
+    parser.add_argument("--backbone", default=str(pair_dir("qwen_coder", ROOT) / "draft"))
     parser.add_argument("--records", default=str(ROOT / "data/gsm8k_qwen/records.jsonl"))
     parser.add_argument("--num-records", type=int, default=16)
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 3e-4, 3e-5])

@@ -30,6 +30,7 @@ from spd_lightning.decoding.features import MismatchFeatures, judge_score, kl_sc
 from spd_lightning.judge.inputs import DiskCompletions
 from spd_lightning.judge.ranking import stored_path
 from spd_lightning.models.hf import load_tokenizer
+from spd_lightning.models.pairs import pair_dir
 from spd_lightning.reporting.plots import sign_figure
 from spd_lightning.reporting.tables import command_line, machine
 from spd_lightning.tasks.generations import head_from_checkpoint
@@ -46,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ckpt", type=Path, action="append", help="run.py model=judge checkpoints (repeatable)")
     parser.add_argument("--features", type=Path, default=EPISODES / "heads" / "features.pt")
     parser.add_argument("--store", type=Path, default=EPISODES / "completions.jsonl")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "pairs" / "qwen_coder" / "target")
+    parser.add_argument("--tokenizer", type=Path, default=pair_dir("qwen_coder", ROOT) / "target")
     parser.add_argument("--kl", type=float, default=0.447, help="the KL rule's threshold (nats) to set beside")
     parser.add_argument("--threshold", type=float, default=0.5, help="the head keeps a mismatch at p >= this")
     parser.add_argument("--noise-heads", type=int, default=200, help="heads trained on noise, for the chance gap")

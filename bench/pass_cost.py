@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from spd_lightning.models.int8 import quantize_linears
 from spd_lightning.models.packed import pack_if_faster, pack_linears, pass_seconds
-from spd_lightning.models.pairs import require_built
+from spd_lightning.models.pairs import pair_dir, require_built
 from spd_lightning.models.prefix_states import common_prefix
 from spd_lightning.reporting.tables import FigureTable, print_tables, write_markdown
 from spd_lightning.targets.local import load_causal_lm
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / ".cache" / "pairs" / "qwen_coder" / "target"))
+    parser.add_argument("--model", default=str(pair_dir("qwen_coder", ROOT) / "target"))
     parser.add_argument("--kinds", nargs="+", default=["float32", "float32-packed", "float32-auto", "bfloat16"])
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])

@@ -55,7 +55,7 @@ from spd_lightning.decoding.setup import PairSettings, build_decoding, corpus_vo
 from spd_lightning.decoding.speculative import SpeculativeDecoder
 from spd_lightning.models.int8 import int8_kernel_available, quantize_linears
 from spd_lightning.models.packed import pack_if_faster
-from spd_lightning.models.pairs import require_built
+from spd_lightning.models.pairs import pair_dir, require_built
 from spd_lightning.models.vocab_head import restrict_output_layer
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import launch_vllm_server
@@ -78,7 +78,7 @@ STAGES = ("vllm", "turns", "ours")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default=str(ROOT / ".cache" / "pairs" / "qwen_coder"))
+    parser.add_argument("--pair", default=str(pair_dir("qwen_coder", ROOT)))
     parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k"), help="GSM8K jsonl folder")
     parser.add_argument("--skip", type=int, default=8, help="test questions the judge's threshold was chosen on")
     parser.add_argument("--prompts", type=int, default=5, help="prompts at batch size 1")

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from spd_lightning.models.pairs import require_built, require_records
+from spd_lightning.models.pairs import pair_dir, require_built, require_records
 from spd_lightning.targets import LocalTarget
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.targets.vllm_server import launch_vllm_server
@@ -45,7 +45,7 @@ def hybrid_prefixes(records_path: Path, n: int) -> list[list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", required=True, help="records.jsonl of the real pair")
-    parser.add_argument("--target", default=str(ROOT / ".cache" / "pairs" / "qwen_coder" / "target"))
+    parser.add_argument("--target", default=str(pair_dir("qwen_coder", ROOT) / "target"))
     parser.add_argument("--prefixes", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from spd_lightning.models.pairs import require_built
+from spd_lightning.models.pairs import pair_dir, require_built
 from spd_lightning.targets.vllm_server import launch_vllm_server
 from spd_lightning.tasks.generation_report import report
 from spd_lightning.tasks.generation_sweep import SweepSettings, families, stage_sweep
@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", choices=["toy", "qwen_coder"], default="toy")
     parser.add_argument("--stage", choices=STAGES, default="sweep", help="run the stages up to this one")
-    parser.add_argument("--pair", default=str(ROOT / ".cache" / "pairs" / "qwen_coder"))
+    parser.add_argument("--pair", default=str(pair_dir("qwen_coder", ROOT)))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k"), help="GSM8K jsonl folder")
     parser.add_argument("--out", default=None, help="default: outputs/generations/toy, data/episodes_<world>")
     parser.add_argument("--train", type=int, default=None, help="train problems (toy 320, pair 100)")

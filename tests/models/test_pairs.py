@@ -20,12 +20,13 @@ from spd_lightning.models.pairs import (
     build_role,
     download,
     join,
+    pair_dir,
     require_built,
     require_records,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-PAIR_DIR = ROOT / ".cache" / "pairs" / "qwen_coder"
+PAIR_DIR = pair_dir("qwen_coder", ROOT)
 
 
 def fake_wheels(tmp_path: Path, chunks: list[bytes]) -> tuple[GgufSource, Path]:
@@ -89,6 +90,17 @@ def test_rope_theta_is_written_where_transformers_4_reads_it(tmp_path):
 def test_an_unknown_pair_is_named():
     with pytest.raises(SetupError, match=r"unknown pair 'llama': choose among \['qwen_coder'\]"):
         pairs.build_pair("llama", Path("unused"))
+
+
+def test_the_pair_folder_follows_the_cache_setting_as_the_configs_do(monkeypatch, tmp_path):
+    from hydra_compose import compose_config
+
+    monkeypatch.delenv("SPD_LIGHTNING_CACHE", raising=False)
+    assert pair_dir("qwen_coder", tmp_path) == tmp_path / ".cache" / "pairs" / "qwen_coder"
+    monkeypatch.setenv("SPD_LIGHTNING_CACHE", str(tmp_path / "shared"))
+    assert pair_dir("qwen_coder", tmp_path) == tmp_path / "shared" / "pairs" / "qwen_coder"
+    cfg = compose_config(["pair=qwen_coder"], tmp_path / "run")
+    assert Path(cfg.pair.dir) == pair_dir("qwen_coder", tmp_path)
 
 
 # --- the built pair (python -m spd_lightning.models.pairs qwen_coder), where it exists ---
