@@ -42,6 +42,27 @@ def speed_term(
     raise ValueError(f"speed term {kind!r}: choose among {list(SPEEDS)}")
 
 
+def decision_chance(order: torch.Tensor, max_forks: int | None, accept_prob: float) -> torch.Tensor:
+    """[M] long -> [M] float: the chance that an episode decides at the mismatch it meets
+    order-th (0 first) along a path, when each decision accepts with accept_prob and decisions
+    stop once max_forks are accepted: P(Binomial(order, accept_prob) < max_forks). 1 everywhere
+    without a cap. With a cap of 2 and p = 0.5: 1, 1, 0.75, 0.5, 0.31, ...; the head's inputs
+    are centred on the mismatches weighted so (training/generation.py, rollout.center)."""
+    if max_forks is None:
+        return torch.ones(order.shape, dtype=torch.float64)
+    n = order.double()[:, None]  # [M, 1]
+    k = torch.arange(max_forks, dtype=torch.float64)[None]  # [1, C]
+    p = torch.tensor(accept_prob, dtype=torch.float64).clamp(1e-9, 1 - 1e-9)
+    log_terms = (
+        torch.lgamma(n + 1)
+        - torch.lgamma(k + 1)
+        - torch.lgamma((n - k).clamp(min=0) + 1)
+        + k * p.log()
+        + (n - k) * torch.log1p(-p)
+    )  # [M, C]: log C(n, k) p^k (1 - p)^(n - k)
+    return torch.where(k <= n, log_terms.exp(), 0.0).sum(-1).clamp(max=1.0)  # [M]
+
+
 def generation_rewards(
     accepted: torch.Tensor, correct: torch.Tensor, speed: torch.Tensor, weights: RewardWeights
 ) -> torch.Tensor:

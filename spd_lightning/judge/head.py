@@ -160,6 +160,18 @@ class JudgeHead(nn.Module):
         self.std.copy_(x.std(0).clamp(min=1e-4))
         self.fitted.fill_(True)
 
+    def recenter(self, data: JudgeInputs, weights: torch.Tensor) -> None:
+        """The scaling's mean re-fitted as the weighted mean over the mismatch positions of `data`
+        (weights: [M], one per mismatch, in the order of data.mismatch's True entries).
+
+        Why: under Adam every weight moves about lr an update, so a push on the accept rate alone
+        (the bias's gradient) also moves each weight whose input does not average 0 over the
+        mismatches the episodes decide at, and a head then leans with no signal in the outcomes."""
+        x = self.features(data)[data.mismatch.to(self.mean.device)].double()  # [M, D]
+        w = weights.to(x)[:, None]  # [M, 1]
+        if len(x) and float(w.sum()) > 0:
+            self.mean.copy_((w * x).sum(0) / w.sum())
+
     def forward(self, data: JudgeInputs) -> torch.Tensor:
         x = (self.features(data) - self.mean) / self.std  # [N, K, D]
         return self.net(x).squeeze(-1)  # [N, K]

@@ -25,7 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from spd_lightning.core.episode import Ask, Episode
-from spd_lightning.core.generation_grpo import GenerationGRPOLoss, generation_rewards, speed_term
+from spd_lightning.core.generation_grpo import (
+    GenerationGRPOLoss,
+    decision_chance,
+    generation_rewards,
+    speed_term,
+)
 from spd_lightning.core.grpo import GRPOStats
 from spd_lightning.core.reward import RewardWeights
 from spd_lightning.data.answers import extract_final_number
@@ -42,6 +47,9 @@ from spd_lightning.training.module import SPDModule
 from spd_lightning.verification.hybrid import HybridVerifier
 
 REFERENCES = ("reference", "target")
+# The judge head's input mean: over every mismatch of the training responses (all), or weighted by
+# the chance that a capped episode decides there (drawn; the same as all without a cap).
+CENTERS = ("drawn", "all")
 
 
 @dataclass
@@ -63,6 +71,7 @@ class RolloutConfig:
     cached_paths: int = 160
     features: Optional[str] = None  # noqa: UP045
     overlap: int = 0
+    center: str = "drawn"
 
 
 class GenerationModule(SPDModule):
@@ -84,13 +93,14 @@ class GenerationModule(SPDModule):
         cached_paths: int = 160,
         features_path: str | None = None,
         overlap: int = 0,
+        center: str = "drawn",
         draft_dtype: str = "float32",
         threshold: float = 0.5,
         backbone_lr_scale: float = 0.1,
         grad_clip: float = 1.0,
     ) -> None:
-        if reference not in REFERENCES:
-            raise ValueError(f"rollout.reference={reference!r}: choose among {list(REFERENCES)}")
+        _check_choice("reference", reference, REFERENCES)
+        _check_choice("center", center, CENTERS)
         super().__init__(scorer, verifier, reward, loss, optimizer, threshold, backbone_lr_scale, grad_clip)
         self.save_hyperparameters(ignore=["scorer", "verifier", "reward", "loss", "optimizer"], logger=False)
         self.pad_id = pad_id_of(verifier.tokenizer)
@@ -150,9 +160,24 @@ class GenerationModule(SPDModule):
         prompts = [p for p, _ in datamodule.train_records]
         met = mismatches_along(prompts, self.source.paths(prompts, [()] * len(prompts)), "judge scaling: draft")
         if met:
-            features = self.features.get([p for p, _ in met], [a for _, a in met])
-            self.scorer.head.fit_scaling(features.judge_inputs())
+            inputs = self.features.get([p for p, _ in met], [a for _, a in met]).judge_inputs()
+            self.scorer.head.fit_scaling(inputs)
+            if self.hparams.center == "drawn" and self.hparams.max_forks is not None:
+                self._center_as_drawn(inputs, [p for p, _ in met])
             self._save_features(every_s=0.0)
+
+    def _center_as_drawn(self, inputs, prompts: list[tuple[int, ...]]) -> None:
+        """Re-centres the head's inputs on the mismatches weighted by the chance that an episode
+        of the untrained head decides there (decision_chance): with a cap on forks, episodes
+        decide at the first few mismatches of a response far more often than at the rest."""
+        met_before: dict[tuple[int, ...], int] = {}  # mismatches of each prompt's path so far
+        order = []
+        for prompt in prompts:
+            order.append(met_before.get(prompt, 0))
+            met_before[prompt] = order[-1] + 1
+        with torch.no_grad():
+            accept_prob = float(torch.sigmoid(self.scorer.head(inputs)).mean())
+        self.scorer.head.recenter(inputs, decision_chance(torch.tensor(order), self.hparams.max_forks, accept_prob))
 
     # The completions count is the source's; the checkpoint carries it so a resumed run's goes on.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -322,6 +347,11 @@ class GenerationModule(SPDModule):
                 val_key(name, "target_calls_per_token"): torch.tensor(calls / max(tokens, 1)),
             }
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True, prog_bar=name == "scorer")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"rollout.{key}={value!r}: choose among {list(choices)}")
 
 
 def mismatches_along(

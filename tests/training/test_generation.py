@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_lightning.core.generation_grpo import GenerationGRPOLoss, generation_rewards, speed_term
+from spd_lightning.core.generation_grpo import GenerationGRPOLoss, decision_chance, generation_rewards, speed_term
 from spd_lightning.core.reward import RewardWeights
 from spd_lightning.reporting.names import val_key
 from spd_lightning.tasks.train import train
@@ -37,6 +37,44 @@ def test_the_generation_reward_pays_speed_only_when_the_answer_holds():
     assert torch.allclose(speed, torch.tensor([0.5, 0.0, 0.5]))  # 0.25 calls/token against SD's 0.5
     rewards = generation_rewards(torch.tensor([True, False, True]), torch.tensor([True, True, False]), speed, weights)
     assert torch.allclose(rewards, torch.tensor([1.25, 0.5, -1.0]))
+
+
+def test_a_capped_episode_decides_at_a_responses_first_mismatches_most_often():
+    order = torch.arange(6)
+    # Cap 2, p = 0.5: decide at the n-th mismatch while fewer than 2 of the n before were accepted.
+    expected = torch.tensor([1.0, 1.0, 0.75, 0.5, 5 / 16, 6 / 32], dtype=torch.float64)
+    assert torch.allclose(decision_chance(order, 2, 0.5), expected)
+    assert torch.allclose(decision_chance(order, 1, 0.2), 0.8 ** order.double())  # the first accept ends them
+    assert (decision_chance(order, None, 0.5) == 1).all()  # no cap: every mismatch met is decided
+
+
+def test_the_judges_inputs_are_centred_where_capped_episodes_decide(toy_world: Path, tmp_path: Path, compose_train):
+    from spd_lightning.tasks.train import build_components
+    from spd_lightning.training.generation import mismatches_along
+
+    means = {}
+    for center in ("drawn", "all"):
+        overrides = [f"toy.out={toy_world}", "rollout=generation", "model=judge", "~logger",
+                     "rollout.max_forks=1", f"rollout.center={center}"]  # fmt: skip
+        datamodule, module = build_components(compose_train(overrides, tmp_path / center))
+        module._trainer = type("FitStub", (), {"datamodule": datamodule})()
+        module._fit_judge_scaling()
+        means[center] = module.scorer.head.mean.clone()
+        prompts = [p for p, _ in datamodule.train_records]
+        met = mismatches_along(prompts, module.source.paths(prompts, [()] * len(prompts)))
+        inputs = module.features.get([p for p, _ in met], [a for _, a in met]).judge_inputs()
+        x = module.scorer.head.features(inputs)[:, 0]  # [M, D]
+    assert torch.allclose(means["all"], x.mean(0).float(), atol=1e-5)
+    assert not torch.allclose(means["drawn"], means["all"], atol=1e-3)  # the first mismatches weigh more
+
+
+@pytest.mark.parametrize("key", ["reference", "center"])
+def test_an_unknown_rollout_choice_is_named_with_the_choices(key: str, toy_world: Path, tmp_path: Path, compose_train):
+    from spd_lightning.tasks.train import build_components
+
+    cfg = compose_train([f"toy.out={toy_world}", "rollout=generation", "~logger", f"rollout.{key}=middle"], tmp_path)
+    with pytest.raises(ValueError, match=rf"rollout.{key}='middle': choose among \["):
+        build_components(cfg)
 
 
 @pytest.mark.parametrize("model", ["toy", "judge"])
