@@ -85,14 +85,16 @@ Walk = Generator["Ask | Fork", "bool | TargetPath", Episode]
 
 
 def walk(path: TargetPath, block_size: int, eos_ids: Collection[int], max_new_tokens: int,
-         max_forks: int | None = None) -> Walk:  # fmt: skip
+         max_forks: int | None = None, decide_at: int | None = None) -> Walk:  # fmt: skip
     """One episode over `path` (the target's own response and the draft's proposals along it).
 
     Yields Ask at every mismatch met (send: True keeps the draft token) and Fork after every
     accepted one (send: the new path, which starts with Fork.response). Returns the Episode; it
     ends at an end-of-sequence id (kept) or after max_new_tokens tokens. max_forks caps the
     accepted mismatches (each costs a target completion): past it, every mismatch is rejected
-    without asking, counted in Episode.forced_rejects, not in its decisions. Where the path marks
+    without asking, counted in Episode.forced_rejects, not in its decisions. decide_at: the one
+    response position where a mismatch is asked; every other is rejected the same way (the
+    episode then follows the target's path up to it). Where the path marks
     the draft unsure, the block's drafting stops after that token, as the cached loop's does."""
     tokens, proposals, unsure = path
     episode, pos = Episode(), 0
@@ -105,7 +107,8 @@ def walk(path: TargetPath, block_size: int, eos_ids: Collection[int], max_new_to
             token, drafted = tokens[pos], i < drafts
             if drafted and proposals[pos] != token:
                 draft = proposals[pos]
-                if max_forks is not None and episode.accepted_mismatches >= max_forks:
+                capped = max_forks is not None and episode.accepted_mismatches >= max_forks
+                if capped or (decide_at is not None and pos != decide_at):
                     accept = False
                     episode.forced_rejects += 1
                 else:

@@ -42,6 +42,17 @@ def speed_term(
     raise ValueError(f"speed term {kind!r}: choose among {list(SPEEDS)}")
 
 
+def order_among(keys: list) -> torch.Tensor:
+    """[M] long: each item's count of earlier items with the same key (a mismatch's order along its
+    prompt's path, for mismatches listed path by path in response order)."""
+    seen: dict = {}
+    order = []
+    for key in keys:
+        order.append(seen.get(key, 0))
+        seen[key] = order[-1] + 1
+    return torch.tensor(order, dtype=torch.long)
+
+
 def decision_chance(order: torch.Tensor, max_forks: int | None, accept_prob: float) -> torch.Tensor:
     """[M] long -> [M] float: the chance that an episode decides at the mismatch it meets
     order-th (0 first) along a path, when each decision accepts with accept_prob and decisions

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -263,17 +264,28 @@ class SampledDecider:
         return random.Random(f"{self.seed}:{episode}:{n}").random()  # a string seed: the same in every process
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What run_episodes' walks may decide (core/episode.walk): accepted mismatches per episode at
+    most (None: no cap), and per episode the one response position where it decides (None: it
+    decides at every mismatch it meets)."""
+
+    max_forks: int | None = None
+    decide_at: Sequence[int | None] | None = None  # [episodes]
+
+
 def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSource, block_size: int,
-                 desc: str | None = None, max_forks: int | None = None,
+                 desc: str | None = None, limits: Limits = Limits(),
                  on_progress: Callable[[], None] | None = None) -> list[Episode]:  # fmt: skip
-    """One episode per prompt (a prompt may repeat: G episodes of one prompt); max_forks: accepted
-    mismatches per episode at most (core/episode.walk); on_progress: called after each round (a
-    long run saves what it computed there). Rounds in lockstep (every decision, then every fork's
+    """One episode per prompt (a prompt may repeat: G episodes of one prompt); limits: where the
+    walks may decide (Limits); on_progress: called after each round (a long run saves what it
+    computed there). Rounds in lockstep (every decision, then every fork's
     completion), or with source.overlap > 0 forks completed in the background while the main
     thread decides (decoding/overlap.py)."""
     n, limit = len(prompts), source.max_new_tokens
     starts = source.paths(prompts, [()] * n)
-    walkers = [walk(path, block_size, source.eos, limit, max_forks) for path in starts]
+    decide_at = limits.decide_at if limits.decide_at is not None else [None] * n
+    walkers = [walk(path, block_size, source.eos, limit, limits.max_forks, at) for path, at in zip(starts, decide_at)]
     episodes: list[Episode | None] = [None] * n
     pending: dict[int, Ask | Fork] = {}
 
@@ -315,6 +327,20 @@ def run_episodes(prompts: list[tuple[int, ...]], decide: Decider, source: PathSo
             if background is not None:
                 background.close()
     return episodes
+
+
+def mismatches_along(
+    prompts: list[tuple[int, ...]], paths, desc: str | None = None
+) -> list[tuple[tuple[int, ...], Ask]]:
+    """(prompt, Ask) at every position of each path where the draft's proposal differs; desc: a
+    progress bar over the paths (reading a path's proposals runs the draft over it)."""
+    bar = tqdm(zip(prompts, paths), total=len(prompts), desc=desc, unit="path", leave=False, disable=desc is None)
+    return [
+        (prompt, Ask(tuple(tokens[:p]), proposals[p], tokens[p]))
+        for prompt, (tokens, proposals, _) in bar
+        for p in range(len(tokens))
+        if proposals[p] != tokens[p]
+    ]
 
 
 def _decide(decide: Decider, prompts: list[tuple[int, ...]], asks: list[Ask], episodes: list[int]) -> list[bool]:

@@ -21,7 +21,7 @@ from spd_lightning.core.rules import quantile_thresholds
 from spd_lightning.core.stats import mcnemar_exact, wilson_interval
 from spd_lightning.data.answers import extract_final_number, gsm8k_final_number
 from spd_lightning.data.resumable import write_atomically
-from spd_lightning.decoding.episodes import run_episodes
+from spd_lightning.decoding.episodes import mismatches_along, run_episodes
 from spd_lightning.decoding.features import (
     FeatureCache,
     FeatureDecider,
@@ -33,7 +33,6 @@ from spd_lightning.decoding.features import (
 )
 from spd_lightning.decoding.progress import Progress
 from spd_lightning.judge.head import JudgeHead
-from spd_lightning.training.generation import mismatches_along
 
 log = logging.getLogger(__name__)
 

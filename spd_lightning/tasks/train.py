@@ -137,6 +137,7 @@ def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, Gene
         features_path=rollout.features,
         overlap=rollout.overlap,
         center=rollout.center,
+        decisions=rollout.decisions,
         draft_dtype=cfg.model.dtype,  # the draft proposes in the scorer's dtype
         **cfg.module,
     )
@@ -168,7 +169,8 @@ def validation_metrics(
     trainer: L.Trainer, module: SPDModule, datamodule: RecordDataModule, ckpt_path: str | None = None
 ) -> dict[str, float]:
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-    return {k: float(v) for k, v in results[0].items()}
+    # trainer.limit_val_batches=0 (validation off: a real pair's whole generations cost an hour) gives none.
+    return {k: float(v) for k, v in results[0].items()} if results else {}
 
 
 def learn_csv_columns(trainer: L.Trainer) -> None:

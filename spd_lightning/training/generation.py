@@ -15,6 +15,7 @@ The per-block rollout (training/module.py) stays the default; both train the sam
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -22,19 +23,26 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from spd_lightning.core.episode import Ask, Episode
 from spd_lightning.core.generation_grpo import (
     GenerationGRPOLoss,
     decision_chance,
     generation_rewards,
+    order_among,
     speed_term,
 )
 from spd_lightning.core.grpo import GRPOStats
 from spd_lightning.core.reward import RewardWeights
 from spd_lightning.data.answers import extract_final_number
-from spd_lightning.decoding.episodes import DecisionInputs, PathSource, SampledDecider, run_episodes
+from spd_lightning.decoding.episodes import (
+    DecisionInputs,
+    Limits,
+    PathSource,
+    SampledDecider,
+    mismatches_along,
+    run_episodes,
+)
 from spd_lightning.decoding.features import FeatureCache
 from spd_lightning.decoding.policies import Needs, scorer_logits
 from spd_lightning.judge.inputs import DiskCompletions
@@ -50,6 +58,10 @@ REFERENCES = ("reference", "target")
 # The judge head's input mean: over every mismatch of the training responses (all), or weighted by
 # the chance that a capped episode decides there (drawn; the same as all without a cap).
 CENTERS = ("drawn", "all")
+# Where a training episode decides: at every mismatch it meets (up to max_forks accepts), or the G
+# episodes of a prompt at one mismatch of standard SD's path drawn per prompt and step (each
+# decision then gets its own reward, as a label does).
+DECISIONS = ("every", "one")
 
 
 @dataclass
@@ -72,6 +84,7 @@ class RolloutConfig:
     features: Optional[str] = None  # noqa: UP045
     overlap: int = 0
     center: str = "drawn"
+    decisions: str = "every"
 
 
 class GenerationModule(SPDModule):
@@ -94,13 +107,13 @@ class GenerationModule(SPDModule):
         features_path: str | None = None,
         overlap: int = 0,
         center: str = "drawn",
+        decisions: str = "every",
         draft_dtype: str = "float32",
         threshold: float = 0.5,
         backbone_lr_scale: float = 0.1,
         grad_clip: float = 1.0,
     ) -> None:
-        _check_choice("reference", reference, REFERENCES)
-        _check_choice("center", center, CENTERS)
+        _check_choices(reference=reference, center=center, decisions=decisions)
         super().__init__(scorer, verifier, reward, loss, optimizer, threshold, backbone_lr_scale, grad_clip)
         self.save_hyperparameters(ignore=["scorer", "verifier", "reward", "loss", "optimizer"], logger=False)
         self.pad_id = pad_id_of(verifier.tokenizer)
@@ -162,7 +175,8 @@ class GenerationModule(SPDModule):
         if met:
             inputs = self.features.get([p for p, _ in met], [a for _, a in met]).judge_inputs()
             self.scorer.head.fit_scaling(inputs)
-            if self.hparams.center == "drawn" and self.hparams.max_forks is not None:
+            capped = self.hparams.max_forks is not None and self.hparams.decisions == "every"
+            if self.hparams.center == "drawn" and capped:
                 self._center_as_drawn(inputs, [p for p, _ in met])
             self._save_features(every_s=0.0)
 
@@ -170,14 +184,9 @@ class GenerationModule(SPDModule):
         """Re-centres the head's inputs on the mismatches weighted by the chance that an episode
         of the untrained head decides there (decision_chance): with a cap on forks, episodes
         decide at the first few mismatches of a response far more often than at the rest."""
-        met_before: dict[tuple[int, ...], int] = {}  # mismatches of each prompt's path so far
-        order = []
-        for prompt in prompts:
-            order.append(met_before.get(prompt, 0))
-            met_before[prompt] = order[-1] + 1
         with torch.no_grad():
             accept_prob = float(torch.sigmoid(self.scorer.head(inputs)).mean())
-        self.scorer.head.recenter(inputs, decision_chance(torch.tensor(order), self.hparams.max_forks, accept_prob))
+        self.scorer.head.recenter(inputs, decision_chance(order_among(prompts), self.hparams.max_forks, accept_prob))
 
     # The completions count is the source's; the checkpoint carries it so a resumed run's goes on.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -215,8 +224,20 @@ class GenerationModule(SPDModule):
     def _probabilities(self, prompts: list[tuple[int, ...]], asks: list[Ask]) -> list[float]:
         return torch.sigmoid(self._logits(prompts, asks)).tolist()
 
-    def _episodes(self, prompts: list[tuple[int, ...]], decide, max_forks=None) -> list[Episode]:
-        return run_episodes(prompts, decide, self.source, self.hparams.block_size, max_forks=max_forks)
+    def _episodes(self, prompts: list[tuple[int, ...]], decide, limits: Limits | None = None) -> list[Episode]:
+        return run_episodes(prompts, decide, self.source, self.hparams.block_size, limits=limits or Limits())
+
+    def _decision_positions(self, sd: list[Episode], seed: str, group: int) -> list[int | None] | None:
+        """rollout.decisions=one: [P * G] the response position where each episode decides, one
+        mismatch of its prompt's standard-SD path (sd: [P]) drawn per prompt and step and shared by
+        the prompt's G episodes (-1: the path met none); every: None (each decides everywhere)."""
+        if self.hparams.decisions == "every":
+            return None
+        drawn = []
+        for i, episode in enumerate(sd):
+            positions = [d.position for d in episode.decisions]
+            drawn += [random.Random(f"{seed}:{i}").choice(positions) if positions else -1] * group
+        return drawn
 
     def _references(self, answers: list[str], sd: list[Episode]) -> list[str]:
         """What each prompt's episodes must keep: the dataset's answer, or the target's own final
@@ -250,8 +271,9 @@ class GenerationModule(SPDModule):
         # keyed by step and rank too, so a resumed run does not draw its first step's again.
         seed = f"{torch.initial_seed()}:{self.global_step}:{self.global_rank}"
         decide = SampledDecider(self._probabilities, seed=seed)
-        episodes = self._episodes(rows, decide, self.hparams.max_forks)
         sd = self._episodes(prompts, _reject_all)
+        limits = Limits(self.hparams.max_forks, self._decision_positions(sd, seed, group))
+        episodes = self._episodes(rows, decide, limits)
         references = [r for r in self._references(answers, sd) for _ in range(group)]
         correct = self._correct(episodes, references).view(len(prompts), group)  # [P, G]
         accepted = torch.tensor([e.accepted_mismatches > 0 for e in episodes]).view_as(correct)  # [P, G]
@@ -349,23 +371,11 @@ class GenerationModule(SPDModule):
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True, prog_bar=name == "scorer")
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"rollout.{key}={value!r}: choose among {list(choices)}")
-
-
-def mismatches_along(
-    prompts: list[tuple[int, ...]], paths, desc: str | None = None
-) -> list[tuple[tuple[int, ...], Ask]]:
-    """(prompt, Ask) at every position of each path where the draft's proposal differs; desc: a
-    progress bar over the paths (reading a path's proposals runs the draft over it)."""
-    bar = tqdm(zip(prompts, paths), total=len(prompts), desc=desc, unit="path", leave=False, disable=desc is None)
-    return [
-        (prompt, Ask(tuple(tokens[:p]), proposals[p], tokens[p]))
-        for prompt, (tokens, proposals, _) in bar
-        for p in range(len(tokens))
-        if proposals[p] != tokens[p]
-    ]
+def _check_choices(**chosen: str) -> None:
+    choices = {"reference": REFERENCES, "center": CENTERS, "decisions": DECISIONS}
+    for key, value in chosen.items():
+        if value not in choices[key]:
+            raise ValueError(f"rollout.{key}={value!r}: choose among {list(choices[key])}")
 
 
 def _reject_all(prompts, asks: list[Ask]) -> list[bool]:

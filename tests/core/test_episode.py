@@ -69,6 +69,16 @@ def test_past_max_forks_mismatches_are_rejected_without_a_decision():
     assert episode.accepted_mismatches == 1 and len(episode.decisions) == 1 and episode.forced_rejects == 1
 
 
+def test_with_decide_at_only_that_positions_mismatch_is_asked():
+    start = TargetPath([1, 2, 3, 4, 5, 6, EOS], [1, 9, 3, 9, 5, 6, EOS])
+    asked = []
+    decide = lambda ask: asked.append(len(ask.response)) or True  # noqa: E731
+    forks = paths({(1, 2, 3, 9): [5, 6, EOS]}, lambda t, p: start[1][p] if p < 4 else t[p])
+    episode = run_alone(walk(start, 8, {EOS}, 50, decide_at=3), decide, forks)
+    assert asked == [3] and episode.forced_rejects == 1  # the mismatch at 1 was rejected unasked
+    assert episode.response == [1, 2, 3, 9, 5, 6, EOS] and [d.position for d in episode.decisions] == [3]
+
+
 def test_an_unsure_draft_ends_the_blocks_drafting_after_that_token():
     tokens = [1, 2, 3, 4, 5, 6, 7, EOS]
     unsure = [False, True, False, False, False, False, False, False]  # the draft doubts its 2nd token

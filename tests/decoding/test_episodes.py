@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from spd_lightning.data.prompts import encode_prompts
-from spd_lightning.decoding.episodes import DecisionInputs, PathSource, PolicyDecider, SampledDecider, run_episodes
+from spd_lightning.decoding.episodes import (
+    DecisionInputs,
+    PathSource,
+    PolicyDecider,
+    SampledDecider,
+    mismatches_along,
+    run_episodes,
+)
 from spd_lightning.decoding.features import FeatureCache, FeatureDecider, judge_score, kl_score
 from spd_lightning.decoding.loop import LoopSettings, generate, generate_cached
 from spd_lightning.decoding.policies import accept_all, judge_policy, kl_policy, reject_all, scorer_policy
@@ -21,7 +28,6 @@ from spd_lightning.models.prefix_states import PrefixStates
 from spd_lightning.models.scorer import ScoringActor
 from spd_lightning.targets.local import LocalTarget, load_causal_lm
 from spd_lightning.toy.raw import toy_prompts
-from spd_lightning.training.generation import mismatches_along
 
 MAX_NEW = 24
 

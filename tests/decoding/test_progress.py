@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from spd_lightning.data.prompts import encode_prompts
-from spd_lightning.decoding.episodes import PathSource, run_episodes
+from spd_lightning.decoding.episodes import PathSource, mismatches_along, run_episodes
 from spd_lightning.decoding.features import FeatureCache
 from spd_lightning.decoding.progress import Progress
 from spd_lightning.models.hf import pad_id_of, response_end_ids
 from spd_lightning.targets.local import LocalTarget, load_causal_lm
 from spd_lightning.toy.raw import toy_prompts
-from spd_lightning.training.generation import mismatches_along
 
 MAX_NEW = 24
 

@@ -116,6 +116,13 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
     for key in ("reference_run_auc_3=", "target_one_auc_3=", "shuffled_uncapped_auc_3=", "logistic="):
         assert key in last, last
     assert (tmp_path / "grpo_replay.png").is_file()
+    run = tmp_path / "heads" / "gen_rl"
+    at = [sys.executable, str(ROOT / "bench" / "checkpoint_auc.py"), "--run", str(run), "--episodes", str(tmp_path),
+          "--tokenizer", str(TOY_PAIR / "target"), "--bootstrap", "5"]  # fmt: skip
+    done = subprocess.run(at, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("auc_first=")
+    assert "batches=" in done.stdout.strip().splitlines()[-1] and (run / "held_out_auc.png").is_file()
 
 
 def test_a_sweep_keeps_each_point_as_it_is_measured_and_resumes_from_it(world, monkeypatch):

@@ -49,8 +49,8 @@ def test_a_capped_episode_decides_at_a_responses_first_mismatches_most_often():
 
 
 def test_the_judges_inputs_are_centred_where_capped_episodes_decide(toy_world: Path, tmp_path: Path, compose_train):
+    from spd_lightning.decoding.episodes import mismatches_along
     from spd_lightning.tasks.train import build_components
-    from spd_lightning.training.generation import mismatches_along
 
     means = {}
     for center in ("drawn", "all"):
@@ -68,7 +68,29 @@ def test_the_judges_inputs_are_centred_where_capped_episodes_decide(toy_world: P
     assert not torch.allclose(means["drawn"], means["all"], atol=1e-3)  # the first mismatches weigh more
 
 
-@pytest.mark.parametrize("key", ["reference", "center"])
+def test_with_one_decision_the_episodes_of_a_prompt_decide_at_one_shared_mismatch(
+    toy_world: Path, tmp_path: Path, compose_train, monkeypatch
+):
+    from spd_lightning.training import generation
+
+    calls = []
+    run = generation.run_episodes
+    monkeypatch.setattr(generation, "run_episodes",
+                        lambda prompts, decide, source, k, limits: calls.append((prompts, limits, run(
+                            prompts, decide, source, k, limits=limits))) or calls[-1][2])  # fmt: skip
+    overrides = [f"toy.out={toy_world}", "rollout=generation", "~logger", "rollout.decisions=one",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2", "validate_before_fit=false"]  # fmt: skip
+    train(compose_train(overrides, tmp_path))
+    trained = [(prompts, limits, episodes) for prompts, limits, episodes in calls if limits.decide_at is not None]
+    assert len(trained) == 2  # the two training steps; validation decides everywhere
+    for prompts, limits, episodes in trained:
+        for prompt, at, episode in zip(prompts, limits.decide_at, episodes):
+            assert [d.position for d in episode.decisions] in ([], [at])
+            assert {a for p, a in zip(prompts, limits.decide_at) if p == prompt} == {at}  # one per prompt
+        assert sum(len(e.decisions) for e in episodes) > 0
+
+
+@pytest.mark.parametrize("key", ["reference", "center", "decisions"])
 def test_an_unknown_rollout_choice_is_named_with_the_choices(key: str, toy_world: Path, tmp_path: Path, compose_train):
     from spd_lightning.tasks.train import build_components
 

@@ -32,6 +32,15 @@ def test_fast_dev_run_in_process_writes_the_summary(toy_world: Path, tmp_path: P
     assert summary["train/steps"] == 1
 
 
+def test_a_run_with_validation_off_trains_and_says_so(toy_world: Path, tmp_path: Path, compose_train):
+    cfg = compose_train([f"toy.out={toy_world}", "~logger", "trainer.max_steps=2", "+trainer.limit_val_batches=0"],
+                        tmp_path)  # fmt: skip
+    train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["train/steps"] == 2 and summary[PARITY_METRIC] != summary[PARITY_METRIC]  # NaN: nothing validated
+    assert "no validation ran" in (tmp_path / "summary.md").read_text()
+
+
 def test_a_run_stopped_mid_training_still_draws_its_curves(toy_world: Path, tmp_path: Path, compose_train, monkeypatch):
     step = SPDModule.training_step
 

@@ -1,0 +1,136 @@
+"""Held-out ROC-AUC of a GRPO run's zero-cost judge at each of its checkpoints, beside what the run
+logged (mean accept probability, reward spread within a group): does it learn to order
+mismatches by harm as it trains, and does it stay clear of saturation?
+
+    python bench/checkpoint_auc.py --run data/episodes_qwen_coder_bfloat16/heads/gen_rl_f1
+
+The held-out set is bench/mismatch_ranking.py's: every mismatch a whole-generation sweep accepted
+on the choosing and test problems (none of them a training problem), labelled harmless when
+accepting it left the path's final answer as it was. A logistic head fitted to those labels
+(5 folds of whole problems) is the ceiling to read the run against; 0.5 is a coin. A run keeps
+its checkpoints with callbacks.model_checkpoint.save_top_k=-1 (every_n_train_steps apart).
+Writes held_out_auc.md/.json/.png into the run folder; last line
+`auc_first=.. auc_last=.. auc_max=.. logistic=.. batches=.. n=..`.
+
+Shapes: N labelled mismatches, C checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+import torch
+from omegaconf import OmegaConf
+
+from spd_lightning.judge.fit import FitSettings
+from spd_lightning.judge.ranking import auc_interval, problem_folds, roc_auc
+from spd_lightning.reporting.plots import read_metrics, save_signed
+from spd_lightning.reporting.tables import FigureTable, write_markdown
+from spd_lightning.tasks.generations import head_from_checkpoint
+from spd_lightning.tasks.labelled import fitted_logistic, load_labelled, store_arguments
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# What the run logs per step that says whether it saturates (training/generation.py).
+CURVES = {"train/accept_prob": "mean accept p of its decisions", "train/reward_std_in_group": "reward std in a group"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a run.py model=judge output folder (hydra.run.dir)")
+    store_arguments(parser)
+    parser.add_argument("--bootstrap", type=int, default=300, help="resamples of problems for each interval")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(global step, file) of every checkpoint in run/checkpoints, by step; last.ckpt where no
+    other holds its step."""
+    found: dict[int, Path] = {}
+    for path in sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.name == "last.ckpt"):
+        step = int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+        found.setdefault(step, path)
+    if not found:
+        raise SystemExit(f"error: no checkpoint in {run / 'checkpoints'}: train first (run.py model=judge)")
+    return sorted(found.items())
+
+
+def updates_per_batch(run: Path) -> int:
+    """loss.ppo_epochs of the run (its global step counts updates, ppo_epochs a batch of episodes)."""
+    hparams = run / "csv" / "hparams.yaml"
+    return int(OmegaConf.load(hparams).loss.get("ppo_epochs", 1)) if hparams.is_file() else 1
+
+
+def held_out(run: Path, data, args) -> list[dict]:
+    """Per checkpoint: its batch, AUC on the labelled mismatches and mean accept p over them."""
+    x, per_batch, rows = data.features.judge_inputs(), updates_per_batch(run), []
+    for step, path in checkpoints(run):
+        with torch.no_grad():
+            logits = head_from_checkpoint(path)(x)[:, 0].double()  # [N]
+        rows.append({"step": step, "batch": step / per_batch, "auc": roc_auc(logits, data.labels),
+                     "mean_p": float(torch.sigmoid(logits).mean()), "checkpoint": path.name})  # fmt: skip
+    last = rows[-1]
+    logits = head_from_checkpoint(run / "checkpoints" / last["checkpoint"])(x)[:, 0].detach().double()
+    last["interval"] = auc_interval(logits, data.labels, data.groups, args.bootstrap, args.seed)
+    return rows
+
+
+def table(rows: list[dict], logistic: float, logistic_interval: tuple[float, float]) -> FigureTable:
+    t = FigureTable(
+        "Held-out ROC-AUC of the run's judge (a harmless mismatch rated above an important one; 0.5: a coin)",
+        ["checkpoint", "batch", "AUC", "mean accept p on them"],
+    )
+    for r in rows:
+        t.add(r["checkpoint"], f"{r['batch']:.0f}", f"{r['auc']:.3f}", f"{r['mean_p']:.3f}")
+    low, high = rows[-1]["interval"]
+    t.add("the last, 95% interval over problems", "", f"{low:.3f}-{high:.3f}", "")
+    t.add("logistic head fitted to the labels (5 folds)", "", f"{logistic:.3f} ({logistic_interval[0]:.3f}-"
+          f"{logistic_interval[1]:.3f})", "")  # fmt: skip
+    return t
+
+
+def draw(path: Path, rows: list[dict], curves: dict, logistic: float, per_batch: int) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    axes[0].plot([r["batch"] for r in rows], [r["auc"] for r in rows], "o-", ms=3, label="the run's judge")
+    axes[0].axhline(logistic, color="green", ls="--", lw=1, label="logistic fitted to the labels")
+    axes[0].axhline(0.5, color="gray", ls=":", lw=1, label="a coin")
+    axes[0].set(title="held-out ROC-AUC", xlabel="batch of episodes", ylabel="AUC")
+    axes[0].legend(fontsize=8)
+    for ax, (key, name) in zip(axes[1:], CURVES.items()):
+        points = curves.get(key, [])
+        ax.plot([s / per_batch for s, _ in points], [v for _, v in points], ".", ms=3)
+        ax.set(title=name, xlabel="batch of episodes")
+    axes[1].set_ylim(0, 1)
+    save_signed(fig, path)
+
+
+def main() -> None:
+    args = parse_args()
+    data = load_labelled(args.episodes, args.tokenizer)
+    rows = held_out(args.run, data, args)
+    folds = problem_folds(data.groups, 5, args.seed)
+    fitted = fitted_logistic(data.features, data.labels, folds, ("tokens",), FitSettings(300, seed=args.seed))
+    logistic = roc_auc(fitted, data.labels)
+    logistic_interval = auc_interval(fitted, data.labels, data.groups, args.bootstrap, args.seed)
+    metrics = args.run / "csv" / "metrics.csv"
+    curves = read_metrics(metrics) if metrics.is_file() else {}
+    sample = (f"{len(data.labels)} labelled mismatches on {int(data.groups.max()) + 1} held-out problems "
+              f"({data.labels.float().mean():.1%} harmless); {len(rows)} checkpoints of {args.run.name}")  # fmt: skip
+    write_markdown(args.run / "held_out_auc.md", [table(rows, logistic, logistic_interval)],
+                   ("plot: held_out_auc.png, beside this file",), sample)  # fmt: skip
+    record = {"sample": sample, "rows": rows, "logistic": logistic, "logistic_interval": logistic_interval}
+    (args.run / "held_out_auc.json").write_text(json.dumps(record, indent=1))
+    draw(args.run / "held_out_auc.png", rows, curves, logistic, updates_per_batch(args.run))
+    print((args.run / "held_out_auc.md").read_text())
+    aucs = [r["auc"] for r in rows]
+    print(f"auc_first={aucs[0]:.3f} auc_last={aucs[-1]:.3f} auc_max={max(aucs):.3f} logistic={logistic:.3f} "
+          f"batches={rows[-1]['batch']:.0f} n={len(data.labels)}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
