@@ -94,7 +94,7 @@ def table(rows: list[dict], logistic: float, logistic_interval: tuple[float, flo
     return t
 
 
-def draw(path: Path, rows: list[dict], curves: dict, logistic: float, per_batch: int) -> None:
+def draw(path: Path, rows: list[dict], curves: dict, logistic: float) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     axes[0].plot([r["batch"] for r in rows], [r["auc"] for r in rows], "o-", ms=3, label="the run's judge")
     axes[0].axhline(logistic, color="green", ls="--", lw=1, label="logistic fitted to the labels")
@@ -103,7 +103,7 @@ def draw(path: Path, rows: list[dict], curves: dict, logistic: float, per_batch:
     axes[0].legend(fontsize=8)
     for ax, (key, name) in zip(axes[1:], CURVES.items()):
         points = curves.get(key, [])
-        ax.plot([s / per_batch for s, _ in points], [v for _, v in points], ".", ms=3)
+        ax.plot([s for s, _ in points], [v for _, v in points], ".", ms=3)  # Lightning logs a row per batch
         ax.set(title=name, xlabel="batch of episodes")
     axes[1].set_ylim(0, 1)
     save_signed(fig, path)
@@ -125,7 +125,7 @@ def main() -> None:
                    ("plot: held_out_auc.png, beside this file",), sample)  # fmt: skip
     record = {"sample": sample, "rows": rows, "logistic": logistic, "logistic_interval": logistic_interval}
     (args.run / "held_out_auc.json").write_text(json.dumps(record, indent=1))
-    draw(args.run / "held_out_auc.png", rows, curves, logistic, updates_per_batch(args.run))
+    draw(args.run / "held_out_auc.png", rows, curves, logistic)
     print((args.run / "held_out_auc.md").read_text())
     aucs = [r["auc"] for r in rows]
     print(f"auc_first={aucs[0]:.3f} auc_last={aucs[-1]:.3f} auc_max={max(aucs):.3f} logistic={logistic:.3f} "

@@ -9,6 +9,7 @@ on the same folds (what supervision reaches on these inputs).
 
     python bench/grpo_replay.py                   # about 3 minutes on 2 cores
     python bench/grpo_replay.py --batches 960 --seeds 3
+    python bench/grpo_replay.py --max-forks 1 --seeds 3   # the run's episodes, one accept at most
 
 Three ways to draw an episode: one mismatch (each decision its own reward), 16 mismatches with at
 most max_forks kept (the run's training episodes: a response meets about 17, and at p = 0.5 two
@@ -66,8 +67,16 @@ def parse_args() -> argparse.Namespace:
         "--center", choices=["rows", "drawn"], default="rows",
         help="the head's input mean: over the training mismatches (the run's) or as episodes draw them",
     )  # fmt: skip
+    parser.add_argument("--max-forks", type=int, default=None,
+                        help="the run's episodes with this cap on accepts instead of the run's (0: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
+
+
+def output_stem(args) -> str:
+    """grpo_replay, _centred with --center drawn, _forksN with --max-forks N."""
+    stem = "grpo_replay" if args.center == "rows" else "grpo_replay_centred"
+    return stem if args.max_forks is None else f"{stem}_forks{args.max_forks}"
 
 
 def run_settings(path: Path) -> tuple[ReplaySettings, RewardWeights, tuple[str, ...], int]:
@@ -249,6 +258,7 @@ def main() -> None:
     if not run_path.is_file():
         raise SystemExit(f"error: {run_path} is not there: pass the GRPO run's logged config with --run")
     run, weights, inputs, run_batches = run_settings(run_path)
+    run = run if args.max_forks is None else replace(run, max_forks=args.max_forks)
     if "target_hidden" in inputs and bool(data.features.target_hidden.isnan().any()):
         # The sweeps cache the target's hidden state only where a family read it.
         inputs = tuple(name for name in inputs if name != "target_hidden") or ("tokens",)
@@ -288,7 +298,7 @@ def main() -> None:
         f"lr {run.lr}, {run.prompts} prompts x {run.episodes} episodes a batch, {run.ppo_epochs} updates a batch, "
         f"{run_batches} batches; inputs centred {CENTRES[args.center]}"
     )
-    out, stem = args.episodes, "grpo_replay" if args.center == "rows" else "grpo_replay_centred"
+    out, stem = args.episodes, output_stem(args)
     write_markdown(out / f"{stem}.md", [table(rows, at, (logistic, logistic_interval), run.max_forks)],
                    (f"plot: {stem}.png, beside this file",), sample)  # fmt: skip
     record = {"sample": sample, "logistic": logistic, "logistic_interval": logistic_interval, "rows": rows}

@@ -109,13 +109,14 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
     assert (tmp_path / "mismatch_ranking.png").is_file()
     replay = [sys.executable, str(ROOT / "bench" / "grpo_replay.py"), "--episodes", str(tmp_path), "--world", "toy",
               "--tokenizer", str(TOY_PAIR / "target"), "--train", "24", "--choose", "16", "--test", "16",
-              "--batches", "3", "--seeds", "1", "--folds", "2", "--bootstrap", "5"]  # fmt: skip
+              "--batches", "3", "--seeds", "1", "--folds", "2", "--bootstrap", "5", "--max-forks", "1"]  # fmt: skip
     done = subprocess.run(replay, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     for key in ("reference_run_auc_3=", "target_one_auc_3=", "shuffled_uncapped_auc_3=", "logistic="):
         assert key in last, last
-    assert (tmp_path / "grpo_replay.png").is_file()
+    assert (tmp_path / "grpo_replay_forks1.png").is_file()  # --max-forks: its own files beside the run's
+    assert "at most 1 kept" in (tmp_path / "grpo_replay_forks1.md").read_text()
     run = tmp_path / "heads" / "gen_rl"
     at = [sys.executable, str(ROOT / "bench" / "checkpoint_auc.py"), "--run", str(run), "--episodes", str(tmp_path),
           "--tokenizer", str(TOY_PAIR / "target"), "--bootstrap", "5"]  # fmt: skip
