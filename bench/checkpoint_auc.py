@@ -44,6 +44,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--run", type=Path, required=True, help="a run.py model=judge output folder (hydra.run.dir)")
     store_arguments(parser)
     parser.add_argument("--bootstrap", type=int, default=300, help="resamples of problems for each interval")
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        help="bench/grpo_replay.py's json, drawn beside the run (default: --episodes/grpo_replay.json)",
+    )
+    parser.add_argument("--shape", default="one", choices=["one", "run", "uncapped"],
+                        help="the replay's episode shape that is the run's (one: rollout.decisions=one)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -94,9 +102,35 @@ def table(rows: list[dict], logistic: float, logistic_interval: tuple[float, flo
     return t
 
 
-def draw(path: Path, rows: list[dict], curves: dict, logistic: float) -> None:
+def replay_rows(path: Path, shape: str) -> dict[str, dict]:
+    """The replay's rows of one episode shape (bench/grpo_replay.py's json): reward -> row; {}
+    where there is no replay."""
+    if not path.is_file():
+        return {}
+    return {r["episode"][0]: r for r in json.loads(path.read_text())["rows"] if r["episode"][1] == shape}
+
+
+# The replay's rows drawn beside the run: its outcomes known, and its chance level.
+REPLAY_ROWS = {"reference": ("replay: outcomes known", "tab:green"), "shuffled": ("replay: labels shuffled", "gray")}
+
+
+def draw_replay(ax, replay: dict[str, dict]) -> None:
+    """The replay's AUC at its marks (mean over seeds, bars: their range)."""
+    for reward, (name, color) in REPLAY_ROWS.items():
+        if reward not in replay:
+            continue
+        seeds = replay[reward]["auc_seeds"]
+        marks = sorted(int(b) for b in seeds)
+        mean = [sum(seeds[str(b)]) / len(seeds[str(b)]) for b in marks]
+        low = [m - min(seeds[str(b)]) for m, b in zip(mean, marks)]
+        high = [max(seeds[str(b)]) - m for m, b in zip(mean, marks)]
+        ax.errorbar(marks, mean, yerr=[low, high], fmt="s", color=color, capsize=3, ms=4, label=name)
+
+
+def draw(path: Path, rows: list[dict], curves: dict, logistic: float, replay: dict[str, dict]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     axes[0].plot([r["batch"] for r in rows], [r["auc"] for r in rows], "o-", ms=3, label="the run's judge")
+    draw_replay(axes[0], replay)
     axes[0].axhline(logistic, color="green", ls="--", lw=1, label="logistic fitted to the labels")
     axes[0].axhline(0.5, color="gray", ls=":", lw=1, label="a coin")
     axes[0].set(title="held-out ROC-AUC", xlabel="batch of episodes", ylabel="AUC")
@@ -125,7 +159,8 @@ def main() -> None:
                    ("plot: held_out_auc.png, beside this file",), sample)  # fmt: skip
     record = {"sample": sample, "rows": rows, "logistic": logistic, "logistic_interval": logistic_interval}
     (args.run / "held_out_auc.json").write_text(json.dumps(record, indent=1))
-    draw(args.run / "held_out_auc.png", rows, curves, logistic)
+    replay = replay_rows(args.replay or args.episodes / "grpo_replay.json", args.shape)
+    draw(args.run / "held_out_auc.png", rows, curves, logistic, replay)
     print((args.run / "held_out_auc.md").read_text())
     aucs = [r["auc"] for r in rows]
     print(f"auc_first={aucs[0]:.3f} auc_last={aucs[-1]:.3f} auc_max={max(aucs):.3f} logistic={logistic:.3f} "
