@@ -91,13 +91,14 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     axes[4].set_title("train: is the policy still exploring?")
     if paired:
         _plot_accuracy_gap(axes[5], series["train/accuracy"], series["train/sd_accuracy"])
-    for ax in axes:
+    for i, ax in enumerate(axes):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-        else:  # a run stopped before its first validation (every trainer.val_check_interval steps)
-            ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", color="gray", transform=ax.transAxes)
+        else:  # stopped before its first validation (trainer.val_check_interval), or validation off
+            empty = "no validation logged\n(off, or not reached yet)" if i in (2, 3) else "nothing logged yet"
+            ax.text(0.5, 0.5, empty, ha="center", va="center", color="gray", transform=ax.transAxes)
     sign_figure(fig)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -247,19 +247,16 @@ def train_with_run_py(out: Path, overrides: list[str]) -> Path:
         resume = [f"ckpt_path={project_relative(ckpt)}"] if ckpt.is_file() else []
         command = [sys.executable, "run.py", *overrides, *resume, f"hydra.run.dir={project_relative(out)}"]
         log.info("training: %s", " ".join(command[1:]))
-        # Paths relative to the project root: the run's checkpoint and hparams are committed with
-        # the store, so they must not name this machine's folders.
-        try:
-            run_to_its_end(command, ROOT, {"PROJECT_ROOT": "."})
-        finally:
-            if ckpt.is_file():
-                portable_checkpoint(ckpt)
+        # Paths relative to the project root (callbacks.portable_paths in the checkpoints, the
+        # logged config): the run is committed with the store, so it must not name this machine's folders.
+        run_to_its_end(command, ROOT, {"PROJECT_ROOT": "."})
     return ckpt
 
 
 def portable_checkpoint(path: Path) -> None:
     """Rewrites a Lightning checkpoint with every path under the project root (the checkpoint
-    callback's folders, the run's settings) relative to it; weights and optimiser state as they are."""
+    callback's folders, the run's settings) relative to it; weights and optimiser state as they are.
+    For checkpoints written without callbacks.portable_paths (which does this as they are saved)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     kept = {"state_dict", "optimizer_states", "lr_schedulers"}
     portable = {k: v if k in kept else relative_paths(v, str(ROOT)) for k, v in checkpoint.items()}

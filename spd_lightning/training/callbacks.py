@@ -156,6 +156,41 @@ class SampleDashboard(L.Callback):
         self._probs, self._rows = [], []
 
 
+# Tensors only: nothing in them names a folder.
+TENSOR_STATE = ("state_dict", "optimizer_states", "lr_schedulers")
+
+
+class PortablePaths(L.Callback):
+    """Saves checkpoints whose paths under the project root (`root`, default $PROJECT_ROOT) are
+    relative to it: the checkpoint callback's folders and the module's settings otherwise name this
+    machine's folders, and the real pair's runs are committed and resumed elsewhere."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = root
+
+    def _root(self) -> str | None:
+        root = self.root if self.root is not None else os.environ.get("PROJECT_ROOT")
+        return str(Path(root).resolve()) if root else None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if root := self._root():
+            for key in [k for k in checkpoint if k not in TENSOR_STATE]:
+                checkpoint[key] = relative_paths(checkpoint[key], root)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Runs before the callbacks load their state: ModelCheckpoint keeps its best and last
+        # checkpoints on a resume only if the saved folder equals its own (absolute) one.
+        root = self._root()
+        for state in checkpoint.get("callbacks", {}).values() if root else []:
+            if isinstance(state, dict) and "dirpath" in state:
+                for key in ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path"):
+                    if state.get(key):
+                        state[key] = os.path.realpath(os.path.join(root, state[key]))
+                if "best_k_models" in state:
+                    state["best_k_models"] = {os.path.realpath(os.path.join(root, p)): v
+                                              for p, v in state["best_k_models"].items()}  # fmt: skip
+
+
 def log_config(loggers: Iterable[Logger], config: dict, root: str | Path | None = None) -> None:
     """The resolved config as every logger's hyperparameters; this starts the wandb run, so a
     wandb that cannot log in stops here with one message. Paths under `root` (default: the

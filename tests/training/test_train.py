@@ -4,6 +4,7 @@ LightningModule built by hand from its parts, without Hydra."""
 from __future__ import annotations
 
 import json
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def test_a_run_with_validation_off_trains_and_says_so(toy_world: Path, tmp_path:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["train/steps"] == 2 and summary[PARITY_METRIC] != summary[PARITY_METRIC]  # NaN: nothing validated
     assert "no validation ran" in (tmp_path / "summary.md").read_text()
+
+
+def test_checkpoints_name_project_folders_relative_to_it(toy_world: Path, tmp_path: Path, compose_train, monkeypatch):
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))  # the run writes under it
+    cfg = compose_train([f"toy.out={toy_world}", "~logger", "trainer.max_steps=2", "+trainer.limit_val_batches=0"],
+                        tmp_path)  # fmt: skip
+    train(cfg)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    dirpaths = [state["dirpath"] for state in saved["callbacks"].values() if "dirpath" in state]
+    assert dirpaths == ["checkpoints"]
+    assert str(tmp_path) not in repr({k: v for k, v in saved.items() if k not in ("state_dict", "optimizer_states")})
+    assert saved["state_dict"] and saved["global_step"] == 2
+    # Resumed, the checkpoint callback takes its folder back (Lightning warns when it has changed).
+    cfg = compose_train([f"toy.out={toy_world}", "~logger", "trainer.max_steps=3", "+trainer.limit_val_batches=0",
+                         f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"], tmp_path)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The dirpath has changed")
+        train(cfg)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
 def test_a_run_stopped_mid_training_still_draws_its_curves(toy_world: Path, tmp_path: Path, compose_train, monkeypatch):
