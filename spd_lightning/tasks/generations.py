@@ -39,7 +39,7 @@ from spd_lightning.targets.local import LocalTarget, load_causal_lm
 from spd_lightning.targets.vllm import VLLMTarget
 from spd_lightning.toy.build import SHIPPED_WORLD
 from spd_lightning.toy.raw import toy_prompts
-from spd_lightning.training.callbacks import relative_paths
+from spd_lightning.training.callbacks import make_paths_relative
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +258,8 @@ def portable_checkpoint(path: Path) -> None:
     callback's folders, the run's settings) relative to it; weights and optimiser state as they are.
     For checkpoints written without callbacks.portable_paths (which does this as they are saved)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    kept = {"state_dict", "optimizer_states", "lr_schedulers"}
-    portable = {k: v if k in kept else relative_paths(v, str(ROOT)) for k, v in checkpoint.items()}
-    torch.save(portable, path)
+    make_paths_relative(checkpoint, str(ROOT))
+    torch.save(checkpoint, path)
 
 
 def project_relative(path: Path | str) -> str:

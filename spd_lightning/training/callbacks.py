@@ -174,8 +174,7 @@ class PortablePaths(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if root := self._root():
-            for key in [k for k in checkpoint if k not in TENSOR_STATE]:
-                checkpoint[key] = relative_paths(checkpoint[key], root)
+            make_paths_relative(checkpoint, root)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Runs before the callbacks load their state: ModelCheckpoint keeps its best and last
@@ -229,6 +228,13 @@ def finish_wandb(crashed: bool = False) -> None:
     wandb = sys.modules.get("wandb")  # never imported: no run to finish
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=1 if crashed else 0)
+
+
+def make_paths_relative(checkpoint: dict, root: str) -> None:
+    """In place: every entry of a Lightning checkpoint but its tensors, with paths under `root`
+    made relative to it."""
+    for key in [k for k in checkpoint if k not in TENSOR_STATE]:
+        checkpoint[key] = relative_paths(checkpoint[key], root)
 
 
 def relative_paths(value: Any, root: str) -> Any:
