@@ -68,15 +68,23 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def updates_per_batch(run: Path) -> int:
-    """loss.ppo_epochs of the run (its global step counts updates, ppo_epochs a batch of episodes)."""
+def run_config(run: Path):
+    """The run's composed config (its CSV logger's hparams.yaml); an empty one where there is none."""
     hparams = run / "csv" / "hparams.yaml"
-    return int(OmegaConf.load(hparams).loss.get("ppo_epochs", 1)) if hparams.is_file() else 1
+    return OmegaConf.load(hparams) if hparams.is_file() else OmegaConf.create({})
+
+
+def as_built(run: Path) -> dict:
+    """Batch 0: the judge's head is built with a zero last layer (judge/head.JudgeHead), so it
+    rates every mismatch alike, p = model.init_accept_prob: an AUC of 0.5 by construction."""
+    p = float(OmegaConf.select(run_config(run), "model.init_accept_prob", default=0.5))
+    return {"step": 0, "batch": 0, "auc": 0.5, "mean_p": p, "checkpoint": "as built (one score for all)"}
 
 
 def held_out(run: Path, data, args) -> list[dict]:
     """Per checkpoint: its batch, AUC on the labelled mismatches and mean accept p over them."""
-    x, per_batch, rows = data.features.judge_inputs(), updates_per_batch(run), []
+    per_batch = int(OmegaConf.select(run_config(run), "loss.ppo_epochs", default=1))  # updates per batch
+    x, rows = data.features.judge_inputs(), [as_built(run)]
     for step, path in checkpoints(run):
         with torch.no_grad():
             logits = head_from_checkpoint(path)(x)[:, 0].double()  # [N]
@@ -153,7 +161,8 @@ def main() -> None:
     metrics = args.run / "csv" / "metrics.csv"
     curves = read_metrics(metrics) if metrics.is_file() else {}
     sample = (f"{len(data.labels)} labelled mismatches on {int(data.groups.max()) + 1} held-out problems "
-              f"({data.labels.float().mean():.1%} harmless); {len(rows)} checkpoints of {args.run.name}")  # fmt: skip
+              f"({data.labels.float().mean():.1%} harmless); {len(rows) - 1} checkpoints of {args.run.name} "
+              "and the head as built")  # fmt: skip
     write_markdown(args.run / "held_out_auc.md", [table(rows, logistic, logistic_interval)],
                    ("plot: held_out_auc.png, beside this file",), sample)  # fmt: skip
     record = {"sample": sample, "rows": rows, "logistic": logistic, "logistic_interval": logistic_interval}
@@ -161,7 +170,7 @@ def main() -> None:
     replay = replay_rows(args.replay or args.episodes / "grpo_replay.json", args.shape)
     draw(args.run / "held_out_auc.png", rows, curves, logistic, replay)
     print((args.run / "held_out_auc.md").read_text())
-    aucs = [r["auc"] for r in rows]
+    aucs = [r["auc"] for r in rows[1:]]  # the checkpoints
     print(f"auc_first={aucs[0]:.3f} auc_last={aucs[-1]:.3f} auc_max={max(aucs):.3f} logistic={logistic:.3f} "
           f"batches={rows[-1]['batch']:.0f} n={len(data.labels)}")  # fmt: skip
 

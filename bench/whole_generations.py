@@ -34,6 +34,7 @@ from spd_lightning.tasks.generations import (
     ROOT,
     TOY_PAIR,
     WorldSettings,
+    head_from_checkpoint,
     load_world,
     problem_sets,
     project_relative,
@@ -58,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8], help="draft tokens per block")
     parser.add_argument("--points", type=int, default=8, help="thresholds per swept policy")
     parser.add_argument("--families", nargs="+", default=None, help="sweep only these (sd kl entropy topk ...)")
-    parser.add_argument("--no-heads", action="store_true", help="sweep the rules only (no judge trained)")
+    parser.add_argument("--no-heads", action="store_true", help="sweep the rules (and --head runs): no judge trained")
     parser.add_argument(
         "--test-points", choices=["all", "chosen"], default="all",
         help="on the test set: every threshold of the grid, or only the one chosen on the choosing set",
@@ -74,16 +75,40 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--block-rl", default=None, help="a saved per-block judge (default, real pair: judges/qwen_coder_grpo.pt)"
     )
+    parser.add_argument(
+        "--head", action="append", default=[], metavar="NAME=RUN",
+        help="a run.py model=judge run folder whose checkpoints/last.ckpt joins the sweep as family NAME "
+        "(e.g. gen_rl_one=data/episodes_qwen_coder_bfloat16/heads/gen_rl_one); repeatable",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=16, help="paths completed per call (vLLM: 64 suits)")
     parser.add_argument(
         "--overlap", type=int, default=0,
         help="with --vllm: completion requests in flight while the models decide (0: lockstep rounds; "
         "meant for a server on its own hardware; slower where it shares the CPU)",
     )  # fmt: skip
+    parser.add_argument(
+        "--segment", type=int, default=None,
+        help="complete a fork's path this many tokens at a time, each next piece twice the last (most "
+        "forked paths are left at their next accepted mismatch); default: to the budget at once, which "
+        "also labels every accepted mismatch for bench/mismatch_ranking.py",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every model's")
     parser.add_argument("--vllm", action="store_true", help="serve the target with vLLM (.venv-vllm) for completions")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
+
+
+def named_runs(pairs: list[str]) -> list[tuple[str, Path]]:
+    """--head NAME=RUN values, each run folder checked for its last checkpoint."""
+    out = []
+    for pair in pairs:
+        name, _, run = pair.partition("=")
+        if not name or not run:
+            raise SystemExit(f"error: --head {pair!r}: expected NAME=RUN (a run.py model=judge output folder)")
+        if not (Path(run) / "checkpoints" / "last.ckpt").is_file():
+            raise SystemExit(f"error: --head {pair!r}: {run}/checkpoints/last.ckpt is not there")
+        out.append((name, Path(run)))
+    return out
 
 
 def training_overrides(args, toy: bool, out: Path, budget: int, url: str | None) -> dict[str, list[str]]:
@@ -124,9 +149,8 @@ def main() -> None:
     budget = args.max_new_tokens or (24 if toy else 384)
     with serving(args, pair) as url:
         pack = not toy and args.dtype == "float32"  # oneDNN-packed float32 linears (models/packed.py)
-        world = load_world(
-            args.world, WorldSettings(pair, sets, out, budget, pack, args.batch, args.dtype, url, args.overlap)
-        )
+        settings = WorldSettings(pair, sets, out, budget, pack, args.batch, args.dtype, url, args.overlap, args.segment)
+        world = load_world(args.world, settings)
         run_stages(args, world, toy, out, budget, url)
 
 
@@ -142,18 +166,22 @@ def serving(args, pair: Path):
         yield url
 
 
+def trained_heads(args, world, toy: bool, out: Path, budget: int, url: str | None) -> dict:
+    """The supervised head and the two GRPO heads (stage heads), trained here or read back."""
+    block_rl = Path(args.block_rl) if args.block_rl else None if toy else ROOT / "judges" / "qwen_coder_grpo.pt"
+    overrides = training_overrides(args, toy, out, budget, url)
+    return stage_heads(world, overrides, max(args.k), args.steps, args.seed, block_rl)
+
+
 def run_stages(args, world, toy: bool, out: Path, budget: int, url: str | None) -> None:
-    upto = STAGES.index(args.stage)
+    upto, runs = STAGES.index(args.stage), named_runs(args.head)
     for stage in STAGES[: upto + 1]:
         start = time.perf_counter()
         if stage == "responses":
             stage_responses(world)
-        elif stage == "heads" and args.no_heads:
-            heads = {}
         elif stage == "heads":
-            block_rl = Path(args.block_rl) if args.block_rl else None if toy else ROOT / "judges" / "qwen_coder_grpo.pt"
-            overrides = training_overrides(args, toy, out, budget, url)
-            heads = stage_heads(world, overrides, max(args.k), args.steps, args.seed, block_rl)
+            heads = {} if args.no_heads else trained_heads(args, world, toy, out, budget, url)
+            heads |= {name: head_from_checkpoint(run / "checkpoints" / "last.ckpt") for name, run in runs}
         else:
             names = args.families and tuple(args.families)
             settings = SweepSettings(args.points, args.tolerance, args.test_points, names, args.on_disk)

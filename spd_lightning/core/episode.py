@@ -13,10 +13,14 @@ and goes on over the new path. A rejected mismatch emits the target's token (the
 and ends the block. So a policy that rejects everything walks one path, the target's own
 response, with no completion at all.
 
+A path may be known only part of the way (`TargetPath.partial`: its completion was requested a
+segment at a time, since most forked paths are left at their next accepted mismatch); a walk
+that reaches its end asks for more (`Extend`), and is answered as a fork is.
+
 `walk` is a generator, so that a driver can run many episodes in lockstep and answer their
 requests in batches (decoding/episodes.py): it yields `Ask` (decide at a mismatch; send back a
-bool) and `Fork` (the path after an accepted mismatch; send back (path, proposals)), and
-returns the Episode.
+bool) and `Fork` (the path after an accepted mismatch, or an `Extend`; send back the TargetPath),
+and returns the Episode.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class TargetPath(NamedTuple):
     # [p]: the draft gives its proposal at p less than the loop's draft_confidence, so drafting
     # stops after p (empty: drafting never stops early).
     unsure: Sequence[bool] = ()
+    # The target's continuation goes on past tokens[-1]: only its first segments are known yet.
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,11 @@ class Fork:
     """An accepted mismatch: the response up to and including the draft's token."""
 
     response: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Extend(Fork):
+    """A partial path walked to its end: the same path, continued past Fork.response."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +106,9 @@ def walk(path: TargetPath, block_size: int, eos_ids: Collection[int], max_new_to
     without asking, counted in Episode.forced_rejects, not in its decisions. decide_at: the one
     response position where a mismatch is asked; every other is rejected the same way (the
     episode then follows the target's path up to it). Where the path marks
-    the draft unsure, the block's drafting stops after that token, as the cached loop's does."""
-    tokens, proposals, unsure = path
+    the draft unsure, the block's drafting stops after that token, as the cached loop's does. A
+    partial path is extended (yields Extend; send: the longer path) as the walk reaches its end."""
+    tokens, proposals, unsure, partial = path
     episode, pos = Episode(), 0
     while pos < max_new_tokens:
         episode.target_calls += 1
@@ -104,6 +116,8 @@ def walk(path: TargetPath, block_size: int, eos_ids: Collection[int], max_new_to
         for i in range(block_size + 1):
             if pos >= max_new_tokens:
                 return episode
+            while partial and pos >= len(tokens):
+                tokens, proposals, unsure, partial = yield Extend(tuple(tokens))
             token, drafted = tokens[pos], i < drafts
             if drafted and proposals[pos] != token:
                 draft = proposals[pos]
@@ -115,7 +129,7 @@ def walk(path: TargetPath, block_size: int, eos_ids: Collection[int], max_new_to
                     accept = bool((yield Ask(tuple(tokens[:pos]), draft, token)))
                     episode.decisions.append(Decision(pos, draft, token, accept))
                 if accept:
-                    tokens, proposals, unsure = yield Fork((*tokens[:pos], draft))
+                    tokens, proposals, unsure, partial = yield Fork((*tokens[:pos], draft))
                     token = draft
                 else:
                     drafted = False  # the target's correction ends the block

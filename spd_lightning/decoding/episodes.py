@@ -51,7 +51,7 @@ class PathSource:
     def __init__(self, complete: Complete, draft: PreTrainedModel, pad_id: int, eos_ids: Collection[int],
                  max_new_tokens: int, store: CompletionCache | None = None, batch_size: int = 32,
                  draft_confidence: float | None = None, chunk: int = 32, capacity: int = 160,
-                 overlap: int = 0) -> None:  # fmt: skip
+                 overlap: int = 0, segment: int | None = None) -> None:  # fmt: skip
         self.complete, self.draft, self.pad_id = complete, draft, pad_id
         # The cached loop's early stop: drafting ends after a token the draft gives less than this.
         self.draft_confidence = draft_confidence
@@ -65,10 +65,33 @@ class PathSource:
         # Requests of fork completions in flight while episodes decide (overlap.py; for a server
         # on its own hardware, and order-dependent for Bernoulli draws); 0: lockstep rounds.
         self.overlap = overlap
+        # A fork's completion is requested `segment` tokens at a time, each next one twice the last
+        # (None: to the budget at once). Most forked paths are left at their next accepted
+        # mismatch, so whole completions are mostly thrown away; the target's own responses (the
+        # roots) are always completed whole.
+        self.segment = segment
+        self._next_segment: dict[tuple[int, ...], int] = {}  # the key a partial path goes on from -> its size
 
     def _budget(self, response: tuple[int, ...]) -> int:
         ended = bool(response) and response[-1] in self.eos
         return 0 if ended else max(self.max_new_tokens - len(response), 0)
+
+    def _known(self, prompt: tuple[int, ...], response: tuple[int, ...]) -> tuple[list[int], bool, int]:
+        """(the target's continuation of prompt + response as far as the store holds it, whether
+        that is all of it, the last stored piece's length). A stored completion that neither ends
+        the response nor fills its budget is a segment: the rest is stored under its end's key."""
+        key, known, last = prompt + response, [], 0
+        while True:
+            written = known or response
+            if (written and written[-1] in self.eos) or len(response) + len(known) >= self.max_new_tokens:
+                return known, True, last
+            piece = self.store.get(key)
+            if piece is None:
+                return known, False, last
+            if not piece:  # the target wrote nothing more: the path ends here
+                return known, True, last
+            known.extend(piece)
+            key, last = key + tuple(piece), len(piece)
 
     def _cut(self, completion: list[int], budget: int) -> list[int]:
         """A completion cut to its budget and after its first end-of-sequence id (the target's own
@@ -78,15 +101,17 @@ class PathSource:
         return completion if stop is None else completion[: stop + 1]
 
     def missing(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> Rows:
-        """(prompt + response, budget) of every path not stored yet, longest budget first, each once;
-        a response with no budget left gets the empty completion at once."""
+        """(prompt + response, tokens to request) of every path not stored yet, longest first, each
+        once: the budget left, or with `segment` a fork's next segment; a response with no budget
+        left gets the empty completion at once."""
         todo: dict[tuple[int, ...], int] = {}
         for prompt, response in zip(prompts, responses):
             key, budget = prompt + response, self._budget(response)
             if budget == 0:
                 self.store.put(key, [])
             elif self.store.get(key) is None:
-                todo[key] = budget
+                size = self._next_segment.get(key, self.segment) if response and self.segment else budget
+                todo[key] = min(size, budget)
         return sorted(todo.items(), key=lambda kv: -kv[1])
 
     def request(self, rows: Rows) -> list[list[int] | None]:
@@ -149,13 +174,17 @@ class PathSource:
             self._proposals.update(torch.load(path, weights_only=False))
 
     def paths(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> list[TargetPath]:
-        """The path from each response prefix: prefix + the target's completion, with the draft's
-        proposals along it (computed as a walk reads them)."""
+        """The path from each response prefix: prefix + the target's completion (as far as it is
+        stored: partial where only its first segments are), with the draft's proposals along it
+        (computed as a walk reads them)."""
         self.fill(prompts, responses)
         out = []
         for prompt, response in zip(prompts, responses):
-            tokens = list(response) + list(self.store.get(prompt + response))
-            out.append(TargetPath(tokens, *self.proposals(prompt, tokens)))
+            known, whole, last = self._known(prompt, response)
+            tokens = list(response) + known
+            if not whole:  # a walk that reaches its end asks for the next segment (core/episode.Extend)
+                self._next_segment[prompt + tuple(tokens)] = 2 * last
+            out.append(TargetPath(tokens, *self.proposals(prompt, tokens), partial=not whole))
         return out
 
 
@@ -337,7 +366,7 @@ def mismatches_along(
     bar = tqdm(zip(prompts, paths), total=len(prompts), desc=desc, unit="path", leave=False, disable=desc is None)
     return [
         (prompt, Ask(tuple(tokens[:p]), proposals[p], tokens[p]))
-        for prompt, (tokens, proposals, _) in bar
+        for prompt, (tokens, proposals, *_) in bar
         for p in range(len(tokens))
         if proposals[p] != tokens[p]
     ]

@@ -21,13 +21,25 @@ import torch
 # store: anything with .get(prefix) -> the target's completion or None (a CompletionCache).
 
 
+def stored_completion(store, key: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The target's completion of `key` as far as the store holds it: a completion requested a
+    segment at a time (decoding/episodes.PathSource's `segment`) goes on under its end's key."""
+    piece = store.get(key)
+    if piece is None:
+        return None
+    completion = tuple(piece)
+    while piece and (piece := store.get(key + completion)) is not None:
+        completion += tuple(piece)
+    return completion
+
+
 def stored_path(store, context: tuple[int, ...]) -> tuple[int, ...] | None:
     """The path through `context`: its deepest stored prefix followed by that prefix's completion,
     when the completion reaches past the context (None: no stored path passes through it)."""
     for cut in range(len(context), 0, -1):
-        completion = store.get(context[:cut])
+        completion = stored_completion(store, context[:cut])
         if completion is not None and len(completion) > len(context) - cut:
-            return context[:cut] + tuple(completion)
+            return context[:cut] + completion
     return None
 
 
@@ -48,18 +60,27 @@ class Outcome:
     hybrid: tuple[int, ...]  # context + the draft's token + the target's completion of that
 
 
-def accepted_outcomes(store, keys: Sequence[tuple[Sequence[int], int]]) -> list[Outcome]:
+Whole = Callable[[tuple[int, ...], tuple[int, ...]], bool]  # (prompt, ids) -> a whole response
+
+
+def accepted_outcomes(store, keys: Sequence[tuple[Sequence[int], int]], whole: Whole | None = None) -> list[Outcome]:
     """An Outcome for every (context, draft token) key that some episode accepted (the store holds
-    the hybrid's completion) and whose path is stored."""
+    the hybrid's completion) and whose path is stored. whole(prompt, ids): the ids are a whole
+    response (ended, or at the budget); an outcome whose path or hybrid is known only in part (a
+    fork completed a segment at a time and left before its end) has no final answer and is left
+    out. None: every stored completion is whole (a store written without segments)."""
     out = []
     for row, (context, draft) in enumerate(keys):
         context = tuple(context)
-        completion = store.get(context + (draft,))
+        completion = stored_completion(store, context + (draft,))
         if completion is None:
             continue
         path, problem = stored_path(store, context), stored_root(store, context)
-        if path is not None and problem is not None and path[len(context)] != draft:
-            out.append(Outcome(row, problem, len(context), path, context + (draft,) + tuple(completion)))
+        if path is None or problem is None or path[len(context)] == draft:
+            continue
+        hybrid = context + (draft,) + completion
+        if whole is None or (whole(problem, path) and whole(problem, hybrid)):
+            out.append(Outcome(row, problem, len(context), path, hybrid))
     return out
 
 

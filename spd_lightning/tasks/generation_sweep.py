@@ -49,7 +49,12 @@ class Family:
 
 def families(heads: dict[str, JudgeHead], kl_confidence: float = 0.9) -> list[Family]:
     """The rules, then the trained heads (name -> head: supervised, block_rl, gen_rl)."""
-    labels = {"supervised": "AutoJudge", "block_rl": "GRPO block", "gen_rl": "GRPO gen."}
+    labels = {
+        "supervised": "AutoJudge",
+        "block_rl": "GRPO block",
+        "gen_rl": "GRPO gen.",
+        "gen_rl_one": "GRPO gen., one",
+    }
     out = [
         Family("sd", "std. SD", None, (STANDARD_SD,)),
         Family("kl", "KL rule", kl_score(kl_confidence)),

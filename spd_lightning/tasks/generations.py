@@ -128,6 +128,9 @@ class WorldSettings:
     # CPU with the models (2 cores) it ran at 1-2 rows and cut completions per minute about 3x
     # (docs/whole_generations.md). In-process completions are always lockstep.
     overlap: int = 0
+    # A fork's path completed this many tokens at a time, doubling (decoding/episodes.PathSource);
+    # None: to the budget at once.
+    segment: int | None = None
 
 
 def load_world(name: str, settings: WorldSettings) -> World:
@@ -151,7 +154,8 @@ def load_world(name: str, settings: WorldSettings) -> World:
     out.mkdir(parents=True, exist_ok=True)
     store = DiskCompletions(out / "completions.jsonl")
     overlap = settings.overlap if target_url else 0
-    source = PathSource(backend.complete, draft, pad, eos, max_new_tokens, store, batch_size, overlap=overlap)
+    source = PathSource(backend.complete, draft, pad, eos, max_new_tokens, store, batch_size, overlap=overlap,
+                        segment=settings.segment)  # fmt: skip
     problems = {s.name: load_problems(s, tokenizer) for s in sets}
     return World(name, draft, target, tokenizer, problems, source, out)
 

@@ -23,7 +23,7 @@ from spd_lightning.judge.fit import FitSettings, fit_supervised
 from spd_lightning.judge.head import JudgeHead
 from spd_lightning.judge.inputs import DiskCompletions
 from spd_lightning.judge.ranking import Outcome, accepted_outcomes, cross_validated, harmless
-from spd_lightning.models.hf import load_tokenizer
+from spd_lightning.models.hf import load_tokenizer, tokenizer_eos_ids
 from spd_lightning.models.pairs import pair_dir
 from spd_lightning.tasks.generations import ROOT
 
@@ -47,18 +47,24 @@ class Labelled:
     tokenizer: object
 
 
-def load_labelled(episodes: Path, tokenizer_dir: Path) -> Labelled:
-    """Read completions.jsonl and sweep/features.pt under `episodes`; SystemExit with what to run
-    when either is missing or holds no accepted mismatch."""
+def load_labelled(episodes: Path, tokenizer_dir: Path, max_new_tokens: int = 384) -> Labelled:
+    """Read completions.jsonl and sweep/features.pt under `episodes` (max_new_tokens: the sweeps'
+    response budget); SystemExit with what to run when either is missing or holds no accepted
+    mismatch."""
     store_path, features_path = episodes / "completions.jsonl", episodes / "sweep" / "features.pt"
     for path in (store_path, features_path, tokenizer_dir):
         if not path.exists():
             raise SystemExit(f"error: {path} is not there: run bench/whole_generations.py --world qwen_coder first")
     saved = torch.load(features_path, weights_only=False)
-    outcomes = accepted_outcomes(DiskCompletions(store_path), saved["keys"])
+    tokenizer = load_tokenizer(str(tokenizer_dir), local_files_only=True)
+    ends = tokenizer_eos_ids(tokenizer)
+
+    def whole(prompt: tuple[int, ...], ids: tuple[int, ...]) -> bool:  # ended, or at the sweeps' budget
+        return ids[-1] in ends or len(ids) - len(prompt) >= max_new_tokens
+
+    outcomes = accepted_outcomes(DiskCompletions(store_path), saved["keys"], whole)
     if not outcomes:
         raise SystemExit(f"error: no mismatch in {features_path} was accepted by a swept policy: sweep one first")
-    tokenizer = load_tokenizer(str(tokenizer_dir), local_files_only=True)
     labels = harmless(outcomes, lambda a, b: gsm8k_final_number(tokenizer.decode(a), tokenizer.decode(b)))
     features = MismatchFeatures(**saved["rows"]).select(torch.tensor([o.row for o in outcomes]))
     problems = {p: i for i, p in enumerate(dict.fromkeys(o.problem for o in outcomes))}

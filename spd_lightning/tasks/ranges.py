@@ -74,6 +74,7 @@ RANGES: dict[str, Range] = {
     "rollout.val_batch_size": COUNT,
     "rollout.cached_paths": COUNT,
     "rollout.overlap": COUNT_OR_ZERO,
+    "rollout.segment": COUNT.or_null(),
     "loss.ppo_epochs": COUNT,
     "loss.clip_low": NON_NEGATIVE,
     "loss.clip_high": NON_NEGATIVE,

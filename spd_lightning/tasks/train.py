@@ -136,6 +136,7 @@ def build_generation_components(cfg: DictConfig) -> tuple[PromptDataModule, Gene
         cached_paths=rollout.cached_paths,
         features_path=rollout.features,
         overlap=rollout.overlap,
+        segment=rollout.segment,
         center=rollout.center,
         decisions=rollout.decisions,
         draft_dtype=cfg.model.dtype,  # the draft proposes in the scorer's dtype

@@ -83,6 +83,7 @@ class RolloutConfig:
     cached_paths: int = 160
     features: Optional[str] = None  # noqa: UP045
     overlap: int = 0
+    segment: Optional[int] = None  # noqa: UP045
     center: str = "drawn"
     decisions: str = "every"
 
@@ -106,6 +107,7 @@ class GenerationModule(SPDModule):
         cached_paths: int = 160,
         features_path: str | None = None,
         overlap: int = 0,
+        segment: int | None = None,
         center: str = "drawn",
         decisions: str = "every",
         draft_dtype: str = "float32",
@@ -123,15 +125,14 @@ class GenerationModule(SPDModule):
             self._draft = [scorer.models.draft]
         else:
             self._draft = [load_causal_lm(draft_path, draft_dtype, "cpu", "draft model", "pair.draft").eval()]
-        eos = verifier.eos
         # Completions kept on disk (rollout.completions) outlive the run: a rerun, task=decode's
         # bench and other runs on the same prompts read them instead of generating again.
         store = DiskCompletions(completions_path) if completions_path else None
         # overlap > 0: an episode's fork is completed while the others decide, the server batching
         # the requests in flight; the draws are keyed by episode, so the episodes are lockstep's.
         self.source = PathSource(
-            verifier.target.complete, self._draft[0], self.pad_id, eos, max_new_tokens, store, capacity=cached_paths,
-            overlap=overlap,
+            verifier.target.complete, self._draft[0], self.pad_id, verifier.eos, max_new_tokens, store,
+            capacity=cached_paths, overlap=overlap, segment=segment,
         )  # fmt: skip
         self.inputs = DecisionInputs(None, None, self.pad_id)
         # The zero-cost judge reads features of the frozen models, computed once per mismatch

@@ -3,7 +3,7 @@ how many target calls it makes."""
 
 from __future__ import annotations
 
-from spd_lightning.core.episode import Ask, Fork, TargetPath, run_alone, walk
+from spd_lightning.core.episode import Ask, Extend, Fork, TargetPath, run_alone, walk
 
 EOS = 0
 
@@ -86,3 +86,19 @@ def test_an_unsure_draft_ends_the_blocks_drafting_after_that_token():
     assert episode.response == tokens
     # [1, 2] drafted, 3 the target's; then 4 5 6 7 drafted and EOS free: 2 calls, 6 draft tokens
     assert episode.target_calls == 2 and episode.accepted_draft_tokens == 6
+
+
+def test_a_partial_path_is_extended_as_the_walk_reaches_its_end():
+    tokens = [1, 2, 3, 4, 5, 6, 7, EOS]
+    asked = []
+
+    def extend(request):
+        asked.append(request)
+        known = len(request.response) + 2  # two more tokens a time
+        return TargetPath(tokens[:known], tokens[:known], partial=known < len(tokens))
+
+    episode = run_alone(walk(TargetPath(tokens[:3], tokens[:3], partial=True), 4, {EOS}, 50), None, extend)
+    whole = run_alone(walk(TargetPath(tokens, tokens), 4, {EOS}, 50), None, None)
+    assert episode == whole
+    assert [r.response for r in asked] == [(1, 2, 3), (1, 2, 3, 4, 5), (1, 2, 3, 4, 5, 6, 7)]
+    assert all(isinstance(r, Extend) for r in asked)

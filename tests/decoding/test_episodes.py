@@ -242,3 +242,39 @@ def test_draws_keyed_by_episode_give_the_lockstep_episodes_when_forks_complete_i
     assert len({tuple(e.response) for e in lockstep}) > len(prompts[:6])  # a group's episodes drew apart
     other = run_episodes(rows, SampledDecider(half, seed=8), PathSource(local, draft, pad, eos, MAX_NEW), 4)
     assert decisions(other) != decisions(lockstep)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_forks_completed_a_segment_at_a_time_give_the_same_episodes_for_fewer_target_tokens(world, toy_world, k):
+    draft, target, prompts, eos, pad = world
+    local = LocalTarget.from_model(target, MAX_NEW).complete
+    asked = {"whole": 0, "segments": 0}  # rows x tokens requested: what a target's batch costs
+    sizes = set()
+
+    def counted(name):
+        def complete(prefixes, budget):
+            asked[name] += len(prefixes) * budget
+            sizes.update([budget] if name == "segments" else [])
+            return local(prefixes, budget)
+
+        return complete
+
+    tuples, inputs = [tuple(p) for p in prompts], DecisionInputs(draft, target, pad)
+    whole_source = PathSource(counted("whole"), draft, pad, eos, MAX_NEW)
+    segmented = PathSource(counted("segments"), draft, pad, eos, MAX_NEW, segment=2)
+    for name in ("accept_all", "kl_below", "judge"):
+        decider = PolicyDecider(_policies(world, toy_world)[name], inputs)
+        whole = run_episodes(tuples, decider, whole_source, k)
+        pieces = run_episodes(tuples, decider, segmented, k)
+        assert [e.response for e in pieces] == [e.response for e in whole], name
+        assert [e.target_calls for e in pieces] == [e.target_calls for e in whole], name
+        assert [e.accepted_mismatches for e in pieces] == [e.accepted_mismatches for e in whole], name
+    assert asked["segments"] < asked["whole"]
+    assert {2, 4} <= sizes  # forks' first segments, and paths walked past them asked for twice as much
+    # A store of segments read by a source that completes to the budget: the same paths, the
+    # partial ones finished from where they stop; in the background (overlap) as in lockstep.
+    reader = PathSource(local, draft, pad, eos, MAX_NEW, store=segmented.store, overlap=2)
+    again = run_episodes(tuples, PolicyDecider(accept_all, inputs), reader, k)
+    assert [e.response for e in again] == [
+        e.response for e in run_episodes(tuples, PolicyDecider(accept_all, inputs), whole_source, k)
+    ]

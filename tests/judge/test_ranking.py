@@ -16,6 +16,7 @@ from spd_lightning.judge.ranking import (
     problem_folds,
     roc_auc,
     roc_curve,
+    stored_completion,
     stored_path,
     stored_root,
 )
@@ -46,6 +47,18 @@ def test_only_accepted_mismatches_with_both_branches_stored_are_outcomes():
     labels = harmless(outcomes, lambda hybrid, path: seen.append((hybrid, path)) or hybrid[-2] == path[-2])
     assert seen == [((5, 9, 7, 0, 99), (5, 6, 7, 8, 99))]
     assert labels.tolist() == [False]
+
+
+def test_completions_stored_a_segment_at_a_time_are_followed_and_a_hybrid_left_part_way_is_no_outcome():
+    # STORE's paths in segments of two; a second hybrid (8 for the path's 7) was left after 8 1.
+    store = {PROMPT: [5, 6, 7, 8, 99], PROMPT + (5, 9): [7, 0], PROMPT + (5, 9, 7, 0): [99], PROMPT + (5, 6, 8): [8, 1]}
+    assert stored_completion(store, PROMPT + (5, 9)) == (7, 0, 99)
+    assert stored_path(store, PROMPT + (5, 9, 7)) == PROMPT + (5, 9, 7, 0, 99)
+    keys = [(PROMPT + (5,), 9), (PROMPT + (5, 6), 8)]
+    whole = lambda prompt, ids: ids[-1] == 99  # noqa: E731  # ended (no budget reached here)
+    assert [o.row for o in accepted_outcomes(store, keys)] == [0, 1]  # read as whole: the second's answer is wrong
+    (o,) = accepted_outcomes(store, keys, whole)
+    assert o.row == 0 and o.hybrid == PROMPT + (5, 9, 7, 0, 99)
 
 
 def test_agreement_after_a_mismatch_counts_the_draft_tokens_the_target_takes_next():
