@@ -189,9 +189,11 @@ def run_stages(args, world, toy: bool, out: Path, budget: int, url: str | None) 
             sample = ", ".join(f"{name}: {len(p.prompts)} problems" for name, p in world.sets.items())
             if args.on_disk:
                 sample += "; read from disk (--on-disk): the points measured so far, a grid's others left out"
-            report(
-                results, families(heads), out, args.tolerance, f"{sample}; {budget} new tokens at most, {args.dtype}"
-            )
+            # A sweep of some families measures them; only a report of all (or --on-disk) is the
+            # world's generations.md, which a partial one would overwrite with a part of the picture.
+            stem = "generations" if args.on_disk or not args.families else "generations_last_sweep"
+            sample += f"; {budget} new tokens at most, {args.dtype}"
+            report(results, families(heads), out, args.tolerance, sample, stem)
         print(f"stage {stage}: {time.perf_counter() - start:.0f} s")
 
 

@@ -183,7 +183,7 @@ class PathSource:
             known, whole, last = self._known(prompt, response)
             tokens = list(response) + known
             if not whole:  # a walk that reaches its end asks for the next segment (core/episode.Extend)
-                self._next_segment[prompt + tuple(tokens)] = 2 * last
+                self._next_segment[prompt + tuple(tokens)] = max(2 * last, self.segment or 1)
             out.append(TargetPath(tokens, *self.proposals(prompt, tokens), partial=not whole))
         return out
 

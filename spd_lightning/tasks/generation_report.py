@@ -118,18 +118,20 @@ def last_line(results: dict) -> str:
     return " ".join(figures) + f" n={n}"
 
 
-def report(results: dict, families: list[Family], out: Path, tolerance: float, sample: str) -> str:
-    """Prints and writes (generations.json, generations.md, generations.png); returns the last line."""
+def report(results: dict, families: list[Family], out: Path, tolerance: float, sample: str,
+           stem: str = "generations") -> str:  # fmt: skip
+    """Prints and writes (<stem>.json, <stem>.md, <stem>.png); returns the last line."""
     tables = [table_for(k, results[k], families, tolerance) for k in sorted(results)]
     rows = {str(k): {f: {s: [p.as_row() for p in (v if isinstance(v, list) else [v]) if p is not None]
                          for s, v in sets.items()} for f, sets in by.items()} for k, by in results.items()}  # fmt: skip
-    (out / "generations.json").write_text(json.dumps(rows, indent=1))
-    png = plot_curves(results, families, out / "generations.png")
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    png = plot_curves(results, families, out / f"{stem}.png")
     notes = (
         "Policies: standard SD (lossless); the KL rule (KL(target||draft) <= tau, strict where the target's "
         "top-1 > 0.9); the target's entropy >= t; the draft token in the target's top-k; three zero-cost judge "
         "heads: a logistic regression on AutoJudge's labels mined along whole generations, GRPO on single "
-        "blocks, GRPO on whole generations; accept-all. "
+        "blocks, GRPO on whole generations (GRPO gen., one: a run of one decision a group, the bench's --head); "
+        "accept-all. "
         f"Thresholds: the most tokens per target call with accuracy at most {100 * tolerance:g} point(s) below "
         "standard SD's on the choosing set ('none passes': no threshold did; the row is standard SD's). "
         "tok/call: generated tokens per target call; x SD: against standard SD's; +/- (p): test answers right "
@@ -137,7 +139,7 @@ def report(results: dict, families: list[Family], out: Path, tolerance: float, s
         "answer kept.",
         f"curves: {png.name}, beside this table's file",
     )
-    write_markdown(out / "generations.md", tables, notes, sample)
+    write_markdown(out / f"{stem}.md", tables, notes, sample)
     print_tables(*tables, notes=(*notes, f"written to {out}"))
     line = last_line(results)
     print(line)

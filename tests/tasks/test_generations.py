@@ -124,6 +124,16 @@ def test_the_bench_runs_every_stage_as_documented(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith("auc_first=")
     assert "batches=" in done.stdout.strip().splitlines()[-1] and (run / "held_out_auc.png").is_file()
+    # A run's head by name beside the rules, forks completed a few tokens at a time (new ones at K = 2);
+    # a sweep of some families reports beside the world's generations.md, not over it.
+    again = ["--train", "24", "--choose", "16", "--test", "16", "--k", "2", "--points", "2", "--no-heads",
+             "--head", f"one={run}", "--families", "sd", "one", "--segment", "2", "--out", str(tmp_path)]  # fmt: skip
+    whole = (tmp_path / "generations.md").read_text()
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "whole_generations.py"), *again],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "sweep" / "K2_choose_one.json").is_file() and (tmp_path / "generations.md").read_text() == whole
+    assert "| one |" in (tmp_path / "generations_last_sweep.md").read_text()
 
 
 def test_a_sweep_keeps_each_point_as_it_is_measured_and_resumes_from_it(world, monkeypatch):
