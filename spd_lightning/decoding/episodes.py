@@ -34,7 +34,7 @@ from spd_lightning.errors import VerificationError
 from spd_lightning.models.hf import id_set
 from spd_lightning.models.lm import block_states_shared
 from spd_lightning.models.prefix_states import PrefixStates
-from spd_lightning.verification.hybrid import CompletionCache
+from spd_lightning.verification.hybrid import CompletionCache, stored_pieces
 
 # Paths to complete: (prompt + response prefix, tokens left in the budget).
 Rows = list[tuple[tuple[int, ...], int]]
@@ -80,18 +80,13 @@ class PathSource:
         """(the target's continuation of prompt + response as far as the store holds it, whether
         that is all of it, the last stored piece's length). A stored completion that neither ends
         the response nor fills its budget is a segment: the rest is stored under its end's key."""
-        key, known, last = prompt + response, [], 0
-        while True:
-            written = known or response
-            if (written and written[-1] in self.eos) or len(response) + len(known) >= self.max_new_tokens:
-                return known, True, last
-            piece = self.store.get(key)
-            if piece is None:
-                return known, False, last
-            if not piece:  # the target wrote nothing more: the path ends here
-                return known, True, last
-            known.extend(piece)
-            key, last = key + tuple(piece), len(piece)
+        pieces = stored_pieces(self.store, prompt + response)
+        known = [token for piece in pieces for token in piece]
+        written = known or response
+        ended = bool(written) and written[-1] in self.eos
+        # An empty last piece: the target wrote nothing more, so the path ends there.
+        whole = ended or len(response) + len(known) >= self.max_new_tokens or (bool(pieces) and not pieces[-1])
+        return known, whole, len(pieces[-1]) if pieces else 0
 
     def _cut(self, completion: list[int], budget: int) -> list[int]:
         """A completion cut to its budget and after its first end-of-sequence id (the target's own

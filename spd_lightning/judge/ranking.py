@@ -18,19 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
+from spd_lightning.verification.hybrid import stored_pieces
+
 # store: anything with .get(prefix) -> the target's completion or None (a CompletionCache).
 
 
 def stored_completion(store, key: tuple[int, ...]) -> tuple[int, ...] | None:
     """The target's completion of `key` as far as the store holds it: a completion requested a
     segment at a time (decoding/episodes.PathSource's `segment`) goes on under its end's key."""
-    piece = store.get(key)
-    if piece is None:
-        return None
-    completion = tuple(piece)
-    while piece and (piece := store.get(key + completion)) is not None:
-        completion += tuple(piece)
-    return completion
+    pieces = stored_pieces(store, key)
+    return tuple(token for piece in pieces for token in piece) if pieces else None
 
 
 def stored_path(store, context: tuple[int, ...]) -> tuple[int, ...] | None:

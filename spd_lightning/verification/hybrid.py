@@ -44,6 +44,21 @@ class CompletionCache:
         return len(self._data)
 
 
+def stored_pieces(store, key: tuple[int, ...]) -> list[list[int]]:
+    """The target's completion of `key` as `store` (anything with .get) holds it, piece by piece: a
+    completion requested a segment at a time (decoding/episodes.PathSource's `segment`) goes on
+    under its end's key; an empty piece ends it. []: nothing stored for `key`."""
+    pieces: list[list[int]] = []
+    piece = store.get(key)
+    while piece is not None:
+        pieces.append(piece)
+        if not piece:
+            break
+        key = key + tuple(piece)
+        piece = store.get(key)
+    return pieces
+
+
 @dataclass
 class Verification:
     correct: torch.Tensor  # [B, N] bool
