@@ -74,17 +74,18 @@ def run_config(run: Path):
     return OmegaConf.load(hparams) if hparams.is_file() else OmegaConf.create({})
 
 
-def as_built(run: Path) -> dict:
+def as_built(config) -> dict:
     """Batch 0: the judge's head is built with a zero last layer (judge/head.JudgeHead), so it
     rates every mismatch alike, p = model.init_accept_prob: an AUC of 0.5 by construction."""
-    p = float(OmegaConf.select(run_config(run), "model.init_accept_prob", default=0.5))
+    p = float(OmegaConf.select(config, "model.init_accept_prob", default=0.5))
     return {"step": 0, "batch": 0, "auc": 0.5, "mean_p": p, "checkpoint": "as built (one score for all)"}
 
 
 def held_out(run: Path, data, args) -> list[dict]:
     """Per checkpoint: its batch, AUC on the labelled mismatches and mean accept p over them."""
-    per_batch = int(OmegaConf.select(run_config(run), "loss.ppo_epochs", default=1))  # updates per batch
-    x, rows = data.features.judge_inputs(), [as_built(run)]
+    config = run_config(run)
+    per_batch = int(OmegaConf.select(config, "loss.ppo_epochs", default=1))  # updates per batch
+    x, rows = data.features.judge_inputs(), [as_built(config)]
     for step, path in checkpoints(run):
         with torch.no_grad():
             logits = head_from_checkpoint(path)(x)[:, 0].double()  # [N]

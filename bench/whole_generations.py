@@ -95,7 +95,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every model's")
     parser.add_argument("--vllm", action="store_true", help="serve the target with vLLM (.venv-vllm) for completions")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.head = named_runs(args.head)  # a wrong one stops here, before any model or server starts
+    return args
 
 
 def named_runs(pairs: list[str]) -> list[tuple[str, Path]]:
@@ -174,14 +176,14 @@ def trained_heads(args, world, toy: bool, out: Path, budget: int, url: str | Non
 
 
 def run_stages(args, world, toy: bool, out: Path, budget: int, url: str | None) -> None:
-    upto, runs = STAGES.index(args.stage), named_runs(args.head)
+    upto = STAGES.index(args.stage)
     for stage in STAGES[: upto + 1]:
         start = time.perf_counter()
         if stage == "responses":
             stage_responses(world)
         elif stage == "heads":
             heads = {} if args.no_heads else trained_heads(args, world, toy, out, budget, url)
-            heads |= {name: head_from_checkpoint(run / "checkpoints" / "last.ckpt") for name, run in runs}
+            heads |= {name: head_from_checkpoint(run / "checkpoints" / "last.ckpt") for name, run in args.head}
         else:
             names = args.families and tuple(args.families)
             settings = SweepSettings(args.points, args.tolerance, args.test_points, names, args.on_disk)

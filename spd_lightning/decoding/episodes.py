@@ -125,6 +125,8 @@ class PathSource:
         else:
             for key, completion in items:
                 self.store.put(key, completion)
+        for key, _ in rows:  # a stored piece's size is read no more
+            self._next_segment.pop(key, None)
         self.completions += len(rows)
 
     def fill(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]], desc: str | None = None) -> None:
