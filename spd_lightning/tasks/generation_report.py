@@ -19,6 +19,8 @@ from spd_lightning.tasks.generation_sweep import Family, Point, paired  # noqa: 
 
 # The bench's last line: short names of the families it reports.
 LINE_NAMES = {"gen_rl": "gen_rl", "block_rl": "block_rl", "supervised": "sup", "kl": "kl", "sd": "sd"}
+# Families that are rules or bounds, not heads: a head run swept by name (--head) joins the line, they do not.
+NOT_HEADS = {"entropy", "topk", "accept_all"}
 
 
 def shown(family: str, threshold: float) -> str:
@@ -88,12 +90,14 @@ def plot_curves(results: dict, families: list[Family], out_png: Path) -> Path:
 
 
 def _panel(ax, by_family: dict, families: list[Family], name: str) -> None:
-    for family in (f for f in families if f.name in by_family):
-        points = sorted(by_family[family.name][name], key=lambda p: p.tokens_per_call)
+    # A family's colour is its place among all families, not among those drawn here, so that it
+    # stays the same from panel to panel and from K to K when some were not swept.
+    for index, family in enumerate(families):
+        points = sorted(by_family.get(family.name, {}).get(name, []), key=lambda p: p.tokens_per_call)
         if not points:
             continue
         x, y = [p.tokens_per_call for p in points], [p.accuracy for p in points]
-        line = ax.plot(x, y, marker="o", ms=4, label=family.label, alpha=0.85)[0]
+        line = ax.plot(x, y, marker="o", ms=4, label=family.label, alpha=0.85, color=f"C{index % 10}")[0]
         intervals = [wilson_interval(sum(p.correct), len(p.correct)) for p in points]  # 95%: the y scale is honest
         below, above = [a - lo for a, (lo, _) in zip(y, intervals)], [hi - a for a, (_, hi) in zip(y, intervals)]
         ax.errorbar(x, y, yerr=[below, above], fmt="none", ecolor=line.get_color(), alpha=0.35, capsize=3)
@@ -106,13 +110,15 @@ def _panel(ax, by_family: dict, families: list[Family], name: str) -> None:
 
 
 def last_line(results: dict) -> str:
-    """The bench's last line at the largest K (nan for a family that did not run)."""
+    """The bench's last line at the largest K (nan for a family that did not run); heads swept
+    by name (the bench's --head) follow the fixed figures with their tokens per call and accuracy."""
     k = max(results)
+    named = [name for name in results[k] if name not in LINE_NAMES and name not in NOT_HEADS]
     figures = []
-    for name, short in LINE_NAMES.items():
+    for name, short in [*LINE_NAMES.items(), *((n, n) for n in named)]:
         chosen = results[k][name]["chosen"] if name in results[k] else None
         figures.append(f"{short}_tpc={chosen.tokens_per_call if chosen else float('nan'):.3f}")
-        if name in ("gen_rl", "sd"):
+        if name in ("gen_rl", "sd", *named):
             figures.append(f"{short}_accuracy={chosen.accuracy if chosen else float('nan'):.3f}")
     n = len(results[k]["sd"]["test"][0].correct)
     return " ".join(figures) + f" n={n}"

@@ -14,7 +14,7 @@ import torch
 
 from spd_lightning.decoding.features import FeatureCache
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
-from spd_lightning.tasks.generation_report import report
+from spd_lightning.tasks.generation_report import _panel, last_line, report
 from spd_lightning.tasks.generation_sweep import Point, SweepSettings, choose, families, kept_grid, stage_sweep
 from spd_lightning.tasks.generations import (
     ROOT,
@@ -57,6 +57,33 @@ def test_mined_labels_are_autojudges_and_standard_sd_keeps_every_own_answer(worl
         again = stage_sweep(world, {"supervised": head}, [2], SweepSettings(2))  # read back from disk
     assert again[2]["sd"]["test"][0].correct == sd.correct
     assert again[2]["supervised"]["choose"] == results[2]["supervised"]["choose"]
+
+
+def test_a_head_swept_by_name_joins_the_last_line_after_the_fixed_figures():
+    def point(name, right, tokens):  # 4 problems, 10 target calls
+        return Point(name, 0.5, [True] * right + [False] * (4 - right), [True] * 4, tokens, 10, 1, 2)
+
+    sd, one = point("sd", 3, 60), point("gen_rl_one", 3, 75)
+    results = {8: {"sd": {"chosen": sd, "test": [sd]}, "gen_rl_one": {"chosen": one, "test": [one]},
+                   "entropy": {"chosen": sd, "test": [sd]}}}  # fmt: skip
+    line = last_line(results)
+    assert line.startswith("gen_rl_tpc=nan gen_rl_accuracy=nan block_rl_tpc=nan sup_tpc=nan kl_tpc=nan sd_tpc=6.000")
+    assert line.endswith("sd_accuracy=0.750 gen_rl_one_tpc=7.500 gen_rl_one_accuracy=0.750 n=4")
+    assert "entropy" not in line  # a rule, not a head
+
+
+def test_a_family_keeps_its_colour_in_every_panel_whichever_others_were_swept():
+    import matplotlib.pyplot as plt
+
+    fams = families({"gen_rl": None, "gen_rl_one": None})
+    one = Point("gen_rl_one", 0.5, [True], [True], 5, 1, 1, 2)
+    fig, (k4, k8) = plt.subplots(1, 2)
+    _panel(k4, {"gen_rl_one": {"choose": [one], "chosen": None}}, fams, "choose")  # gen_rl not swept at K = 4
+    _panel(k8, {"gen_rl": {"choose": [one], "chosen": None}, "gen_rl_one": {"choose": [one], "chosen": None}},
+           fams, "choose")  # fmt: skip
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in (k4, k8)]
+    plt.close(fig)
+    assert colours[0]["GRPO gen., one"] == colours[1]["GRPO gen., one"] != colours[1]["GRPO gen."]
 
 
 def test_a_family_swept_before_grids_were_kept_resumes_at_its_measured_thresholds(tmp_path):
