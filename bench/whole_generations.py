@@ -12,7 +12,8 @@ per-block GRPO head, the whole-generation GRPO head: `python run.py ... model=ju
 policy's thresholds on the choosing and the test set, at each K), then the report: a table per K,
 generations.png, generations.json/.md, and the last line
 `gen_rl_tpc=.. gen_rl_accuracy=.. block_rl_tpc=.. sup_tpc=.. kl_tpc=.. sd_tpc=.. sd_accuracy=.. n=..`
-(tpc: tokens per target call at the chosen threshold, at the largest K).
+(tpc: tokens per target call at the chosen threshold, at the largest K; a head swept by name with
+--head NAME=RUN adds NAME_tpc=.. NAME_accuracy=.. before n).
 """
 
 from __future__ import annotations
