@@ -19,8 +19,6 @@ from spd_lightning.tasks.generation_sweep import Family, Point, paired  # noqa: 
 
 # The bench's last line: short names of the families it reports.
 LINE_NAMES = {"gen_rl": "gen_rl", "block_rl": "block_rl", "supervised": "sup", "kl": "kl", "sd": "sd"}
-# Families that are rules or bounds, not heads: a head run swept by name (--head) joins the line, they do not.
-NOT_HEADS = {"entropy", "topk", "accept_all"}
 
 
 def shown(family: str, threshold: float) -> str:
@@ -109,11 +107,11 @@ def _panel(ax, by_family: dict, families: list[Family], name: str) -> None:
                        color=line.get_color(), edgecolor="black", zorder=4)  # fmt: skip
 
 
-def last_line(results: dict) -> str:
+def last_line(results: dict, families: list[Family]) -> str:
     """The bench's last line at the largest K (nan for a family that did not run); heads swept
     by name (the bench's --head) follow the fixed figures with their tokens per call and accuracy."""
     k = max(results)
-    named = [name for name in results[k] if name not in LINE_NAMES and name not in NOT_HEADS]
+    named = [f.name for f in families if f.head and f.name not in LINE_NAMES and f.name in results[k]]
     figures = []
     for name, short in [*LINE_NAMES.items(), *((n, n) for n in named)]:
         chosen = results[k][name]["chosen"] if name in results[k] else None
@@ -147,6 +145,6 @@ def report(results: dict, families: list[Family], out: Path, tolerance: float, s
     )
     write_markdown(out / f"{stem}.md", tables, notes, sample)
     print_tables(*tables, notes=(*notes, f"written to {out}"))
-    line = last_line(results)
+    line = last_line(results, families)
     print(line)
     return line

@@ -45,6 +45,7 @@ class Family:
     label: str  # a table row, a plot legend
     score: FeatureScore | None  # None: a fixed rule (standard SD, accept-all)
     thresholds: tuple[float, ...] = ()  # fixed grid (top-k); empty: quantiles of the scores
+    head: bool = False  # a trained head (its name may join the bench's last line), not a rule or bound
 
 
 def families(heads: dict[str, JudgeHead], kl_confidence: float = 0.9) -> list[Family]:
@@ -61,7 +62,7 @@ def families(heads: dict[str, JudgeHead], kl_confidence: float = 0.9) -> list[Fa
         Family("entropy", "entropy", entropy_score),
         Family("topk", "top-k", topk_score, tuple(-(k - 1.0) for k in (2, 3, 5, 10))),
     ]
-    out += [Family(name, labels.get(name, name), judge_score(head)) for name, head in heads.items()]
+    out += [Family(name, labels.get(name, name), judge_score(head), head=True) for name, head in heads.items()]
     return out + [Family("accept_all", "accept all", None, (ACCEPT_ALL,))]
 
 

@@ -66,7 +66,7 @@ def test_a_head_swept_by_name_joins_the_last_line_after_the_fixed_figures():
     sd, one = point("sd", 3, 60), point("gen_rl_one", 3, 75)
     results = {8: {"sd": {"chosen": sd, "test": [sd]}, "gen_rl_one": {"chosen": one, "test": [one]},
                    "entropy": {"chosen": sd, "test": [sd]}}}  # fmt: skip
-    line = last_line(results)
+    line = last_line(results, families({"gen_rl_one": None}))
     assert line.startswith("gen_rl_tpc=nan gen_rl_accuracy=nan block_rl_tpc=nan sup_tpc=nan kl_tpc=nan sd_tpc=6.000")
     assert line.endswith("sd_accuracy=0.750 gen_rl_one_tpc=7.500 gen_rl_one_accuracy=0.750 n=4")
     assert "entropy" not in line  # a rule, not a head
