@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test", type=int, default=None, help="test problems (200, 150)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="response budget (toy 24, pair 384)")
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8], help="draft tokens per block")
-    parser.add_argument("--points", type=int, default=8, help="thresholds per swept policy")
+    parser.add_argument("--points", type=int, default=8, help="thresholds per policy (top-k: first of k=2,3,5,10)")
     parser.add_argument("--families", nargs="+", default=None, help="sweep only these (sd kl entropy topk ...)")
     parser.add_argument("--no-heads", action="store_true", help="sweep the rules (and --head runs): no judge trained")
     parser.add_argument(

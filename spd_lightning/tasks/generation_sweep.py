@@ -44,7 +44,7 @@ class Family:
     name: str  # as in the bench's last line: sd, kl, gen_rl, ...
     label: str  # a table row, a plot legend
     score: FeatureScore | None  # None: a fixed rule (standard SD, accept-all)
-    thresholds: tuple[float, ...] = ()  # fixed grid (top-k); empty: quantiles of the scores
+    thresholds: tuple[float, ...] = ()  # fixed grid (top-k), tightest first; empty: quantiles of the scores
     head: bool = False  # a trained head (its name may join the bench's last line), not a rule or bound
 
 
@@ -144,10 +144,11 @@ def evaluate_point(world, run: SetRun, family: Family, threshold: float, k: int,
 
 
 def thresholds_for(world, run: SetRun, family: Family, cache: FeatureCache, points: int) -> list[float]:
-    """The family's grid, or `points` quantiles of its scores at the mismatches of the target's
-    own responses to the set (finite scores only: a masked -inf is never a threshold)."""
+    """The family's first `points` fixed thresholds (top-k: the tightest k first), or `points`
+    quantiles of its scores at the mismatches of the target's own responses to the set (finite
+    scores only: a masked -inf is never a threshold)."""
     if family.thresholds:
-        return list(family.thresholds)
+        return list(family.thresholds[:points])
     met = mismatches_along(run.prompts, world.source.paths(run.prompts, [()] * len(run.prompts)))
     if not met:
         return []
@@ -163,7 +164,7 @@ def kept_grid(world, run: SetRun, family: Family, k: int, progress: Progress, po
     or it measures the family again (hours on a real pair). A family measured before grids were
     kept takes the thresholds of its choosing points where they number `points`."""
     if family.thresholds:
-        return list(family.thresholds)
+        return list(family.thresholds[:points])
     path = progress.folder / f"K{k}_grid{points}_{family.name}.json"
     if path.is_file():
         return [float(t) for t in json.loads(path.read_text())]
@@ -179,7 +180,7 @@ def grid_on_disk(family: Family, k: int, progress: Progress, points: int) -> lis
     """The thresholds a report reads, computing none: the family's fixed ones, its kept grid, or
     those of its choosing points on disk (empty: never swept at this K)."""
     if family.thresholds:
-        return list(family.thresholds)
+        return list(family.thresholds[:points])
     path = progress.folder / f"K{k}_grid{points}_{family.name}.json"
     if path.is_file():
         return [float(t) for t in json.loads(path.read_text())]
@@ -257,7 +258,7 @@ def _point_line(name: str, point: Point) -> str:
 
 @dataclass(frozen=True)
 class SweepSettings:
-    points: int = 8  # thresholds per swept family
+    points: int = 8  # thresholds per swept family (a fixed grid: its first `points`, tightest first)
     tolerance: float = 0.01  # accuracy below standard SD's allowed to a chosen threshold
     test_points: str = "all"  # all: the grid on the test set too; chosen: its chosen threshold only
     names: tuple[str, ...] | None = None  # only these families (standard SD always)

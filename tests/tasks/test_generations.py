@@ -15,7 +15,15 @@ import torch
 from spd_lightning.decoding.features import FeatureCache
 from spd_lightning.judge.head import TOKEN_FEATURES, JudgeHead
 from spd_lightning.tasks.generation_report import _panel, last_line, report
-from spd_lightning.tasks.generation_sweep import Point, SweepSettings, choose, families, kept_grid, stage_sweep
+from spd_lightning.tasks.generation_sweep import (
+    Point,
+    SweepSettings,
+    choose,
+    families,
+    grid_on_disk,
+    kept_grid,
+    stage_sweep,
+)
 from spd_lightning.tasks.generations import (
     ROOT,
     TOY_PAIR,
@@ -94,6 +102,13 @@ def test_a_family_swept_before_grids_were_kept_resumes_at_its_measured_threshold
     assert kept_grid(None, None, kl, 8, progress, 2) == [-1.25, -0.5]
     assert json.loads((tmp_path / "K8_grid2_kl.json").read_text()) == [-1.25, -0.5]  # kept from now on
     assert kept_grid(None, None, kl, 8, progress, 2) == [-1.25, -0.5]
+
+
+def test_top_k_sweeps_its_tightest_settings_first_as_many_as_points_asks(tmp_path):
+    topk = next(f for f in families({}) if f.name == "topk")
+    progress = SimpleNamespace(folder=tmp_path)
+    assert kept_grid(None, None, topk, 8, progress, 2) == [-1.0, -2.0]  # k = 2, 3: accept ranks 2 and 2-3
+    assert grid_on_disk(topk, 8, progress, 4) == [-1.0, -2.0, -4.0, -9.0]  # k = 2, 3, 5, 10
 
 
 def _mined_again(world, path: Path):
