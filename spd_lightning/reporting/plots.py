@@ -203,11 +203,13 @@ def plot_batch_speed(series: dict[str, dict[int, float]], limits: dict[str, floa
     name -> {batch size: tokens/s}; limits: label -> tokens/s, drawn as horizontal lines (the
     memory-bandwidth bound on single-stream greedy decoding)."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, points in series.items():
+    # More than 10 methods would repeat the default cycle's colours: one colour per method.
+    colours = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
+    for index, (name, points) in enumerate(series.items()):
         sizes = sorted(b for b, v in points.items() if math.isfinite(v))
         if sizes:
             style = "s--" if name.startswith(("HF", "vLLM")) else "o-"
-            ax.plot(sizes, [points[b] for b in sizes], style, label=name)
+            ax.plot(sizes, [points[b] for b in sizes], style, label=name, color=colours[index % len(colours)])
     for (label, value), colour in zip(limits.items(), ("gray", "black")):
         ax.axhline(value, color=colour, linestyle=":", label=label)
     ax.set_xscale("log", base=2)

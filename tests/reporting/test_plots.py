@@ -57,3 +57,13 @@ def test_validation_points_that_tie_stay_visible_each_policy_drawn_its_own_way(t
     (filled,) = [line for line in lines if line.get_fillstyle() == "full"]
     hollow = [line for line in lines if line is not filled]
     assert all(line.get_markersize() > filled.get_markersize() for line in hollow)  # drawn around it
+
+
+def test_every_method_on_the_batch_speed_plot_has_its_own_colour_past_ten(tmp_path, monkeypatch):
+    """The speed bench draws 16 methods: the default cycle of 10 gave two methods one colour."""
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    series = {f"method {i}": {1: 1.0 + i, 4: 2.0 + i} for i in range(16)}
+    plots.plot_batch_speed(series, {"greedy bound, float32": 5.0}, tmp_path / "speed.png", "t")
+    colours = [line.get_color() for line in figures[0].axes[0].get_lines() if line.get_label().startswith("method")]
+    assert len(colours) == 16 and len({str(c) for c in colours}) == 16
